@@ -1,0 +1,109 @@
+"""What the core needs to know of a model family: prompts, encoding, image geometry.
+
+An adapter turns (image, text) pairs into model inputs and says where the image tokens are and
+how an image's pixels reach its token grid. The LLaVA adapter serves every
+``LlavaForConditionalGeneration`` checkpoint (HuatuoGPT-Vision, LLaVA-Med, LLaVA-1.5 -hf).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from . import geometry
+from .engine import EngineError, image_token_positions
+
+
+@dataclass
+class Prompts:
+    """Token ids of each prompt split after its image tokens: ``prefix[i] + suffix[i]`` is prompt i."""
+
+    prefix: list[list[int]]
+    suffix: list[list[int]]
+
+
+class LlavaAdapter:
+    """LLaVA-1.5 family: one ``<image>`` placeholder expanded by the processor to a fixed token grid."""
+
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model"):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        if chat_template:
+            self.tokenizer.chat_template = chat_template
+        if not self.tokenizer.chat_template:
+            raise EngineError(f"{name}: the tokenizer has no chat template; give one in the model preset or chat_template=")
+        if getattr(processor, "patch_size", None) is None:  # some -hf conversions ship without it
+            processor.patch_size = model.config.vision_config.patch_size
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.image_token_id = model.config.image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prompt(self, text: str) -> str:
+        """The chat-formatted prompt with the image placeholder before the text."""
+        message = [{"role": "user", "content": f"<image>\n{text}"}]
+        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        pixels = self.processor.image_processor(images=[rgb(img) for img in images], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels.to(self.device, self.model.dtype)}
+
+    def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch of full prompts with their images."""
+        batch = self.processor(images=[rgb(img) for img in images], text=[self.prompt(t) for t in texts], return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        return batch
+
+    def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
+        """Tokenise each prompt and split it right after its last image token."""
+        prefix, suffix = [], []
+        for image, text in zip(images, texts):
+            ids = self.processor(images=[rgb(image)], text=[self.prompt(text)], return_tensors="pt")["input_ids"][0]
+            cut = int(image_token_positions(ids[None], self.image_token_id, self.name)[0, -1]) + 1
+            prefix.append(ids[:cut].tolist())
+            suffix.append(ids[cut:].tolist())
+        return Prompts(prefix, suffix)
+
+    def transform(self, image: Image.Image) -> geometry.ImageTransform:
+        """How this model's processor maps the image's pixels to its token grid."""
+        ip = self.processor.image_processor
+        size = dict(ip.size)
+        crop = dict(ip.crop_size) if getattr(ip, "do_center_crop", False) and ip.crop_size else None
+        if "shortest_edge" not in size:
+            raise EngineError(f"{self.name}: image processor size {size} is not a shortest-edge resize; see README 'Adding a model'")
+        return geometry.llava_transform(
+            image.width,
+            image.height,
+            pad_to_square=bool(getattr(ip, "do_pad", False)),
+            shortest_edge=size["shortest_edge"],
+            crop=(crop["height"], crop["width"]) if crop else None,
+            patch=self.processor.patch_size,
+        )
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F) as 8-bit RGB; 16-bit and float images are rescaled to 0..255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype("uint8")).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (0, 0, 0))
+        rgba = image.convert("RGBA")
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -1,0 +1,140 @@
+"""Boxes from original pixels to the model's token grid, through the model's own preprocessing.
+
+A transform is an axis-aligned affine map (scale, then offset) from original pixel coordinates
+to the model's input frame, plus the token grid laid over that frame. Each preprocessing step
+that a processor performs (pad to square, resize, centre crop, Qwen2-VL's smart resize) is one
+composition; boxes then cover every cell they overlap (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+BoxFormat = Literal["xyxy", "xywh"]
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """x_in = x * scale_x + offset_x (same for y); the token grid is ``rows x cols`` cells of ``cell`` input pixels."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    rows: int
+    cols: int
+    cell: float
+    width: int  # original image size
+    height: int
+
+    def then(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float) -> ImageTransform:
+        return ImageTransform(
+            self.scale_x * scale_x,
+            self.scale_y * scale_y,
+            self.offset_x * scale_x + offset_x,
+            self.offset_y * scale_y + offset_y,
+            self.rows,
+            self.cols,
+            self.cell,
+            self.width,
+            self.height,
+        )
+
+
+@dataclass(frozen=True)
+class BoxCells:
+    """The token cells under a sample's boxes: ``mask`` bool ``[rows * cols]`` (row-major), with what happened to the boxes."""
+
+    mask: np.ndarray
+    n_boxes: int
+    n_clipped: int
+    n_empty: int
+
+
+def to_xyxy(box: Sequence[float], fmt: BoxFormat) -> tuple[float, float, float, float]:
+    if len(box) != 4:
+        raise ValueError(f"a box needs 4 numbers, got {list(box)!r}")
+    x0, y0, a, b = (float(v) for v in box)
+    if fmt == "xywh":
+        return x0, y0, x0 + a, y0 + b
+    if fmt == "xyxy":
+        return x0, y0, a, b
+    raise ValueError(f"box format {fmt!r} is not 'xyxy' or 'xywh'")
+
+
+def llava_transform(
+    width: int,
+    height: int,
+    *,
+    pad_to_square: bool,
+    shortest_edge: int,
+    crop: tuple[int, int] | None,
+    patch: int,
+) -> ImageTransform:
+    """LLaVA-family preprocessing: optional expand2square, shortest-edge resize, optional centre crop."""
+    t = ImageTransform(1.0, 1.0, 0.0, 0.0, 0, 0, float(patch), width, height)
+    w, h = width, height
+    if pad_to_square:  # image pasted at the centre of a max-side square (LLaVA-1.5 expand2square)
+        side = max(w, h)
+        t = t.then(1.0, 1.0, (side - w) // 2, (side - h) // 2)
+        w = h = side
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)  # transformers' rounding
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    t = t.then(new_w / w, new_h / h, 0.0, 0.0)
+    if crop is not None:
+        crop_h, crop_w = crop
+        t = t.then(1.0, 1.0, -((new_w - crop_w) // 2), -((new_h - crop_h) // 2))
+        new_w, new_h = crop_w, crop_h
+    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // patch, new_w // patch, float(patch), width, height)
+
+
+def qwen2_vl_transform(width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int) -> ImageTransform:
+    """Qwen2-VL: smart resize to multiples of patch*merge; one token per merged 2x2 patch block."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = patch * merge
+    new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return ImageTransform(new_w / width, new_h / height, 0.0, 0.0, new_h // factor, new_w // factor, float(factor), width, height)
+
+
+def authors_transform(width: int, height: int, *, size: int = 336, patch: int = 14) -> ImageTransform:
+    """The authors' mapping: scale each axis to ``size`` with no pad offset (right only for square images)."""
+    return ImageTransform(size / width, size / height, 0.0, 0.0, size // patch, size // patch, float(patch), width, height)
+
+
+def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: ImageTransform) -> BoxCells:
+    """Union of the cells overlapped by ``boxes`` (original pixels), clipped to the image first."""
+    mask = np.zeros((transform.rows, transform.cols), dtype=bool)
+    n = clipped = empty = 0
+    for box in boxes:
+        n += 1
+        x0, y0, x1, y1 = to_xyxy(box, fmt)
+        cx0, cy0 = min(max(x0, 0.0), transform.width), min(max(y0, 0.0), transform.height)
+        cx1, cy1 = min(max(x1, 0.0), transform.width), min(max(y1, 0.0), transform.height)
+        clipped += (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+        if cx1 <= cx0 or cy1 <= cy0:
+            empty += 1
+            continue
+        ix0, ix1 = cx0 * transform.scale_x + transform.offset_x, cx1 * transform.scale_x + transform.offset_x
+        iy0, iy1 = cy0 * transform.scale_y + transform.offset_y, cy1 * transform.scale_y + transform.offset_y
+        c0, c1 = max(math.floor(ix0 / transform.cell), 0), min(math.ceil(ix1 / transform.cell), transform.cols)
+        r0, r1 = max(math.floor(iy0 / transform.cell), 0), min(math.ceil(iy1 / transform.cell), transform.rows)
+        if c1 <= c0 or r1 <= r0:  # the box lies entirely in a region the crop removed
+            empty += 1
+            continue
+        mask[r0:r1, c0:c1] = True
+    return BoxCells(mask.reshape(-1), n, clipped, empty)
+
+
+def cells_from_tokens(tokens: Iterable[Sequence[int]], rows: int = 24, cols: int = 24) -> np.ndarray:
+    """VGMED v1 ``gt_tokens`` ([x, y] cells of a 24x24 grid) as a row-major bool mask."""
+    mask = np.zeros((rows, cols), dtype=bool)
+    for x, y in tokens:
+        mask[int(y), int(x)] = True
+    return mask.reshape(-1)

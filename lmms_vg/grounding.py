@@ -1,0 +1,168 @@
+"""VGMED grounding analysis of one batch: normalised attention maps -> per-layer metrics.
+
+Maps never leave this module: each sample leaves as a :class:`GroundingRecord` of
+``layers`` numbers per metric (plus ``layers x heads`` KL in head-level mode), so a run's
+memory grows with samples x layers, not samples x maps. Maps can be written to disk on request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import geometry, inference, metrics
+from .adapters import LlavaAdapter
+
+log = logging.getLogger(__name__)
+
+GENERIC_PROMPT = "Write a general description of the image."
+SHORT_ANSWER = " Answer the question using a single word or phrase."
+
+
+@dataclass
+class GroundingRecord:
+    """One sample's per-layer grounding metrics, or why it was skipped."""
+
+    ar: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    js: list[float] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    head_kl: list[list[float]] | None = None
+    n_boxes: int = 0
+    n_clipped: int = 0
+    skipped: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> GroundingRecord:
+        try:
+            return cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as err:
+            return cls(skipped=f"model output is not a grounding record ({err}); run grounding tasks with an lmms-vg model")
+
+
+@dataclass
+class GroundingSample:
+    """What a grounding sample needs: the image, the question, its boxes in original pixels."""
+
+    image: Image.Image
+    question: str
+    boxes: Sequence[Sequence[float]]
+    box_format: geometry.BoxFormat = "xyxy"
+    image_key: str | None = None  # for the per-image reference cache; None = no caching
+    sample_id: str = ""
+
+
+class ReferenceCache:
+    """Generic-prompt maps per image, least recently used first out (bounded)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[str, str] | None) -> torch.Tensor | None:
+        if key is None or key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: tuple[str, str] | None, maps: torch.Tensor) -> None:
+        if key is None or self.size <= 0:
+            return
+        self._items[key] = maps
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class GroundingRunner:
+    """Scores grounding samples for one model (SPEC sections 1-2)."""
+
+    def __init__(
+        self,
+        adapter: LlavaAdapter,
+        reference_prompt: str | None = GENERIC_PROMPT + SHORT_ANSWER,
+        reference_cache_size: int = 64,
+        head_level: bool = False,
+        save_maps: str | Path | None = None,
+    ):
+        self.adapter = adapter
+        self.reference_prompt = reference_prompt
+        self.cache = ReferenceCache(reference_cache_size)
+        self.head_level = head_level
+        self.save_maps = Path(save_maps) if save_maps else None
+        self._warned_clip = False
+        if self.save_maps:
+            self.save_maps.mkdir(parents=True, exist_ok=True)
+
+    def question_and_reference_maps(self, images, questions, image_keys) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw maps ``[B, L, H, N]`` for the questions and for the generic prompt (None if normalisation is off)."""
+        prompts = self.adapter.split_prompts(images, questions)
+        state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
+        pad = self.adapter.tokenizer.pad_token_id
+        question = inference.suffix_maps(self.adapter.model, state, prompts.suffix, pad)
+        if self.reference_prompt is None:
+            return question, None
+        keys = [(k, self.reference_prompt) if k is not None else None for k in image_keys]
+        cached = [self.cache.get(k) for k in keys]
+        if any(c is None for c in cached):
+            ref_prompts = self.adapter.split_prompts(images, [self.reference_prompt] * len(images))
+            fresh = inference.suffix_maps(self.adapter.model, state, ref_prompts.suffix, pad)
+            for i, key in enumerate(keys):
+                if cached[i] is None:
+                    cached[i] = fresh[i]
+                    self.cache.put(key, fresh[i])
+        return question, torch.stack(cached)
+
+    def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:
+        records: list[GroundingRecord | None] = [None] * len(samples)
+        cells = []
+        for i, s in enumerate(samples):
+            transform = self.adapter.transform(s.image)
+            c = geometry.box_cells(s.boxes, s.box_format, transform)
+            cells.append((c, transform))
+            if c.n_clipped and not self._warned_clip:
+                log.warning("sample %s: a box reaches outside the image and was clipped (counted per sample as n_clipped)", s.sample_id)
+                self._warned_clip = True
+            if not c.mask.any():
+                records[i] = GroundingRecord(n_boxes=c.n_boxes, n_clipped=c.n_clipped, skipped="box has zero area inside the image")
+        todo = [i for i, r in enumerate(records) if r is None]
+        if todo:
+            q, ref = self.question_and_reference_maps(
+                [samples[i].image for i in todo], [samples[i].question for i in todo], [samples[i].image_key for i in todo]
+            )
+            for j, i in enumerate(todo):
+                records[i] = self._record(samples[i], cells[i], q[j], None if ref is None else ref[j])
+        return records
+
+    def _record(self, sample, cell_info, q: torch.Tensor, ref: torch.Tensor | None) -> GroundingRecord:
+        c, transform = cell_info
+        if q.shape[-1] != c.mask.size:
+            raise ValueError(f"model gives {q.shape[-1]} image tokens but its grid is {transform.rows}x{transform.cols}")
+        box = torch.from_numpy(c.mask)
+        layer_q = q.mean(1)
+        layer_maps = layer_q if ref is None else metrics.normalise_by_reference(layer_q, ref.mean(1))
+        values = metrics.grounding_metrics(layer_maps, box)
+        record = GroundingRecord(**{k: v.tolist() for k, v in values.items()}, n_boxes=c.n_boxes, n_clipped=c.n_clipped)
+        if self.head_level:
+            head_maps = q if ref is None else metrics.normalise_by_reference(q, ref)
+            record.head_kl = metrics.kl_to_box(head_maps, box).tolist()
+        if self.save_maps:
+            name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
+            np.savez_compressed(
+                self.save_maps / f"{name}.npz",
+                maps=layer_maps.numpy().astype(np.float16),
+                box=c.mask,
+                grid=np.array([transform.rows, transform.cols]),
+            )
+        return record

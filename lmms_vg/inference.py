@@ -1,0 +1,104 @@
+"""Forward passes that share one image prefix between several prompts.
+
+A batch of prompts that all begin with the same-length image prefix (template head + image
+tokens) runs the vision tower and the prefix once; each suffix (question, generic reference
+prompt, knocked-out generation) then runs on the cached prefix. Suffixes of different lengths
+are left-padded *inside the suffix region* (``[prefix][pad][suffix]``) and position ids come
+from the attention mask, so every real token sees exactly the positions and keys it would see in
+an unpadded single-prompt forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import engine
+
+
+@dataclass
+class PrefixState:
+    """A batch's shared image prefix in the KV cache."""
+
+    cache: object  # transformers Cache, cropped back to prefix_len after every suffix pass
+    prefix_ids: torch.Tensor  # [B, P]
+    image_cols: torch.Tensor  # [B, N] positions of the image tokens (inside the prefix)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_ids.shape[1]
+
+
+def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_id: int) -> PrefixState:
+    """Vision tower + prefix tokens once, into a KV cache. All prefixes must have the same length."""
+    lengths = {len(p) for p in prefix}
+    if len(lengths) != 1:
+        raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
+    ids = torch.tensor(prefix, device=model.device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs)
+    return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id))
+
+
+def pad_suffixes(suffixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad suffixes to one length: ids ``[B, S]``, mask ``[B, S]``."""
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for i, s in enumerate(suffixes):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def suffix_inputs(state: PrefixState, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> dict:
+    """Model kwargs for running a suffix on the cached prefix."""
+    mask = torch.cat([torch.ones_like(state.prefix_ids), suffix_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, state.prefix_len :]
+    return {"input_ids": suffix_ids, "attention_mask": mask, "position_ids": positions}
+
+
+def suffix_maps(model, state: PrefixState, suffixes: list[list[int]], pad_id: int, layers: frozenset[int] | None = None) -> torch.Tensor:
+    """Last-token attention to the image tokens for each suffix: ``[B, layers, heads, N]`` fp32.
+
+    The cache is cropped back to the prefix afterwards, ready for the next suffix.
+    """
+    ids, mask = pad_suffixes(suffixes, pad_id, model.device)
+    last = torch.full((ids.shape[0], 1), state.prefix_len + ids.shape[1] - 1, device=model.device)
+    cap = engine.Capture(rows=last, cols=state.image_cols, layers=layers)
+    try:
+        with torch.no_grad(), engine.arm(model, capture=cap):
+            model(**suffix_inputs(state, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+    finally:
+        truncate(state.cache, state.prefix_len)
+    return cap.last_row_maps()
+
+
+def truncate(cache, length: int) -> None:
+    """Drop every cached position from ``length`` on (the cache API crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def suffix_generate(
+    model, state: PrefixState, suffixes: list[list[int]], pad_id: int, knockout: engine.Knockout | None = None, **generate_kwargs
+) -> torch.Tensor:
+    """Generate after each suffix on the cached prefix (consumes the cache); returns only the new tokens ``[B, new]``."""
+    ids, mask = pad_suffixes(suffixes, pad_id, model.device)
+    full_ids = torch.cat([state.prefix_ids, ids], dim=1)
+    full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
+    with torch.no_grad(), engine.arm(model, knockout=knockout):
+        out = model.generate(input_ids=full_ids, attention_mask=full_mask, past_key_values=state.cache, **generate_kwargs)
+    return out[:, full_ids.shape[1] :]
+
+
+def suffix_rows(state: PrefixState, suffixes: list[list[int]]) -> torch.Tensor:
+    """Bool ``[B, P + S]``: the real suffix tokens (the text after the image), in the padded layout."""
+    width = max(len(s) for s in suffixes)
+    total = state.prefix_len + width
+    ends = torch.full((len(suffixes),), total)
+    starts = ends - torch.tensor([len(s) for s in suffixes])
+    return engine.span_mask(total, starts, ends)

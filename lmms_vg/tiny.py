@@ -1,0 +1,159 @@
+"""Tiny random-weight models of the real architectures, built from configs and saved locally.
+
+They load through the same ``from_pretrained`` code as the real checkpoints, so tests,
+benchmarks and the demo exercise the real loading path offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+HUATUO_TEMPLATE = "{% for message in messages %}<|user|>\n{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<|endoftext|>", "<image>", "<|user|>", "<|assistant|>"]
+_CORPUS = (
+    "What is the shape in the image? Where is the red circle? Which side is the lesion on? "
+    "Write a general description of the image. Answer the question using a single word or phrase. "
+    "Answer with the option's letter from the given choices directly. A. B. C. D. yes no left right top bottom "
+    "square circle triangle red green blue liver lung brain kidney heart abnormal normal CT MRI X-ray"
+)
+
+
+def build_tokenizer(vocab_size: int = 400, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        chat_template=HUATUO_TEMPLATE,
+    )
+
+
+def text_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2):
+    """A tiny text config of the named family (qwen2, llama, mistral)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def build_llava(
+    out_dir: str | Path,
+    family: str = "qwen2",
+    image_size: int = 112,
+    patch_size: int = 14,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    pad_to_square: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny LLaVA-1.5-architecture checkpoint (CLIP vision, layer -2, mlp2x_gelu) with its processor."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    cfg = LlavaConfig(
+        text_config=text_config(family, len(tok), hidden, layers, heads, kv_heads),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=32,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    llava_processor(tok, image_size, patch_size, pad_to_square).save_pretrained(out)
+    return out
+
+
+def llava_processor(tok, image_size: int, patch_size: int, pad_to_square: bool):
+    """A LLaVA processor; ``pad_to_square`` reproduces LLaVA-1.5's expand2square (mean-colour padding)."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    image_processor = LlavaImageProcessorPil(
+        do_pad=pad_to_square,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=HUATUO_TEMPLATE,
+    )
+
+
+def build_qwen2_vl(out_dir: str | Path, layers: int = 3, heads: int = 4, kv_heads: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """Save a tiny Qwen2-VL checkpoint with its processor (dynamic resolution, 2x2 merge)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = build_tokenizer(extra_special=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
+    tok.chat_template = (
+        "{% for message in messages %}<|user|>\n<|vision_start|><|image_pad|><|vision_end|>"
+        "{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
+    )
+    tc = text_config("qwen2", len(tok), hidden, layers, heads, kv_heads).to_dict()
+    tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    cfg = Qwen2VLConfig(
+        text_config=tc,
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": hidden, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    # Qwen2VLProcessor needs a video processor, which needs torchvision: save the two parts it wraps.
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,203 @@
+"""VGRefine (SPEC section 3): attention triage with calibrated heads, then knockout at chosen layers.
+
+Per sample, with the image prefix run once (see :mod:`lmms_vg.inference`):
+
+1. question maps of the selected heads, and the generic prompt's head-averaged maps of their
+   layers (cached per image);
+2. triage: the selected heads' normalised maps averaged; patches below the p-th percentile are
+   irrelevant;
+3. generation with those patches blocked, at the knockout layers, for every prompt token after
+   the image (the question, the instruction and the chat-template tokens); decode steps untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import engine, inference, metrics
+from .grounding import GENERIC_PROMPT, SHORT_ANSWER, ReferenceCache
+
+HEADS_DIR = "heads"
+
+
+class VGRefineConfigError(ValueError):
+    """A VGRefine setting that cannot work with this model; raised before any sample runs."""
+
+
+@dataclass(frozen=True)
+class HeadPreset:
+    """Ranked (layer, head) pairs, best first, with where they came from."""
+
+    heads: tuple[tuple[int, int], ...]
+    knockout_layers: tuple[int, ...]
+    model: str = ""
+    source: str = ""
+    samples: int | None = None
+    scores: tuple[float, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "model": self.model,
+                "source": self.source,
+                "samples": self.samples,
+                "knockout_layers": list(self.knockout_layers),
+                "heads": [list(h) for h in self.heads],
+                "mean_kl": list(self.scores),
+            },
+            indent=1,
+        )
+
+
+def load_heads(name_or_path: str) -> HeadPreset:
+    """A shipped preset by name (e.g. ``huatuo_7b``) or a JSON file written by calibration."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise VGRefineConfigError(f"heads file '{path}' not found; give a shipped preset name ({', '.join(shipped_heads())}) or a calibration JSON")
+        text = path.read_text()
+    else:
+        shipped = resources.files("lmms_vg").joinpath(HEADS_DIR, f"{name_or_path}.json")
+        if not shipped.is_file():
+            raise VGRefineConfigError(f"no head preset named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path")
+        text = shipped.read_text()
+    data = json.loads(text)
+    return HeadPreset(
+        heads=tuple((int(l), int(h)) for l, h in data["heads"]),
+        knockout_layers=tuple(int(x) for x in data.get("knockout_layers", ())),
+        model=data.get("model", ""),
+        source=data.get("source", ""),
+        samples=data.get("samples"),
+        scores=tuple(data.get("mean_kl", ())),
+    )
+
+
+def shipped_heads() -> list[str]:
+    folder = resources.files("lmms_vg").joinpath(HEADS_DIR)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+@dataclass(frozen=True)
+class VGRefineConfig:
+    """The method's settings; paper defaults K=20, p=50, mode 'mask' (the authors' code)."""
+
+    heads: tuple[tuple[int, int], ...]
+    knockout_layers: tuple[int, ...]
+    top_k: int = 20
+    percentile: float = 50.0
+    mode: str = "mask"
+    reference_prompt: str | None = GENERIC_PROMPT + SHORT_ANSWER
+    selected: tuple[tuple[int, int], ...] = field(init=False)
+
+    def __post_init__(self):
+        if not 0 <= self.percentile <= 100:
+            raise VGRefineConfigError(f"percentile={self.percentile} is outside [0, 100]")
+        if self.mode not in engine.KNOCKOUT_MODES:
+            raise VGRefineConfigError(f"knockout_mode={self.mode!r} is not one of {engine.KNOCKOUT_MODES}")
+        if self.top_k < 1 or self.top_k > len(self.heads):
+            raise VGRefineConfigError(f"top_k={self.top_k} but the head preset ranks {len(self.heads)} heads; use 1..{len(self.heads)}")
+        if not self.knockout_layers:
+            raise VGRefineConfigError("no knockout layer: give knockout_layers= or a preset that names them")
+        object.__setattr__(self, "selected", tuple(self.heads[: self.top_k]))
+
+    def validate_for(self, n_layers: int, n_heads: int, model_name: str) -> None:
+        """Heads and layers must exist in the model (checked before any sample runs)."""
+        bad = [list(h) for h in self.selected if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+        if bad:
+            raise VGRefineConfigError(f"{model_name} has {n_layers} layers x {n_heads} heads; the preset's heads {bad} do not exist in it")
+        bad_layers = [layer for layer in self.knockout_layers if not 0 <= layer < n_layers]
+        if bad_layers:
+            raise VGRefineConfigError(f"knockout_layers {bad_layers} out of range for {model_name} (0..{n_layers - 1})")
+
+    @property
+    def map_layers(self) -> frozenset[int]:
+        return frozenset(layer for layer, _ in self.selected)
+
+
+def triage_map(question: torch.Tensor, reference: torch.Tensor | None, heads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Mean of the selected heads' maps, each divided by its layer's head-averaged reference map.
+
+    question, reference: ``[B, L, H, N]`` -> ``[B, N]``.
+    """
+    layers = torch.tensor([l for l, _ in heads])
+    idx = torch.tensor([h for _, h in heads])
+    picked = question[:, layers, idx]  # [B, K, N]
+    if reference is not None:
+        picked = metrics.normalise_by_reference(picked, reference.mean(2)[:, layers])
+    return picked.mean(1)
+
+
+def triage_keep(triage: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Bool ``[B, N]``: patches at or above the p-th percentile (linear interpolation, as numpy) are kept."""
+    threshold = torch.quantile(triage.double(), percentile / 100.0, dim=-1, keepdim=True)
+    return triage.double() >= threshold
+
+
+@dataclass
+class RefineOutcome:
+    tokens: torch.Tensor  # [B, new]
+    knocked_fraction: list[float]
+    layers: tuple[int, ...]
+
+
+class VGRefiner:
+    """Runs VGRefine generation for an adapter's model."""
+
+    def __init__(self, adapter, config: VGRefineConfig, reference_cache_size: int = 64):
+        self.adapter = adapter
+        self.config = config
+        text = adapter.model.config.text_config
+        config.validate_for(text.num_hidden_layers, text.num_attention_heads, adapter.name)
+        self.cache = ReferenceCache(reference_cache_size)
+
+    def generate(self, images, texts, image_keys=None, **generate_kwargs) -> RefineOutcome:
+        cfg, adapter, model = self.config, self.adapter, self.adapter.model
+        image_keys = image_keys or [None] * len(images)
+        pad = adapter.tokenizer.pad_token_id
+        prompts = adapter.split_prompts(images, texts)
+        state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
+        question = inference.suffix_maps(model, state, prompts.suffix, pad, layers=cfg.map_layers)
+        reference = self._reference(images, image_keys, state, pad) if cfg.reference_prompt else None
+        keep = triage_keep(triage_map(_full(question, cfg), reference, cfg.selected), cfg.percentile)  # [B, N]
+        rows = inference.suffix_rows(state, prompts.suffix)
+        cols = torch.zeros_like(rows)
+        cols.scatter_(1, state.image_cols.cpu(), ~keep)
+        knockout = engine.Knockout(layers=frozenset(cfg.knockout_layers), rows=rows, cols=cols, mode=cfg.mode)
+        tokens = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
+        fraction = (~keep).float().mean(1).tolist()
+        return RefineOutcome(tokens, fraction, cfg.knockout_layers)
+
+    def _reference(self, images, image_keys, state, pad) -> torch.Tensor:
+        cfg = self.config
+        keys = [(k, cfg.reference_prompt) if k is not None else None for k in image_keys]
+        cached = [self.cache.get(k) for k in keys]
+        if any(c is None for c in cached):
+            suffixes = self.adapter.split_prompts(images, [cfg.reference_prompt] * len(images)).suffix
+            fresh = _full(inference.suffix_maps(self.adapter.model, state, suffixes, pad, layers=cfg.map_layers), cfg)
+            for i, key in enumerate(keys):
+                if cached[i] is None:
+                    cached[i] = fresh[i]
+                    self.cache.put(key, fresh[i])
+        return torch.stack(cached)
+
+
+def _full(maps: torch.Tensor, cfg: VGRefineConfig) -> torch.Tensor:
+    """Maps captured for ``cfg.map_layers`` only, placed at their layer index: ``[B, max_layer + 1, H, N]``."""
+    layers = sorted(cfg.map_layers)
+    full = maps.new_zeros((maps.shape[0], layers[-1] + 1, *maps.shape[2:]))
+    full[:, layers] = maps
+    return full
+
+
+def calibrate(head_kl: np.ndarray, top_k: int, knockout_layers: tuple[int, ...], model: str, source: str, samples: int) -> HeadPreset:
+    """Rank heads by mean KL (``[layers, heads]``, lower is better) into a preset."""
+    head_kl = np.asarray(head_kl, dtype=float)
+    order = np.argsort(head_kl, axis=None, kind="stable")[:top_k]
+    heads = tuple((int(i // head_kl.shape[1]), int(i % head_kl.shape[1])) for i in order)
+    return HeadPreset(heads, tuple(knockout_layers), model, source, samples, tuple(float(head_kl.flat[i]) for i in order))

@@ -1,0 +1,316 @@
+"""lmms-eval model for every LlavaForConditionalGeneration checkpoint, with grounding capture and VGRefine.
+
+Model ids (one class each, made from the presets in :mod:`lmms_vg.presets`): ``huatuo``,
+``huatuo_34b``, ``llava_med``, ``llava15``, each with a ``_vgrefine`` twin, and ``lmms_vg_llava``
+for any other checkpoint (``pretrained=`` required).
+
+Requests whose task sets ``lmms_vg: {mode: grounding, ...}`` in its generation_kwargs are
+scored for grounding (the result string is a JSON :class:`GroundingRecord`); all others generate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+
+from lmms_vg import engine
+from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
+from lmms_vg.presets import PRESETS, ModelPreset
+from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
+
+AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
+GROUNDING_KEY = "lmms_vg"
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says what to do."""
+
+
+def parse_layers(value) -> tuple[int, ...]:
+    """``16``, ``"14;15;16"`` or ``"14 15"`` -> (14, 15, 16). lmms-eval's model_args split on commas."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in str(value).replace(";", " ").replace("/", " ").split())
+
+
+def load_llava(pretrained: str, dtype, device_map, revision: str, trust_remote_code: bool):
+    """Load a transformers-native LLaVA checkpoint and its processor, with errors that say what to do."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    local = Path(pretrained)
+    if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
+        raise ModelLoadError(f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')")
+    try:
+        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{pretrained} needs its own code: pass trust_remote_code=true in --model_args if you trust it") from err
+        raise ModelLoadError(f"{pretrained}: {err}") from err
+    except OSError as err:
+        raise ModelLoadError(f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)") from err
+    if config.model_type != "llava":
+        raise ModelLoadError(
+            f"{pretrained} is a '{config.model_type}' checkpoint, not LLaVA (LlavaForConditionalGeneration). "
+            "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, use_safetensors=None
+    ).eval()
+    processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+class LlavaVG(lmms):
+    """Shared LLaVA-family wrapper (batched, left-padded), with the attention engine installed."""
+
+    preset: ModelPreset | None = None
+    vgrefine_default = False
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        revision: str = "main",
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        device_map: str | None = None,
+        trust_remote_code: bool = False,
+        chat_template: str | None = None,
+        pad_to_square: bool | None = None,
+        sampling: str = "greedy",
+        vgrefine: bool | None = None,
+        heads: str | None = None,
+        top_k: int = 20,
+        percentile: float = 50.0,
+        knockout_layers=None,
+        knockout_mode: str = "mask",
+        reference_prompt: bool = True,
+        reference_cache: int = 64,
+        head_level: bool = False,
+        save_maps: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}: unknown model_args {sorted(kwargs)}; see README 'Model arguments'")
+        preset = self.preset
+        pretrained = pretrained or (preset.checkpoint if preset else None)
+        if not pretrained:
+            raise ModelLoadError("lmms_vg_llava needs pretrained=<checkpoint id or folder>")
+        if sampling not in ("greedy", "authors"):
+            raise ValueError(f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)")
+        accelerator = Accelerator()
+        if device is None or device == "cuda" and not torch.cuda.is_available():
+            device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model, processor = load_llava(pretrained, torch_dtype, device_map or None, revision, bool(trust_remote_code))
+        if not device_map:
+            model.to(self._device)
+        engine.install(model)
+        if pad_to_square is None and preset is not None:
+            pad_to_square = preset.pad_to_square
+        if pad_to_square is not None and hasattr(processor.image_processor, "do_pad"):
+            processor.image_processor.do_pad = bool(pad_to_square)
+        self.name = pretrained
+        self.adapter = LlavaAdapter(model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained)
+        self.batch_size_per_gpu = int(batch_size)
+        self.sampling = sampling
+        self.reference_prompt = bool(reference_prompt)
+        self.reference_cache = int(reference_cache)
+        self.head_level = bool(head_level)
+        self.save_maps = save_maps
+        self._grounding: dict[str | None, GroundingRunner] = {}
+        self.accelerator = accelerator
+        self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+        use_vgrefine = self.vgrefine_default if vgrefine is None else bool(vgrefine)
+        self.refiner = self._make_refiner(heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
+
+    def _make_refiner(self, heads, top_k, percentile, knockout_layers, mode) -> VGRefiner:
+        heads = heads or (self.preset.heads if self.preset else None)
+        if not heads:
+            raise ValueError(f"{self.name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')")
+        preset = load_heads(str(heads))
+        layers = parse_layers(knockout_layers) or preset.knockout_layers or (self.preset.knockout_layers if self.preset else ())
+        config = VGRefineConfig(
+            heads=preset.heads,
+            knockout_layers=layers,
+            top_k=int(top_k),
+            percentile=float(percentile),
+            mode=str(knockout_mode),
+            reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
+        )
+        return VGRefiner(self.adapter, config, self.reference_cache)
+
+    # lmms-eval plumbing
+    @property
+    def model(self):
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        return self.adapter.tokenizer
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    def _doc(self, task, split, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _visual(self, doc_to_visual, task, split, doc_id):
+        visuals = doc_to_visual(self._doc(task, split, doc_id))
+        if not visuals:
+            raise ValueError(f"{task} doc {doc_id}: no image; lmms-vg models need one image per sample")
+        return visuals[0]
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="lmms-vg")
+        for indices in groups.values():
+            gen_kwargs = dict(requests[indices[0]].args[1])
+            vg = gen_kwargs.pop(GROUNDING_KEY, None)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                try:
+                    if vg and vg.get("mode") == "grounding":
+                        outputs = self._ground([requests[i].args for i in chunk], vg)
+                    else:
+                        outputs = self._generate([requests[i].args for i in chunk], gen_kwargs, vg or {})
+                except (OSError, ValueError) as err:  # a bad sample: reported, counted by the task, the run goes on
+                    logger.error(f"lmms-vg: batch of {len(chunk)} failed: {err}")
+                    outputs = [json.dumps({"lmms_vg_error": str(err)})] * len(chunk)
+                for i, out in zip(chunk, outputs):
+                    results[i] = out
+                pbar.update(len(chunk))
+        pbar.close()
+        return results
+
+    def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        if self.sampling == "authors":
+            kwargs = dict(AUTHORS_SAMPLING)
+        else:
+            kwargs = {"do_sample": False, "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128))}
+        kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        return kwargs, until
+
+    def _generate(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
+        kwargs, until = self._generation_kwargs(dict(gen_kwargs))
+        images = [self._visual(a[2], a[4], a[5], a[3]) for a in args_list]
+        texts = [a[0] for a in args_list]
+        if self.refiner is not None:
+            keys = [f"{a[4]}/{a[5]}/{self._image_key(a)}" for a in args_list]
+            outcome = self.refiner.generate(images, texts, image_keys=keys, **kwargs)
+            tokens = outcome.tokens
+            self.last_refine = outcome
+        else:
+            batch = self.adapter.encode(images, texts)
+            with torch.no_grad():
+                tokens = self.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+        outputs = []
+        for row in tokens:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            outputs.append(text.strip())
+        if self.refiner is not None and vg.get("log_refine", True):
+            outputs = [
+                json.dumps({"text": t, "knocked_fraction": f, "knockout_layers": list(outcome.layers)}) if vg.get("structured") else t
+                for t, f in zip(outputs, outcome.knocked_fraction)
+            ]
+        return outputs
+
+    def _image_key(self, args) -> str:
+        doc = self._doc(args[4], args[5], args[3])
+        return str(doc.get("vg_image_key") or doc.get("image_id") or args[3])
+
+    def _ground(self, args_list, vg: dict) -> list[str]:
+        reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None
+        runner = self._grounding.get(reference)
+        if runner is None:
+            runner = self._grounding[reference] = GroundingRunner(
+                self.adapter, reference, self.reference_cache, head_level=self.head_level or bool(vg.get("head_level")), save_maps=self.save_maps
+            )
+        samples, records, todo = [], [None] * len(args_list), []
+        for j, a in enumerate(args_list):
+            doc = self._doc(a[4], a[5], a[3])
+            try:
+                image = self._visual(a[2], a[4], a[5], a[3])
+            except (OSError, ValueError) as err:
+                records[j] = GroundingRecord(skipped=f"image unreadable: {err}")
+                continue
+            samples.append(
+                GroundingSample(
+                    image=image,
+                    question=a[0],
+                    boxes=doc["vg_boxes"],
+                    box_format="xyxy",
+                    image_key=f"{a[4]}/{doc.get('vg_image_key') or a[3]}",
+                    sample_id=f"{a[4]}_{a[3]}",
+                )
+            )
+            todo.append(j)
+        for j, record in zip(todo, runner.score(samples) if samples else []):
+            records[j] = record
+        return [r.to_json() for r in records]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        results = []
+        for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            image = self._visual(doc_to_visual, task, split, doc_id)
+            batch = self.adapter.encode([image], [context])
+            cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+            ids = torch.cat([batch["input_ids"], cont], 1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], 1)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+            logprobs = torch.log_softmax(logits[0, batch["input_ids"].shape[1] - 1 : -1].float(), -1)
+            picked = logprobs.gather(1, cont[0][:, None]).squeeze(1)
+            results.append((float(picked.sum()), bool((logprobs.argmax(-1) == cont[0]).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("lmms-vg models answer single-turn tasks")
+
+
+def _make(model_id: str, preset: ModelPreset | None, vgrefine: bool) -> type[LlavaVG]:
+    name = "".join(part.capitalize() for part in model_id.split("_"))
+    return type(name, (LlavaVG,), {"preset": preset, "vgrefine_default": vgrefine, "__module__": __name__})
+
+
+MODEL_CLASSES: dict[str, type[LlavaVG]] = {"lmms_vg_llava": LlavaVG, "lmms_vg_llava_vgrefine": _make("lmms_vg_llava_vgrefine", None, True)}
+for _id, _preset in PRESETS.items():
+    MODEL_CLASSES[_id] = _make(_id, _preset, False)
+    MODEL_CLASSES[f"{_id}_vgrefine"] = _make(f"{_id}_vgrefine", _preset, True)
+globals().update({cls.__name__: cls for cls in MODEL_CLASSES.values()})

@@ -1,0 +1,58 @@
+"""VGMED tasks: docs from lmms_vg.data, metrics from lmms_vg.aggregate (no metric math here)."""
+
+import datasets
+
+from lmms_vg import aggregate, data
+from lmms_vg.grounding import GroundingRecord
+
+
+def _docs(kind: str, natural: bool):
+    return lambda _descriptor: datasets.Dataset.from_list(data.vgmed_docs(kind, natural))
+
+
+docs_loc = _docs("localization", False)
+docs_attr = _docs("attribute", False)
+docs_coco_loc = _docs("localization", True)
+docs_coco_attr = _docs("attribute", True)
+
+
+def doc_to_visual(doc):
+    return [doc["vg_image"] if doc.get("vg_image") is not None else data.open_image(doc["vg_image_path"])]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    post = (lmms_eval_specific_kwargs or {}).get("post_prompt", "")
+    return f"{doc['question'].strip()}{post}"
+
+
+def process_results(doc, results):
+    record = GroundingRecord.from_json(results[0]).__dict__
+    return {key: record for key in ("ar_by_layer", "kl_by_layer", "js_by_layer", "iou_by_layer", "best_layer", "samples", "head_kl")}
+
+
+def agg_ar(records):
+    return aggregate.layer_means(records, "ar")
+
+
+def agg_kl(records):
+    return aggregate.layer_means(records, "kl")
+
+
+def agg_js(records):
+    return aggregate.layer_means(records, "js")
+
+
+def agg_iou(records):
+    return aggregate.layer_means(records, "iou")
+
+
+def agg_best(records):
+    return aggregate.best_layer(records)
+
+
+def agg_counts(records):
+    return aggregate.counts(records)
+
+
+def agg_head_kl(records):
+    return aggregate.head_kl_means(records)

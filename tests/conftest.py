@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-weight checkpoints built from configs, saved once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lmms_vg import tiny
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return tiny.build_llava(tmp_path_factory.mktemp("llava_qwen2"), family="qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_dir(tmp_path_factory):
+    return tiny.build_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture
+def images():
+    return [random_image(130, 90, 1), random_image(100, 100, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,60 @@
+"""Small fixture datasets in each source's published schema, written to a temp folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (rng.random((height, width, 3)) * 255).astype("uint8")
+    img = Image.fromarray(arr)
+    if mode == "L":
+        img = img.convert("L")
+    elif mode == "RGBA":
+        img = img.convert("RGBA")
+    elif mode == "I;16":
+        img = Image.fromarray((rng.random((height, width)) * 65535).astype("uint16"))
+    img.save(path)
+
+
+def write_vgmed_v1(root: Path) -> Path:
+    """VGMED v1: SLAKE ids, imgs/<id>/source.jpg (png here, 16-bit/grey/RGBA among them), xywh boxes, gt_tokens."""
+    root.mkdir(parents=True, exist_ok=True)
+    images = {"101": (120, 120, "RGB"), "102": (160, 100, "L"), "103": (90, 140, "I;16"), "104": (100, 100, "RGBA")}
+    for i, (img_id, (w, h, mode)) in enumerate(images.items()):
+        # keep the SLAKE file name; PIL writes by content, so save as PNG bytes under the .jpg name only for RGB
+        _image(root / "imgs" / img_id / "source.jpg", w, h, i, mode if mode == "RGB" or mode == "L" else "RGB")
+    rows = {
+        "localization": [
+            {"image": "101", "label": "liver", "location": "left", "modality": "CT", "question": "Where is the liver?", "gt_tokens": [[0, 0]], "bbox": [[10, 20, 30, 40]]},
+            {"image": "101", "label": "lung", "location": "top", "modality": "CT", "question": "Where is the lung?", "gt_tokens": [[1, 1]], "bbox": [[50, 10, 20, 20], [80, 80, 30, 30]]},
+            {"image": "102", "label": "brain", "location": "center", "modality": "MRI", "question": "Where is the brain?", "gt_tokens": [], "bbox": [[150, 90, 40, 40]]},
+            {"image": "103", "label": "heart", "location": "center", "modality": "X-ray", "question": "Where is the heart?", "gt_tokens": [], "bbox": [[20, 30, 0, 10]]},
+        ],
+        "attribute": [
+            {"image": "104", "label": "kidney", "location": "right", "modality": "CT", "question": "What colour is the kidney?", "gt_tokens": [], "bbox": [[40, 40, 20, 20]]},
+            {"image": "102", "label": "brain", "location": "center", "modality": "MRI", "question": "Is the brain abnormal?", "gt_tokens": [], "bbox": [[60, 30, 40, 40]]},
+        ],
+    }
+    for kind, items in rows.items():
+        with open(root / f"VGMED_{kind}_questions.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in items)
+    return root
+
+
+def write_coco(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, img_id in enumerate((139, 285)):
+        _image(root / "val2014" / f"COCO_val2014_{img_id:012d}.jpg", 140, 110, 10 + i)
+    for kind in ("localization", "attribute"):
+        rows = [
+            {"image": "139", "label": "dog", "location": "left", "modality": "natural", "question": "Where is the dog?", "gt_tokens": [], "bbox": [[5, 5, 40, 50]]},
+            {"image": "285", "label": "bear", "location": "center", "modality": "natural", "question": "Where is the bear?", "gt_tokens": [], "bbox": [[50, 30, 60, 60]]},
+        ]
+        with open(root / f"COCO_{kind}_questions.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return root

@@ -1,0 +1,46 @@
+"""An eager attention written for the tests alone: full weight matrices, masks applied by hand.
+
+Independent of lmms_vg.engine: it shares no code with it, and applies knockout exactly as the
+two formulas read (additive -inf before softmax; post-softmax multiply by the 0/1 mask).
+"""
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+REFERENCE = {"knockout": None}  # {"layers", "rows" [B,T] bool, "cols" [B,T] bool, "mode"}
+
+
+def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = query @ k.transpose(-1, -2) * scaling  # [B, H, q, kv]
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    ko = REFERENCE["knockout"]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    block = None
+    if ko is not None and module.layer_idx in ko["layers"]:
+        start = kv_len - q_len
+        rows = torch.zeros(query.shape[0], q_len, dtype=torch.bool)
+        cols = torch.zeros(query.shape[0], kv_len, dtype=torch.bool)
+        T = ko["rows"].shape[1]
+        for b in range(query.shape[0]):
+            for i in range(q_len):
+                if start + i < T:
+                    rows[b, i] = ko["rows"][b, start + i]
+            for j in range(min(kv_len, T)):
+                cols[b, j] = ko["cols"][b, j]
+        block = rows[:, None, :, None] & cols[:, None, None, :]
+        if ko["mode"] == "mask":
+            scores = scores.masked_fill(block, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if block is not None and ko["mode"] == "zero":
+        weights = weights * (~block).to(weights.dtype)
+    out = weights @ v
+    return out.transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register("reference_eager", reference_attention)
+AttentionMaskInterface.register("reference_eager", eager_mask)
