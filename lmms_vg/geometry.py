@@ -96,7 +96,7 @@ def llava_transform(
 
 def qwen2_vl_transform(width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int) -> ImageTransform:
     """Qwen2-VL: smart resize to multiples of patch*merge; one token per merged 2x2 patch block."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision needed
 
     factor = patch * merge
     new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)

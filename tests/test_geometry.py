@@ -1,0 +1,102 @@
+"""Box geometry against what the real processors do to the pixels."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from lmms_vg import geometry
+
+MEAN = [0.48145466, 0.4578275, 0.40821073]
+STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def marker_image(width, height, box_xyxy):
+    """Black image with a white rectangle; the processor then shows where that rectangle lands."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box_xyxy
+    arr[y0:y1, x0:x1] = 255
+    return Image.fromarray(arr)
+
+
+def landed_cells(pixels: np.ndarray, cell: int) -> np.ndarray:
+    """Cells whose processed pixels are clearly the marker's white (independent of lmms_vg.geometry)."""
+    white = (pixels[0] > 1.5).astype(float)  # normalised white ~1.93, black/grey pad < 0.1
+    h, w = white.shape
+    grid = white[: h // cell * cell, : w // cell * cell].reshape(h // cell, cell, w // cell, cell).max(axis=(1, 3))
+    return grid.reshape(-1) > 0
+
+
+@pytest.mark.parametrize("size", [(200, 120), (120, 200), (150, 150)])
+@pytest.mark.parametrize("pad", [True, False])
+def test_llava_cells_match_processor(size, pad):
+    w, h = size
+    box = (int(w * 0.55), int(h * 0.2), int(w * 0.8), int(h * 0.45))
+    proc = LlavaImageProcessorPil(do_pad=pad, size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}, image_mean=MEAN, image_std=STD)
+    pixels = proc(images=[marker_image(w, h, box)], return_tensors="np")["pixel_values"][0]
+    t = geometry.llava_transform(w, h, pad_to_square=pad, shortest_edge=112, crop=(112, 112), patch=14)
+    cells = geometry.box_cells([box], "xyxy", t)
+    landed = landed_cells(pixels, 14)
+    assert landed.any()
+    # every cell the marker landed in is covered; covered cells are the landed ones plus at most a one-cell border
+    assert not (landed & ~cells.mask).any()
+    grid = cells.mask.reshape(8, 8)
+    rows, cols = np.nonzero(grid)
+    lrows, lcols = np.nonzero(landed.reshape(8, 8))
+    assert rows.min() >= lrows.min() - 1 and rows.max() <= lrows.max() + 1
+    assert cols.min() >= lcols.min() - 1 and cols.max() <= lcols.max() + 1
+
+
+def test_qwen2_vl_cells_match_processor():
+    w, h = 130, 90
+    box = (70, 10, 120, 50)
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    out = proc(images=[marker_image(w, h, box)], return_tensors="np")
+    t, gh, gw = out["image_grid_thw"][0]
+    t_ = geometry.qwen2_vl_transform(w, h, patch=14, merge=2, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert (t_.rows, t_.cols) == (gh // 2, gw // 2)
+    cells = geometry.box_cells([box], "xyxy", t_).mask.reshape(t_.rows, t_.cols)
+    # rebuild the image from Qwen2-VL's flattened patches: [gh/2, gw/2, 2, 2, C, T, 14, 14]
+    patches = out["pixel_values"].reshape(gh // 2, gw // 2, 2, 2, 3, 2, 14, 14)
+    white = (patches[:, :, :, :, 0, 0] > 1.5).any(axis=(2, 3, 4, 5))
+    assert white.any() and not (white & ~cells).any()
+
+
+def test_pad_offset_matters_on_non_square_images():
+    """A box in a wide image: the authors' no-offset mapping puts it in the wrong rows."""
+    w, h = 336, 168  # padded to 336x336, image pasted 84 px down
+    box = [[0, 0, 56, 56]]
+    right = geometry.box_cells(box, "xywh", geometry.llava_transform(w, h, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14))
+    authors = geometry.box_cells(box, "xywh", geometry.authors_transform(w, h))
+    right_rows = np.nonzero(right.mask.reshape(24, 24).any(1))[0]
+    authors_rows = np.nonzero(authors.mask.reshape(24, 24).any(1))[0]
+    assert right_rows.tolist() == list(range(6, 10))  # (0+84)/14 = 6 .. ceil((56+84)/14) = 10
+    assert authors_rows.tolist() == list(range(0, 8))  # y scaled by 2 and no offset
+    # on a square image both agree
+    sq = geometry.llava_transform(500, 500, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
+    a = geometry.box_cells([[100, 200, 50, 60]], "xywh", sq).mask
+    b = geometry.box_cells([[100, 200, 50, 60]], "xywh", geometry.authors_transform(500, 500)).mask
+    assert (a == b).all()
+
+
+def test_vgmed_v1_gt_tokens_convention():
+    """VGMED v1 ships gt_tokens as [x, y] cells of 24x24 at 336 px: reproduced for a square image."""
+    t = geometry.llava_transform(512, 512, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
+    box_xywh = [128, 64, 64, 96]  # 336/512 scale: x 84..126 -> cells 6..9, y 42..105 -> cells 3..7 (ceil 7.5 = 8)
+    gt_tokens = [[x, y] for y in range(3, 8) for x in range(6, 9)]
+    assert (geometry.box_cells([box_xywh], "xywh", t).mask == geometry.cells_from_tokens(gt_tokens)).all()
+
+
+def test_border_multiple_and_bad_boxes():
+    t = geometry.llava_transform(140, 140, pad_to_square=True, shortest_edge=140, crop=(140, 140), patch=14)
+    border = geometry.box_cells([[126, 126, 140, 140]], "xyxy", t)
+    assert border.mask.reshape(10, 10)[9, 9] and border.mask.sum() == 1
+    outside = geometry.box_cells([[130, 130, 200, 200]], "xyxy", t)
+    assert outside.n_clipped == 1 and outside.mask.reshape(10, 10)[9, 9]
+    two = geometry.box_cells([[0, 0, 14, 14], [126, 0, 140, 14]], "xyxy", t)
+    assert two.mask.sum() == 2 and two.n_boxes == 2
+    empty = geometry.box_cells([[10, 10, 0, 5]], "xywh", t)
+    assert empty.n_empty == 1 and not empty.mask.any()
+    with pytest.raises(ValueError, match="4 numbers"):
+        geometry.box_cells([[1, 2, 3]], "xyxy", t)

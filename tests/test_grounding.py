@@ -1,0 +1,90 @@
+"""Grounding maps with a shared image prefix against eager attention on each full prompt."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli import run_lmms_eval
+from fixtures import write_coco, write_vgmed_v1
+from test_engine import eager_attentions, llava_batch, load_llava
+
+from lmms_vg import geometry, metrics
+from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.grounding import GENERIC_PROMPT, GroundingRunner, GroundingSample
+
+QUESTIONS = ["Where is the liver?", "Which side of this image shows the largest round lesion?"]
+
+
+def eager_last_row(model, processor, image, text):
+    inputs = llava_batch(processor, [image], [text])
+    cols = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    return torch.stack([a[0, :, -1, cols] for a in eager_attentions(model, inputs)])  # [L, H, N]
+
+
+def test_runner_metrics_equal_eager_reference(llava_dir, images):
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    runner = GroundingRunner(adapter, reference_prompt=GENERIC_PROMPT, head_level=True)
+    boxes = [[[10, 10, 60, 50]], [[50, 50, 90, 95], [0, 0, 20, 20]]]
+    samples = [GroundingSample(img, q, b, "xyxy", image_key=str(i), sample_id=str(i)) for i, (img, q, b) in enumerate(zip(images, QUESTIONS, boxes))]
+    records = runner.score(samples)
+    for s, rec in zip(samples, records):
+        q = eager_last_row(model, processor, s.image, s.question)
+        ref = eager_last_row(model, processor, s.image, GENERIC_PROMPT)
+        layer = q.mean(1) / (ref.mean(1) + 1e-10)
+        box = torch.from_numpy(geometry.box_cells(s.boxes, "xyxy", adapter.transform(s.image)).mask)
+        assert rec.kl == pytest.approx(metrics.kl_to_box(layer, box).tolist(), rel=1e-4)
+        assert rec.ar == pytest.approx(metrics.attention_ratio(layer, box).tolist(), rel=1e-4)
+        assert rec.js == pytest.approx(metrics.js_to_box(layer, box).tolist(), rel=1e-4)
+        heads = q / (ref + 1e-10)
+        assert torch.tensor(rec.head_kl) == pytest.approx(metrics.kl_to_box(heads, box), rel=1e-4)
+    # second pass: the reference maps come from the per-image cache and give the same numbers
+    again = runner.score(samples)
+    for a, b in zip(again, records):
+        assert a.kl == pytest.approx(b.kl, rel=1e-6)
+    assert len(runner.cache._items) == 2
+
+
+def test_zero_area_box_is_skipped_with_reason(llava_dir, images):
+    model, processor = load_llava(llava_dir)
+    runner = GroundingRunner(LlavaAdapter(model, processor))
+    rec = runner.score([GroundingSample(images[0], "Where?", [[500, 500, 600, 600]], "xyxy")])[0]
+    assert rec.skipped and "zero area" in rec.skipped and rec.n_clipped == 1
+
+
+def test_vgmed_tasks_through_lmms_eval_cli(tmp_path, llava_dir):
+    env = {"LMMS_VG_VGMED_ROOT": str(write_vgmed_v1(tmp_path / "vgmed")), "LMMS_VG_COCO_ROOT": str(write_coco(tmp_path / "coco"))}
+    maps_dir = tmp_path / "maps"
+    results, folder = run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu,head_level=true,save_maps={maps_dir}", "vgmed", env)
+    n_layers = 3
+    for task, n_scored, n_skipped in (("vgmed_loc", 3, 1), ("vgmed_attr", 2, 0), ("vgmed_coco_loc", 2, 0), ("vgmed_coco_attr", 2, 0)):
+        r = results["results"][task]
+        for metric in ("ar_by_layer", "kl_by_layer", "js_by_layer", "iou_by_layer"):
+            assert len(r[f"{metric},none"]) == n_layers, (task, metric)
+        best = r["best_layer,none"]
+        assert best["kl"] == min(r["kl_by_layer,none"]) and best["layer"] == r["kl_by_layer,none"].index(best["kl"])
+        assert r["samples,none"]["scored"] == n_scored and r["samples,none"]["skipped"] == n_skipped
+        assert len(r["head_kl,none"]) == n_layers and len(r["head_kl,none"][0]) == 4
+    loc = results["results"]["vgmed_loc"]["samples,none"]
+    assert loc["skip_reasons"] == {"box has zero area inside the image": 1} and loc["clipped_boxes"] == 1
+    logged = [json.loads(line) for line in next(folder.glob("*samples_vgmed_loc.jsonl")).read_text().splitlines()]
+    assert len(logged) == 4 and all(len(s["kl_by_layer"]["kl"]) in (0, n_layers) for s in logged)
+    assert "maps" not in json.dumps(logged[0])  # per-layer numbers, not whole maps
+    saved = sorted(maps_dir.glob("*.npz"))
+    assert len(saved) == 9
+    import numpy as np
+
+    with np.load(saved[0]) as z:
+        assert z["maps"].dtype == np.float16 and z["maps"].shape == (n_layers, 64)
+
+
+def test_missing_image_root_names_the_variable(tmp_path, llava_dir):
+    root = write_vgmed_v1(tmp_path / "vgmed")
+    (root / "imgs" / "101" / "source.jpg").unlink()
+    env = {"LMMS_VG_VGMED_ROOT": str(root)}
+    with pytest.raises(AssertionError, match="LMMS_VG_SKIP_MISSING_IMAGES"):
+        run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "vgmed_loc", env)
+    results, _ = run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "vgmed_loc", {**env, "LMMS_VG_SKIP_MISSING_IMAGES": "1"})
+    counts = results["results"]["vgmed_loc"]["samples,none"]
+    assert counts["skipped"] == 3 and counts["scored"] == 1  # two questions on the missing image, one zero-area box
