@@ -156,14 +156,16 @@ class VGRefiner:
         config.validate_for(text.num_hidden_layers, text.num_attention_heads, adapter.name)
         self.cache = ReferenceCache(reference_cache_size)
 
-    def generate(self, images, texts, image_keys=None, **generate_kwargs) -> RefineOutcome:
+    def generate(self, images, texts, image_keys=None, reference_prompt: str | None = None, **generate_kwargs) -> RefineOutcome:
+        """VGRefine answers; ``reference_prompt`` overrides the configured generic prompt (when normalisation is on)."""
         cfg, adapter, model = self.config, self.adapter, self.adapter.model
         image_keys = image_keys or [None] * len(images)
         pad = adapter.tokenizer.pad_token_id
         prompts = adapter.split_prompts(images, texts)
         state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
         question = inference.suffix_maps(model, state, prompts.suffix, pad, layers=cfg.map_layers)
-        reference = self._reference(images, image_keys, state, pad) if cfg.reference_prompt else None
+        prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
+        reference = self._reference(images, image_keys, state, pad, prompt) if prompt else None
         keep = triage_keep(triage_map(_full(question, cfg), reference, cfg.selected), cfg.percentile)  # [B, N]
         rows = inference.suffix_rows(state, prompts.suffix)
         cols = torch.zeros_like(rows)
@@ -173,12 +175,12 @@ class VGRefiner:
         fraction = (~keep).float().mean(1).tolist()
         return RefineOutcome(tokens, fraction, cfg.knockout_layers)
 
-    def _reference(self, images, image_keys, state, pad) -> torch.Tensor:
+    def _reference(self, images, image_keys, state, pad, prompt: str) -> torch.Tensor:
         cfg = self.config
-        keys = [(k, cfg.reference_prompt) if k is not None else None for k in image_keys]
+        keys = [(k, prompt) if k is not None else None for k in image_keys]
         cached = [self.cache.get(k) for k in keys]
         if any(c is None for c in cached):
-            suffixes = self.adapter.split_prompts(images, [cfg.reference_prompt] * len(images)).suffix
+            suffixes = self.adapter.split_prompts(images, [prompt] * len(images)).suffix
             fresh = _full(inference.suffix_maps(self.adapter.model, state, suffixes, pad, layers=cfg.map_layers), cfg)
             for i, key in enumerate(keys):
                 if cached[i] is None:

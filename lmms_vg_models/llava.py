@@ -224,30 +224,38 @@ class LlavaVG(lmms):
         return kwargs, until
 
     def _generate(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
+        """Answers for a batch; a sample whose image cannot be read gets an error record and the rest go on."""
         kwargs, until = self._generation_kwargs(dict(gen_kwargs))
-        images = [self._visual(a[2], a[4], a[5], a[3]) for a in args_list]
-        texts = [a[0] for a in args_list]
+        outputs: list[str | None] = [None] * len(args_list)
+        images, keep = [], []
+        for j, a in enumerate(args_list):
+            try:
+                images.append(self._visual(a[2], a[4], a[5], a[3]))
+                keep.append(j)
+            except (OSError, ValueError) as err:
+                logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
+                outputs[j] = json.dumps({"lmms_vg_error": str(err)})
+        if not keep:
+            return outputs
+        texts = [args_list[j][0] for j in keep]
+        fractions = None
         if self.refiner is not None:
-            keys = [f"{a[4]}/{a[5]}/{self._image_key(a)}" for a in args_list]
-            outcome = self.refiner.generate(images, texts, image_keys=keys, **kwargs)
-            tokens = outcome.tokens
-            self.last_refine = outcome
+            keys = [f"{args_list[j][4]}/{self._image_key(args_list[j])}" for j in keep]
+            outcome = self.refiner.generate(images, texts, image_keys=keys, reference_prompt=vg.get("reference_prompt"), **kwargs)
+            tokens, fractions = outcome.tokens, outcome.knocked_fraction
         else:
             batch = self.adapter.encode(images, texts)
             with torch.no_grad():
                 tokens = self.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
-        outputs = []
-        for row in tokens:
+        for n, (j, row) in enumerate(zip(keep, tokens)):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
-            outputs.append(text.strip())
-        if self.refiner is not None and vg.get("log_refine", True):
-            outputs = [
-                json.dumps({"text": t, "knocked_fraction": f, "knockout_layers": list(outcome.layers)}) if vg.get("structured") else t
-                for t, f in zip(outputs, outcome.knocked_fraction)
-            ]
+            text = text.strip()
+            if fractions is not None:  # per-sample log fields (issue: fraction knocked out, layers used)
+                text = json.dumps({"text": text, "knocked_fraction": round(fractions[n], 6), "knockout_layers": list(self.refiner.config.knockout_layers)})
+            outputs[j] = text
         return outputs
 
     def _image_key(self, args) -> str:

@@ -1,0 +1,301 @@
+"""The six medical VQA benchmarks (SPEC section 4), each from its published schema, as uniform docs.
+
+Doc fields: ``id``, ``benchmark``, ``question``, ``options`` (closed items), ``answer`` (option text
+or open answer), ``category`` (breakdown key: modality, subject or question type), the image as
+``image`` (decoded), ``image_path`` (file) or ``image_zip`` + ``image_member``, and ``vg_error``
+(why an item cannot be scored; such items are reported and left out of the denominator).
+
+Where each source lives (all optional but OmniMedVQA; a local folder or an HF dataset id):
+``LMMS_VG_VQA_RAD``, ``LMMS_VG_SLAKE``, ``LMMS_VG_PATHVQA``, ``LMMS_VG_PMC_VQA``, ``LMMS_VG_MMMU``,
+``LMMS_VG_OMNIMEDVQA_ROOT``. ``LMMS_VG_MEDVQA_SOURCE=bundle`` with ``LMMS_VG_MEDVQA_BUNDLE`` reads
+HuatuoGPT-Vision's evaluation bundle instead (the paper's closed-ended item sets).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+from .data import DataError, env_path
+
+SOURCES = {
+    "vqa_rad": ("LMMS_VG_VQA_RAD", "flaviagiammarino/vqa-rad"),
+    "slake": ("LMMS_VG_SLAKE", "BoKelvin/SLAKE"),
+    "pathvqa": ("LMMS_VG_PATHVQA", "flaviagiammarino/path-vqa"),
+    "pmc_vqa": ("LMMS_VG_PMC_VQA", "xmcmic/PMC-VQA"),
+    "mmmu_med": ("LMMS_VG_MMMU", "MMMU/MMMU"),
+}
+OMNIMEDVQA_ROOT = "LMMS_VG_OMNIMEDVQA_ROOT"
+SOURCE_VAR = "LMMS_VG_MEDVQA_SOURCE"
+BUNDLE_VAR = "LMMS_VG_MEDVQA_BUNDLE"
+BUNDLE_ID = "FreedomIntelligence/Medical_Multimodal_Evaluation_Data"
+BUNDLE_FILE = "medical_multimodel_evaluation_data.json"
+MMMU_SUBJECTS = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
+YES_NO = ("yes", "no")
+FIELDS = ("id", "benchmark", "question", "options", "answer", "category", "image_path", "image_zip", "image_member", "vg_error")
+
+
+def _doc(**kw) -> dict:
+    doc = {"options": [], "category": "", "image_path": "", "image_zip": "", "image_member": "", "vg_error": ""}
+    doc.update(kw)
+    return doc
+
+
+def source(benchmark: str) -> str:
+    var, default = SOURCES[benchmark]
+    return os.environ.get(var) or default
+
+
+def source_file(src: str, filename: str) -> str:
+    """A file of a dataset: inside a local folder, or fetched from the HF hub (cached)."""
+    local = Path(src).expanduser()
+    if local.is_dir():
+        path = local / filename
+        if not path.exists():
+            raise DataError(f"'{path}' not found: the folder must hold the files as published ({filename})")
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(src, filename, repo_type="dataset")
+    except Exception as err:
+        raise DataError(f"cannot get {filename} of {src} ({err}); download it once online, or point the setting at a local copy") from err
+
+
+def _load_split(src: str, split: str, name: str | None = None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(src, name, split=split)
+    except Exception as err:
+        raise DataError(f"cannot load {src} split '{split}' ({err}); download it once online, or point the setting at a local copy") from err
+
+
+def closed_from_yes_no(answer: str) -> tuple[list[str], str, str]:
+    """VQA-RAD, SLAKE and PathVQA closed items from their own sources: yes/no answers become options."""
+    a = str(answer).strip().lower()
+    if a in YES_NO:
+        return list(YES_NO), a, ""
+    return [], str(answer), "closed item without options in this source (use LMMS_VG_MEDVQA_SOURCE=bundle)"
+
+
+def _plain_image_rows(benchmark: str, closed: bool):
+    """VQA-RAD and PathVQA: parquet with ``image``, ``question``, ``answer``; closed = yes/no answers."""
+    ds = _load_split(source(benchmark), "test")
+
+    def convert(row, idx):
+        is_closed = str(row["answer"]).strip().lower() in YES_NO
+        options, answer, error = closed_from_yes_no(row["answer"]) if closed else ([], str(row["answer"]), "")
+        return _doc(id=f"{benchmark}_{idx}", benchmark=benchmark, question=row["question"], options=options, answer=answer, vg_error=error) | {
+            "keep": is_closed == closed
+        }
+
+    ds = ds.map(convert, with_indices=True, remove_columns=[c for c in ds.column_names if c != "image"])
+    return ds.filter(lambda k: k, input_columns="keep").remove_columns("keep")
+
+
+def vqa_rad(closed: bool = True):
+    return _plain_image_rows("vqa_rad", closed)
+
+
+def pathvqa(closed: bool = True):
+    return _plain_image_rows("pathvqa", closed)
+
+
+def slake(closed: bool = True) -> list[dict]:
+    """SLAKE: test.json rows (English), images ``imgs/<img_name>`` inside imgs.zip; category = content_type."""
+    src = source("slake")
+    rows = json.loads(Path(source_file(src, "test.json")).read_text(encoding="utf-8"))
+    archive = source_file(src, "imgs.zip")
+    docs = []
+    for row in rows:
+        if row.get("q_lang", "en") != "en" or (str(row.get("answer_type", "")).upper() == "CLOSED") != closed:
+            continue
+        options, answer, error = closed_from_yes_no(row["answer"]) if closed else ([], str(row["answer"]), "")
+        docs.append(
+            _doc(
+                id=f"slake_{row.get('qid', len(docs))}",
+                benchmark="slake",
+                question=row["question"],
+                options=options,
+                answer=answer,
+                category=str(row.get("content_type", "")),
+                image_zip=archive,
+                image_member=f"imgs/{row['img_name']}",
+                vg_error=error,
+            )
+        )
+    return docs
+
+
+def pmc_vqa() -> list[dict]:
+    """PMC-VQA test_clean.csv (2,000 items): ``Choice A``..``D`` as ``'A:text'``; images in images.zip."""
+    src = source("pmc_vqa")
+    archive = source_file(src, "images.zip")
+    members = _zip_index(archive)
+    docs = []
+    with open(source_file(src, "test_clean.csv"), newline="", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.DictReader(fh)):
+            options = [_strip_choice(row.get(f"Choice {letter}", "")) for letter in "ABCD" if row.get(f"Choice {letter}", "").strip()]
+            label = str(row.get("Answer_label", "")).strip().upper()
+            answer = options["ABCD".index(label)] if label and label in "ABCD"[: len(options)] else str(row.get("Answer", "")).strip()
+            member = members.get(Path(row["Figure_path"]).name, "")
+            docs.append(
+                _doc(
+                    id=f"pmc_vqa_{i}",
+                    benchmark="pmc_vqa",
+                    question=row["Question"],
+                    options=options,
+                    answer=answer,
+                    image_zip=archive,
+                    image_member=member,
+                    vg_error="" if member else f"image '{row['Figure_path']}' not in {archive}",
+                )
+            )
+    return docs
+
+
+def _strip_choice(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] in "ABCD" and text[1] in ":.":
+        return text[2:].strip()
+    return text
+
+
+@lru_cache(maxsize=8)
+def _zip_index(archive: str) -> dict[str, str]:
+    with zipfile.ZipFile(archive) as zf:
+        return {Path(name).name: name for name in zf.namelist() if not name.endswith("/")}
+
+
+def omnimedvqa() -> list[dict]:
+    """OmniMedVQA open-access split: QA_information/Open-access/*.json; category = modality_type."""
+    root = env_path(OMNIMEDVQA_ROOT, "OmniMedVQA (open-access split, a local copy)")
+    qa_dir = root / "QA_information" / "Open-access"
+    files = sorted(qa_dir.glob("*.json"))
+    if not files:
+        raise DataError(f"no *.json under {qa_dir}: {OMNIMEDVQA_ROOT} must be the OmniMedVQA folder holding QA_information/ and Images/")
+    docs = []
+    for path in files:
+        for row in json.loads(path.read_text(encoding="utf-8")):
+            options = [row[f"option_{c}"] for c in "ABCD" if row.get(f"option_{c}") not in (None, "")]
+            docs.append(
+                _doc(
+                    id=f"omnimedvqa_{row.get('question_id', len(docs))}",
+                    benchmark="omnimedvqa",
+                    question=row["question"],
+                    options=options,
+                    answer=row["gt_answer"],
+                    category=str(row.get("modality_type", "")),
+                    image_path=str(root / row["image_path"]),
+                )
+            )
+    return docs
+
+
+def mmmu_med():
+    """MMMU Health & Medicine, validation split: multiple-choice items with an image; category = subject."""
+    import datasets
+
+    parts = []
+    for subject in MMMU_SUBJECTS:
+        ds = _load_split(source("mmmu_med"), "validation", subject)
+        ds = ds.filter(lambda t, img: t == "multiple-choice" and img is not None, input_columns=["question_type", "image_1"])
+
+        def convert(row, subject=subject):
+            options = [str(o) for o in ast.literal_eval(row["options"])] if row["options"] else []
+            letter = str(row["answer"]).strip().upper()
+            ok = len(letter) == 1 and 0 <= ord(letter) - 65 < len(options)
+            question = row["question"].replace("<image 1>", "the image").strip()
+            return _doc(
+                id=row["id"],
+                benchmark="mmmu_med",
+                question=question,
+                options=options,
+                answer=options[ord(letter) - 65] if ok else letter,
+                category=subject,
+                vg_error="" if ok else f"answer '{row['answer']}' is not an option letter",
+            ) | {"image": row["image_1"]}
+
+        parts.append(ds.map(convert, remove_columns=ds.column_names))
+    return datasets.concatenate_datasets(parts)
+
+
+def bundle(benchmark: str) -> list[dict]:
+    """HuatuoGPT-Vision's bundle: one JSON of closed items (``question``, ``options``, ``answer``, ``image``, ``dataset``)."""
+    root = env_path(BUNDLE_VAR, f"HuatuoGPT-Vision's evaluation bundle ({BUNDLE_ID})")
+    rows = json.loads((root / BUNDLE_FILE).read_text(encoding="utf-8")) if (root / BUNDLE_FILE).exists() else None
+    if rows is None:
+        raise DataError(f"{root / BUNDLE_FILE} not found: {BUNDLE_VAR} must be the folder holding {BUNDLE_FILE} and its images")
+    docs = []
+    for i, row in enumerate(rows):
+        if bundle_benchmark(str(row.get("dataset", ""))) != benchmark:
+            continue
+        image = row.get("image") or ""
+        image = image[0] if isinstance(image, list) and image else image
+        category = next((str(row[k]) for k in ("modality", "modality_type", "subject", "question_type") if row.get(k)), "")
+        docs.append(
+            _doc(
+                id=f"{benchmark}_bundle_{i}",
+                benchmark=benchmark,
+                question=row["question"],
+                options=list(row.get("options") or []),
+                answer=str(row.get("answer", "")),
+                category=category,
+                image_path=str(root / image) if image else "",
+                vg_error="" if image else "item has no image",
+            )
+        )
+    return docs
+
+
+def bundle_benchmark(name: str) -> str | None:
+    key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
+    for prefix, bench in (("vqarad", "vqa_rad"), ("slake", "slake"), ("pathvqa", "pathvqa"), ("pmc", "pmc_vqa"), ("omnimed", "omnimedvqa"), ("mmmu", "mmmu_med")):
+        if key.startswith(prefix):
+            return bench
+    return None
+
+
+CLOSED_LOADERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "pmc_vqa": pmc_vqa, "omnimedvqa": omnimedvqa, "mmmu_med": mmmu_med}
+OPEN_LOADERS = {"vqa_rad": lambda: vqa_rad(False), "slake": lambda: slake(False), "pathvqa": lambda: pathvqa(False)}
+
+
+def closed_docs(benchmark: str):
+    """Closed-ended docs of one benchmark from the configured source (a Dataset or a list of docs)."""
+    mode = os.environ.get(SOURCE_VAR, "hf")
+    if mode == "bundle":
+        return bundle(benchmark)
+    if mode != "hf":
+        raise DataError(f"{SOURCE_VAR}={mode!r}: use 'hf' (each benchmark's own source) or 'bundle' ({BUNDLE_ID})")
+    return CLOSED_LOADERS[benchmark]()
+
+
+def open_docs(benchmark: str):
+    return OPEN_LOADERS[benchmark]()
+
+
+def load_image(doc: dict):
+    """The doc's image from wherever its source keeps it; errors name the file."""
+    from .data import open_image
+
+    if doc.get("image") is not None:
+        return doc["image"]
+    if doc.get("image_zip"):
+        import io
+
+        from PIL import Image
+
+        try:
+            with zipfile.ZipFile(doc["image_zip"]) as zf, zf.open(doc["image_member"]) as fh:
+                return Image.open(io.BytesIO(fh.read())).copy()
+        except KeyError as err:
+            raise FileNotFoundError(f"image '{doc['image_member']}' not found in {doc['image_zip']}") from err
+    if doc.get("image_path"):
+        return open_image(doc["image_path"])
+    raise FileNotFoundError(f"item {doc.get('id')}: no image in the source")

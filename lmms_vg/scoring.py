@@ -1,0 +1,117 @@
+"""Medical VQA scoring under HuatuoGPT-Vision's protocol (SPEC section 4).
+
+Closed-ended: the option letter parsed from the output (HuatuoGPT-Vision's regex), falling back
+to the option text when no letter is found. Open-ended: BLEU-1, OpenRecall, and BERTScore where
+a scoring model is available locally.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import string
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+LETTERS = "ABCDEFGHIJK"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# HuatuoGPT-Vision's pattern: a letter a-n standing alone, not the article "A "/"a ".
+LETTER_PATTERN = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([a-nA-N])(\W|$)")
+
+
+class ItemError(ValueError):
+    """A VQA item that cannot be scored (reported per sample, excluded from the denominator)."""
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """``{question}\\n{A. opt}\\n...\\nAnswer with the option's letter from the given choices directly.``"""
+    check_options(options)
+    lines = [question.strip()] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join(lines + [MC_INSTRUCTION])
+
+
+def check_options(options: list[str]) -> None:
+    if not options:
+        raise ItemError("empty options list")
+    if len(options) > len(LETTERS):
+        raise ItemError(f"{len(options)} options; at most {len(LETTERS)} letters are defined")
+
+
+def gold_letter(options: list[str], answer: str) -> str:
+    check_options(options)
+    if answer not in options:
+        raise ItemError(f"answer {answer!r} is not among the options {options!r}")
+    return LETTERS[options.index(answer)]
+
+
+@dataclass
+class ParsedAnswer:
+    letter: str | None  # the predicted option letter, or None
+    how: str  # "letter", "option_text", "none"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normalise(text: str) -> str:
+    text = text.lower().strip()
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def parse_answer(output: str, options: list[str]) -> ParsedAnswer:
+    """The option letter the output chose: first regex letter; else the one option whose text it contains."""
+    match = LETTER_PATTERN.search(output)
+    if match:
+        return ParsedAnswer(match.group(2).upper(), "letter")
+    text = _normalise(output)
+    if not text:
+        return ParsedAnswer(None, "none")
+    padded = f" {text} "
+    found = [i for i, opt in enumerate(options) if _normalise(opt) and f" {_normalise(opt)} " in padded]
+    # an option whose text lies inside another found option's text (e.g. "lung" in "left lung") yields to it
+    found = [i for i in found if not any(j != i and _normalise(options[i]) in _normalise(options[j]) for j in found)]
+    if len(found) == 1:
+        return ParsedAnswer(LETTERS[found[0]], "option_text")
+    return ParsedAnswer(None, "none")
+
+
+def tokens(text: str) -> list[str]:
+    return _normalise(text).split()
+
+
+def bleu1(prediction: str, reference: str) -> float:
+    """Sentence BLEU-1: clipped unigram precision times the brevity penalty."""
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return 0.0
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    precision = overlap / len(pred)
+    penalty = 1.0 if len(pred) > len(ref) else math.exp(1 - len(ref) / len(pred))
+    return precision * penalty
+
+
+def open_recall(prediction: str, reference: str) -> float:
+    """Fraction of the reference answer's tokens present in the prediction."""
+    ref = tokens(reference)
+    if not ref:
+        return 0.0
+    pred = set(tokens(prediction))
+    return sum(t in pred for t in ref) / len(ref)
+
+
+def bertscore_f1(predictions: list[str], references: list[str], model_path: str | None) -> tuple[list[float] | None, str | None]:
+    """BERTScore F1 with a local scoring model; (None, reason) when it cannot be computed here."""
+    if not model_path:
+        return None, "no scoring model: set LMMS_VG_BERTSCORE_MODEL to a local model folder (e.g. roberta-large)"
+    try:
+        from bert_score import score
+    except ImportError:
+        return None, "bert-score is not installed: pip install 'lmms-vg[bertscore]'"
+    try:
+        layers = int(os.environ.get("LMMS_VG_BERTSCORE_LAYERS", "17"))  # roberta-large's default layer
+        _, _, f1 = score(predictions, references, model_type=model_path, num_layers=layers, lang="en", verbose=False)
+    except Exception as err:  # a broken or missing local model must not end the run
+        return None, f"BERTScore failed with model '{model_path}': {err}"
+    return f1.tolist(), None
