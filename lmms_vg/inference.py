@@ -85,14 +85,20 @@ def truncate(cache, length: int) -> None:
 
 def suffix_generate(
     model, state: PrefixState, suffixes: list[list[int]], pad_id: int, knockout: engine.Knockout | None = None, **generate_kwargs
-) -> torch.Tensor:
-    """Generate after each suffix on the cached prefix (consumes the cache); returns only the new tokens ``[B, new]``."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Generate after each suffix on the cached prefix (consumes the cache).
+
+    Returns the new tokens ``[B, new]`` and, with ``output_logits=True``, the first step's logits ``[B, vocab]``.
+    """
     ids, mask = pad_suffixes(suffixes, pad_id, model.device)
     full_ids = torch.cat([state.prefix_ids, ids], dim=1)
     full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
     with torch.no_grad(), engine.arm(model, knockout=knockout):
-        out = model.generate(input_ids=full_ids, attention_mask=full_mask, past_key_values=state.cache, **generate_kwargs)
-    return out[:, full_ids.shape[1] :]
+        out = model.generate(
+            input_ids=full_ids, attention_mask=full_mask, past_key_values=state.cache, return_dict_in_generate=True, **generate_kwargs
+        )
+    first = out.logits[0] if getattr(out, "logits", None) else None
+    return out.sequences[:, full_ids.shape[1] :], first
 
 
 def suffix_rows(state: PrefixState, suffixes: list[list[int]]) -> torch.Tensor:

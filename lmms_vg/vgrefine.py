@@ -144,6 +144,8 @@ class RefineOutcome:
     tokens: torch.Tensor  # [B, new]
     knocked_fraction: list[float]
     layers: tuple[int, ...]
+    keep: torch.Tensor  # [B, N] bool, patches kept by triage
+    first_logits: torch.Tensor | None = None  # [B, vocab], with output_logits=True
 
 
 class VGRefiner:
@@ -171,9 +173,9 @@ class VGRefiner:
         cols = torch.zeros_like(rows)
         cols.scatter_(1, state.image_cols.cpu(), ~keep)
         knockout = engine.Knockout(layers=frozenset(cfg.knockout_layers), rows=rows, cols=cols, mode=cfg.mode)
-        tokens = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
+        tokens, first_logits = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
         fraction = (~keep).float().mean(1).tolist()
-        return RefineOutcome(tokens, fraction, cfg.knockout_layers)
+        return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
 
     def _reference(self, images, image_keys, state, pad, prompt: str) -> torch.Tensor:
         cfg = self.config

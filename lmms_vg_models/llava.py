@@ -148,7 +148,7 @@ class LlavaVG(lmms):
             knockout_layers=layers,
             top_k=int(top_k),
             percentile=float(percentile),
-            mode=str(knockout_mode),
+            mode=str(mode),
             reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
         )
         return VGRefiner(self.adapter, config, self.reference_cache)

@@ -1,0 +1,154 @@
+"""VGRefine against a plain three-pass reference written here: eager attention, masks by hand."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cli import run_lmms_eval
+from reference_attention import REFERENCE
+from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
+
+from lmms_vg import engine, tiny
+from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.vgrefine import HeadPreset, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
+
+HEADS = ((1, 0), (2, 3), (0, 1), (1, 2), (2, 0))
+REF_PROMPT = "Write a general description of the image."
+
+
+def last_row_maps(model, processor, images, texts):
+    inputs = llava_batch(processor, images, texts)
+    cols = [(ids == model.config.image_token_id).nonzero().flatten() for ids in inputs["input_ids"]]
+    att = eager_attentions(model, inputs)
+    maps = torch.stack([torch.stack([a[b, :, -1, cols[b]] for a in att]) for b in range(len(images))])  # [B, L, H, N]
+    return inputs, cols, maps
+
+
+def reference_vgrefine(model, processor, images, questions, top_k, percentile, layers, mode, max_new_tokens):
+    """The method as the paper states it, in three separate full-prompt passes."""
+    inputs, cols, q = last_row_maps(model, processor, images, questions)
+    _, _, r = last_row_maps(model, processor, images, [REF_PROMPT] * len(images))
+    selected = HEADS[:top_k]
+    T = inputs["input_ids"].shape[1]
+    rows = torch.zeros(len(images), T, dtype=torch.bool)
+    blocked = torch.zeros(len(images), T, dtype=torch.bool)
+    for b in range(len(images)):
+        triage = np.mean([q[b, l, h].numpy() / (r[b, l].mean(0).numpy() + 1e-10) for l, h in selected], axis=0)
+        irrelevant = triage < np.percentile(triage, percentile)
+        blocked[b, cols[b][torch.from_numpy(irrelevant)]] = True
+        rows[b, int(cols[b][-1]) + 1 :] = True  # every prompt token after the image
+    REFERENCE["knockout"] = {"layers": set(layers), "rows": rows, "cols": blocked, "mode": mode}
+    model.set_attn_implementation({"text_config": "reference_eager"})
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    finally:
+        REFERENCE["knockout"] = None
+        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    return out.sequences[:, T:], out.logits[0], blocked
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_vgrefine_equals_three_pass_reference(llava_dir, images, mode, batch):
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    config = VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=3, percentile=50, mode=mode, reference_prompt=REF_PROMPT)
+    refiner = VGRefiner(adapter, config)
+    ours = refiner.generate(images[:batch], QUESTIONS[:batch], max_new_tokens=6, do_sample=False, output_logits=True)
+    tokens, logits, blocked = reference_vgrefine(model, processor, images[:batch], QUESTIONS[:batch], 3, 50, (1,), mode, 6)
+    assert torch.equal(ours.tokens, tokens)
+    assert torch.allclose(ours.first_logits, logits, atol=1e-4, rtol=0)
+    n_image = ours.keep.shape[1]
+    assert ours.knocked_fraction == pytest.approx((blocked.sum(1).float() / n_image).tolist())
+    # and the knockout matters: plain generation's first logits differ
+    batch_inputs = llava_batch(processor, images[:batch], QUESTIONS[:batch])
+    with torch.no_grad():
+        plain = model(**batch_inputs).logits[:, -1]
+    assert not torch.allclose(plain, logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_full_knockout_cuts_the_image_values_out(llava_dir, images, mode):
+    """Every patch knocked out at layer 1: the question rows' attention output there ignores the image's values."""
+    model, processor = load_llava(llava_dir)
+    inputs = llava_batch(processor, images, QUESTIONS)
+    cols = engine.image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    T = inputs["input_ids"].shape[1]
+    image_cols = torch.zeros(2, T, dtype=torch.bool).scatter_(1, cols, True)
+    rows = engine.span_mask(T, cols[:, -1] + 1, [T, T])
+    attn = model.model.language_model.layers[1].self_attn
+    outputs = []
+
+    def keep_output(module, args, output):
+        outputs.append(output[0].detach().clone())
+
+    def perturb_values(module, args, output):
+        noise = torch.randn_like(output) * 5
+        return torch.where(image_cols[:, :, None], output + noise, output)
+
+    for ko in (engine.Knockout(frozenset({1}), rows, image_cols, mode), None):
+        outputs.clear()
+        handle = attn.register_forward_hook(keep_output)
+        try:
+            with torch.no_grad(), engine.arm(model, knockout=ko):
+                model(**inputs)
+                perturb = attn.v_proj.register_forward_hook(perturb_values)
+                try:
+                    model(**inputs)
+                finally:
+                    perturb.remove()
+        finally:
+            handle.remove()
+        same = torch.allclose(outputs[0][rows], outputs[1][rows], atol=1e-6)
+        assert same == (ko is not None), "with the knockout, the image values must not matter; without it they must"
+
+
+def test_bad_settings_fail_before_any_sample(llava_dir):
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    preset = load_heads("huatuo_7b")
+    with pytest.raises(VGRefineConfigError, match="do not exist"):
+        VGRefiner(adapter, VGRefineConfig(heads=preset.heads, knockout_layers=(1,)))
+    with pytest.raises(VGRefineConfigError, match="out of range"):
+        VGRefiner(adapter, VGRefineConfig(heads=HEADS, knockout_layers=(5,), top_k=2))
+    with pytest.raises(VGRefineConfigError, match="outside"):
+        VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=2, percentile=101)
+    with pytest.raises(VGRefineConfigError, match="top_k=9"):
+        VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=9)
+    with pytest.raises(VGRefineConfigError, match="no head preset"):
+        load_heads("nope")
+
+
+def test_shipped_preset_is_the_authors():
+    preset = load_heads("huatuo_7b")
+    assert len(preset.heads) == 20 and preset.heads[0] == (15, 4) and preset.heads[-1] == (17, 26) and preset.knockout_layers == (16,)
+
+
+def test_calibration_ranks_by_mean_kl(tmp_path):
+    kl = np.array([[3.0, 1.0, 5.0], [0.5, 4.0, 2.0]])
+    preset = calibrate(kl, top_k=3, knockout_layers=(1,), model="m", source="vgmed_coco_loc", samples=7)
+    assert preset.heads == ((1, 0), (0, 1), (1, 2)) and preset.scores == (0.5, 1.0, 2.0)
+    path = tmp_path / "heads.json"
+    path.write_text(preset.to_json())
+    assert load_heads(str(path)) == HeadPreset(preset.heads, (1,), "m", "vgmed_coco_loc", 7, (0.5, 1.0, 2.0))
+
+
+@pytest.fixture(scope="session")
+def huatuo_shaped_dir(tmp_path_factory):
+    """HuatuoGPT-Vision-7B's layout scaled down: 28 layers x 28 heads, 4 KV heads, 24x24 image grid."""
+    return tiny.build_llava(tmp_path_factory.mktemp("huatuo_shape"), layers=28, heads=28, kv_heads=4, hidden=224, image_size=336)
+
+
+def test_huatuo_vgrefine_through_cli(tmp_path, huatuo_shaped_dir):
+    import medvqa_fixtures as fx
+
+    env = fx.all_sources(tmp_path / "data")
+    results, folder = run_lmms_eval(tmp_path, "huatuo_vgrefine", f"pretrained={huatuo_shaped_dir},device=cpu", "vqa_rad,pmc_vqa", env)
+    assert results["results"]["vqa_rad"]["samples,none"]["scored"] == 3
+    logged = [json.loads(line)["accuracy"] for line in next(folder.glob("*samples_pmc_vqa.jsonl")).read_text().splitlines()]
+    scored = [o for o in logged if o["correct"] is not None]
+    assert len(scored) == 2
+    for o in scored:  # per-sample log: fraction knocked out (p=50 of 576 patches) and the layers used
+        assert o["knockout_layers"] == [16] and 0.45 <= o["knocked_fraction"] <= 0.55
