@@ -152,3 +152,18 @@ def test_huatuo_vgrefine_through_cli(tmp_path, huatuo_shaped_dir):
     assert len(scored) == 2
     for o in scored:  # per-sample log: fraction knocked out (p=50 of 576 patches) and the layers used
         assert o["knockout_layers"] == [16] and 0.45 <= o["knocked_fraction"] <= 0.55
+
+
+def test_triage_keeps_at_or_above_percentile_by_hand():
+    from lmms_vg.vgrefine import triage_keep, triage_map
+
+    assert triage_keep(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), 50).tolist() == [[False, True, True, True]]  # median 2: ties kept
+    assert triage_keep(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 25).tolist() == [[True, False, True, True]]  # threshold 1.75
+    assert triage_keep(torch.tensor([[4.0, 1.0]]), 0).all() and triage_keep(torch.tensor([[4.0, 1.0]]), 100).tolist() == [[True, False]]
+    q = torch.zeros(1, 2, 2, 3)
+    q[0, 1, 0] = torch.tensor([2.0, 4.0, 6.0])
+    q[0, 0, 1] = torch.tensor([1.0, 1.0, 4.0])
+    ref = torch.ones(1, 2, 2, 3)
+    ref[0, 1] = torch.tensor([[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]])  # layer 1 head-mean [2, 2, 2]
+    expected = (torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([1.0, 1.0, 4.0])) / 2
+    assert torch.allclose(triage_map(q, ref, ((1, 0), (0, 1))), expected[None].double().float(), atol=1e-6)

@@ -1,0 +1,80 @@
+"""Shared benchmark set-up: a random LLaVA of a chosen shape, and interleaved timing.
+
+Timings are medians over interleaved repeats (variant A, B, C, A, B, C, ...), reported as ratios
+to a baseline measured in the same run, so machine noise hits every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lmms_vg import engine, tiny
+from lmms_vg.adapters import LlavaAdapter
+
+# text shapes: (layers, heads, kv_heads, hidden); the image grid is 24x24 (336 px, patch 14) in all
+SHAPES = {"small": (8, 8, 4, 512), "7b": (28, 28, 4, 3584)}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="text model shape ('7b' needs a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=7)
+    return p
+
+
+def build(shape: str, device: str, dtype: str) -> LlavaAdapter:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    layers, heads, kv_heads, hidden = SHAPES[shape]
+    folder = tiny.build_llava(tempfile.mkdtemp(prefix="lmms_vg_bench_"), layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, image_size=336)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    engine.install(model)
+    return LlavaAdapter(model, AutoProcessor.from_pretrained(folder))
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((300 + 10 * i, 360, 3)) * 255).astype("uint8")) for i in range(n)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each variant, measured round-robin after one warm-up each."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(title: str, seconds: dict[str, float], baseline: str, target: tuple[str, float] | None = None) -> bool:
+    print(f"\n{title}")
+    print(f"{'variant':<34} {'ms':>10} {'x ' + baseline:>16}")
+    for name, s in seconds.items():
+        print(f"{name:<34} {1000 * s:>10.1f} {s / seconds[baseline]:>16.3f}")
+    if target is None:
+        return True
+    name, limit = target
+    ok = seconds[name] / seconds[baseline] <= limit
+    print(f"target: {name} <= {limit}x {baseline}: {'met' if ok else 'NOT met'} ({seconds[name] / seconds[baseline]:.3f}x)")
+    return ok
