@@ -42,6 +42,7 @@ class LlavaAdapter:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.image_token_id = model.config.image_token_id
+        self._n_image_tokens: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -64,14 +65,23 @@ class LlavaAdapter:
         return batch
 
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
-        """Tokenise each prompt and split it right after its last image token."""
+        """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens."""
         prefix, suffix = [], []
         for image, text in zip(images, texts):
-            ids = self.processor(images=[rgb(image)], text=[self.prompt(text)], return_tensors="pt")["input_ids"][0]
-            cut = int(image_token_positions(ids[None], self.image_token_id, self.name)[0, -1]) + 1
-            prefix.append(ids[:cut].tolist())
-            suffix.append(ids[cut:].tolist())
+            ids = self.tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
+            if ids.count(self.image_token_id) != 1:
+                raise EngineError(f"{self.name}: the prompt must hold exactly one image placeholder, found {ids.count(self.image_token_id)}")
+            cut = ids.index(self.image_token_id)
+            prefix.append(ids[:cut] + [self.image_token_id] * self.image_tokens(image))
+            suffix.append(ids[cut + 1 :])
         return Prompts(prefix, suffix)
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """How many tokens the processor expands the placeholder to for this image (fixed grid for LLaVA-1.5)."""
+        if self._n_image_tokens is None:
+            ids = self.processor(images=[rgb(image)], text=["<image>"], return_tensors="pt")["input_ids"][0]
+            self._n_image_tokens = int((ids == self.image_token_id).sum())
+        return self._n_image_tokens
 
     def transform(self, image: Image.Image) -> geometry.ImageTransform:
         """How this model's processor maps the image's pixels to its token grid."""

@@ -39,6 +39,10 @@ class EngineError(RuntimeError):
     """A model or input the attention engine cannot serve; the message says what to do."""
 
 
+class CaptureComplete(Exception):  # noqa: N818 - a signal, not an error
+    """Raised after the deepest captured layer when the capture asked to stop there (see Capture.stop_early)."""
+
+
 @dataclass
 class Capture:
     """What to capture: attention from ``rows`` to ``cols`` at ``layers`` (None = every layer).
@@ -50,6 +54,7 @@ class Capture:
     rows: torch.Tensor
     cols: torch.Tensor
     layers: frozenset[int] | None = None
+    stop_early: bool = False  # raise CaptureComplete once the deepest of ``layers`` is captured
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self) -> torch.Tensor:
@@ -121,6 +126,8 @@ def vg_attention(
         weights = _capture_rows(query, key, attention_mask, scale, start, cap, ko if ko and layer in ko.layers else None)
         if weights is not None:
             cap.maps[layer] = weights
+            if cap.stop_early and cap.layers is not None and layer == max(cap.layers):
+                raise CaptureComplete  # the layers above change nothing that was asked for
     return out, None
 
 

@@ -110,18 +110,18 @@ class GroundingRunner:
         prompts = self.adapter.split_prompts(images, questions)
         state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
         pad = self.adapter.tokenizer.pad_token_id
-        question = inference.suffix_maps(self.adapter.model, state, prompts.suffix, pad)
         if self.reference_prompt is None:
-            return question, None
+            return inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0], None
         keys = [(k, self.reference_prompt) if k is not None else None for k in image_keys]
         cached = [self.cache.get(k) for k in keys]
-        if any(c is None for c in cached):
-            ref_prompts = self.adapter.split_prompts(images, [self.reference_prompt] * len(images))
-            fresh = inference.suffix_maps(self.adapter.model, state, ref_prompts.suffix, pad)
-            for i, key in enumerate(keys):
-                if cached[i] is None:
-                    cached[i] = fresh[i]
-                    self.cache.put(key, fresh[i])
+        if all(c is not None for c in cached):
+            return inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0], torch.stack(cached)
+        reference = self.adapter.split_prompts(images, [self.reference_prompt] * len(images)).suffix
+        question, fresh = inference.suffix_maps(self.adapter.model, state, [prompts.suffix, reference], pad)  # one pass for both
+        for i, key in enumerate(keys):
+            if cached[i] is None:
+                cached[i] = fresh[i]
+                self.cache.put(key, fresh[i])
         return question, torch.stack(cached)
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:

@@ -60,27 +60,47 @@ def suffix_inputs(state: PrefixState, suffix_ids: torch.Tensor, suffix_mask: tor
     return {"input_ids": suffix_ids, "attention_mask": mask, "position_ids": positions}
 
 
-def suffix_maps(model, state: PrefixState, suffixes: list[list[int]], pad_id: int, layers: frozenset[int] | None = None) -> torch.Tensor:
-    """Last-token attention to the image tokens for each suffix: ``[B, layers, heads, N]`` fp32.
+def suffix_maps(
+    model, state: PrefixState, suffix_sets: list[list[list[int]]], pad_id: int, layers: frozenset[int] | None = None
+) -> list[torch.Tensor]:
+    """Last-token attention to the image tokens for each set of suffixes, in one batched pass.
 
-    The cache is cropped back to the prefix afterwards, ready for the next suffix.
+    ``suffix_sets[j][b]`` is sample b's j-th suffix (e.g. j=0 the question, j=1 the generic prompt);
+    returns one ``[B, layers, heads, N]`` fp32 tensor per set. The cached prefix is repeated for the
+    sets and restored afterwards (cropped back to the prefix, batch B), ready for the next suffix.
+    With ``layers`` given, the forward stops after the deepest of them.
     """
-    ids, mask = pad_suffixes(suffixes, pad_id, model.device)
+    k, batch = len(suffix_sets), state.prefix_ids.shape[0]
+    interleaved = [suffix_sets[j][b] for b in range(batch) for j in range(k)]  # matches repeat_interleave
+    ids, mask = pad_suffixes(interleaved, pad_id, model.device)
+    if k > 1:
+        state.cache.batch_repeat_interleave(k)
+    wide = PrefixState(state.cache, state.prefix_ids.repeat_interleave(k, 0), state.image_cols.repeat_interleave(k, 0))
     last = torch.full((ids.shape[0], 1), state.prefix_len + ids.shape[1] - 1, device=model.device)
-    cap = engine.Capture(rows=last, cols=state.image_cols, layers=layers)
+    cap = engine.Capture(rows=last, cols=wide.image_cols, layers=layers, stop_early=layers is not None)
     try:
         with torch.no_grad(), engine.arm(model, capture=cap):
-            model(**suffix_inputs(state, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+    except engine.CaptureComplete:
+        pass
     finally:
+        if k > 1:
+            state.cache.batch_select_indices(torch.arange(0, batch * k, k, device=model.device))
         truncate(state.cache, state.prefix_len)
-    return cap.last_row_maps()
+    maps = cap.last_row_maps()
+    return [maps[j::k] for j in range(k)]
 
 
 def truncate(cache, length: int) -> None:
-    """Drop every cached position from ``length`` on (the cache API crops by a negative count)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop every cached position from ``length`` on, layer by layer.
+
+    Layers differ in length after a pass that stopped early (CaptureComplete), so each is cut by its
+    own excess (the cache API crops by a negative count).
+    """
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length if layer.is_initialized else 0
+        if extra > 0:
+            layer.crop(-extra)
 
 
 def suffix_generate(

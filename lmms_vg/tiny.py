@@ -22,8 +22,12 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 400, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
+def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic).
+
+    The vocabulary is large enough that the corpus words become single tokens, so prompt lengths
+    are close to a real LLM tokenizer's (benchmarks depend on that).
+    """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -165,10 +165,9 @@ class VGRefiner:
         pad = adapter.tokenizer.pad_token_id
         prompts = adapter.split_prompts(images, texts)
         state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
-        question = inference.suffix_maps(model, state, prompts.suffix, pad, layers=cfg.map_layers)
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
-        reference = self._reference(images, image_keys, state, pad, prompt) if prompt else None
-        keep = triage_keep(triage_map(_full(question, cfg), reference, cfg.selected), cfg.percentile)  # [B, N]
+        question, reference = self._maps(images, image_keys, state, pad, prompts.suffix, prompt)
+        keep = triage_keep(triage_map(question, reference, cfg.selected), cfg.percentile)  # [B, N]
         rows = inference.suffix_rows(state, prompts.suffix)
         cols = torch.zeros_like(rows)
         cols.scatter_(1, state.image_cols.cpu(), ~keep)
@@ -177,18 +176,21 @@ class VGRefiner:
         fraction = (~keep).float().mean(1).tolist()
         return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
 
-    def _reference(self, images, image_keys, state, pad, prompt: str) -> torch.Tensor:
-        cfg = self.config
-        keys = [(k, prompt) if k is not None else None for k in image_keys]
+    def _maps(self, images, image_keys, state, pad, questions, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Question maps and (cached, else computed in the same pass) reference maps, for the selected heads' layers."""
+        cfg, model = self.config, self.adapter.model
+        keys = [(k, prompt) if k is not None and prompt else None for k in image_keys]
         cached = [self.cache.get(k) for k in keys]
-        if any(c is None for c in cached):
-            suffixes = self.adapter.split_prompts(images, [prompt] * len(images)).suffix
-            fresh = _full(inference.suffix_maps(self.adapter.model, state, suffixes, pad, layers=cfg.map_layers), cfg)
-            for i, key in enumerate(keys):
-                if cached[i] is None:
-                    cached[i] = fresh[i]
-                    self.cache.put(key, fresh[i])
-        return torch.stack(cached)
+        if prompt is None or all(c is not None for c in cached):
+            question = _full(inference.suffix_maps(model, state, [questions], pad, layers=cfg.map_layers)[0], cfg)
+            return question, (torch.stack(cached) if prompt else None)
+        reference = self.adapter.split_prompts(images, [prompt] * len(images)).suffix
+        question, fresh = (_full(m, cfg) for m in inference.suffix_maps(model, state, [questions, reference], pad, layers=cfg.map_layers))
+        for i, key in enumerate(keys):
+            if cached[i] is None:
+                cached[i] = fresh[i]
+                self.cache.put(key, fresh[i])
+        return question, torch.stack(cached)
 
 
 def _full(maps: torch.Tensor, cfg: VGRefineConfig) -> torch.Tensor:

@@ -51,13 +51,14 @@ def reference_vgrefine(model, processor, images, questions, top_k, percentile, l
 
 @pytest.mark.parametrize("mode", ["mask", "zero"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_vgrefine_equals_three_pass_reference(llava_dir, images, mode, batch):
+@pytest.mark.parametrize("top_k", [3, 1])  # top_k=1: only layer 1 is needed, the map passes stop there
+def test_vgrefine_equals_three_pass_reference(llava_dir, images, mode, batch, top_k):
     model, processor = load_llava(llava_dir)
     adapter = LlavaAdapter(model, processor)
-    config = VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=3, percentile=50, mode=mode, reference_prompt=REF_PROMPT)
+    config = VGRefineConfig(heads=HEADS, knockout_layers=(2,), top_k=top_k, percentile=50, mode=mode, reference_prompt=REF_PROMPT)
     refiner = VGRefiner(adapter, config)
     ours = refiner.generate(images[:batch], QUESTIONS[:batch], max_new_tokens=6, do_sample=False, output_logits=True)
-    tokens, logits, blocked = reference_vgrefine(model, processor, images[:batch], QUESTIONS[:batch], 3, 50, (1,), mode, 6)
+    tokens, logits, blocked = reference_vgrefine(model, processor, images[:batch], QUESTIONS[:batch], top_k, 50, (2,), mode, 6)
     assert torch.equal(ours.tokens, tokens)
     assert torch.allclose(ours.first_logits, logits, atol=1e-4, rtol=0)
     n_image = ours.keep.shape[1]

@@ -1,0 +1,64 @@
+"""Per-sample cost of a grounding sample over plain generation of one token.
+
+    python benchmarks/grounding_overhead.py [--shape 7b --device cuda --dtype bfloat16]
+
+Variants, one sample each, interleaved: plain generation of one token (the baseline); grounding
+with the image prefix shared by the question and the generic reference prompt (reference not
+cached: every image new); grounding with the reference cached for the image (VGMED asks ~2.4
+questions per image); and the naive way, two full forwards. Target: shared prefix <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import build, images, interleaved, parser, report
+from lmms_vg import engine
+from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRunner, GroundingSample
+
+QUESTION = "Where is the liver in this image?" + SHORT_ANSWER
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    adapter = build(args.shape, args.device, args.dtype)
+    model, image = adapter.model, images(1)[0]
+    box = [[40, 60, 200, 180]]
+    uncached = GroundingRunner(adapter, GENERIC_PROMPT + SHORT_ANSWER, reference_cache_size=0)
+    cached = GroundingRunner(adapter, GENERIC_PROMPT + SHORT_ANSWER, reference_cache_size=8)
+
+    def plain_one_token():
+        batch = adapter.encode([image], [QUESTION])
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=adapter.tokenizer.pad_token_id)
+
+    def shared_prefix():
+        uncached.score([GroundingSample(image, QUESTION, box, "xyxy")])
+
+    def shared_prefix_cached():
+        cached.score([GroundingSample(image, QUESTION, box, "xyxy", image_key="img")])
+
+    def naive_two_passes():
+        for text in (QUESTION, GENERIC_PROMPT + SHORT_ANSWER):
+            batch = adapter.encode([image], [text])
+            cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id)
+            cap = engine.Capture(rows=torch.full((1, 1), batch["input_ids"].shape[1] - 1), cols=cols)
+            with torch.no_grad(), engine.arm(model, capture=cap):
+                model(**batch, logits_to_keep=1)
+
+    seconds = interleaved(
+        {
+            "plain generation, 1 token": plain_one_token,
+            "grounding, shared image prefix": shared_prefix,
+            "grounding, reference cached": shared_prefix_cached,
+            "grounding, naive two passes": naive_two_passes,
+        },
+        args.repeats,
+        args.device,
+    )
+    print(f"shape={args.shape} device={args.device} dtype={args.dtype}")
+    report("time per grounding sample", seconds, "plain generation, 1 token", ("grounding, shared image prefix", 1.3))
+
+
+if __name__ == "__main__":
+    main()

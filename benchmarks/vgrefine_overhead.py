@@ -1,0 +1,74 @@
+"""Time per sample of VGRefine vs the same model without it, and vs a naive three-pass VGRefine.
+
+    python benchmarks/vgrefine_overhead.py [--shape 7b --device cuda --dtype bfloat16]
+
+For one-token answers (closed-ended VQA) and 32-token answers. The naive version runs three full
+prompts: question maps, reference maps, knocked-out generation. lmms-vg's runs the image prefix
+once and only the short suffixes three times. Target: <= 1.3x the baseline for one-token answers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import build, images, interleaved, parser, report
+from lmms_vg import engine
+from lmms_vg.grounding import GENERIC_PROMPT
+from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, triage_keep, triage_map
+
+QUESTION = "Is there a lesion in the left lung?\nA. yes\nB. no\nAnswer with the option's letter from the given choices directly."
+REFERENCE = GENERIC_PROMPT + "\nAnswer with the option's letter from the given choices directly."
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    adapter = build(args.shape, args.device, args.dtype)
+    model, image = adapter.model, images(1)[0]
+    cfg_text = model.config.text_config
+    layers, heads = cfg_text.num_hidden_layers, cfg_text.num_attention_heads
+    head_list = tuple((l, h) for l in range(1, layers - 1) for h in range(heads))[::2][:20]
+    config = VGRefineConfig(heads=head_list, knockout_layers=(layers // 2,), reference_prompt=REFERENCE)
+    refiner = VGRefiner(adapter, config, reference_cache_size=0)  # every image new: no help from the cache
+    pad = adapter.tokenizer.pad_token_id
+
+    def generation(n):
+        return {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": pad}
+
+    def baseline(n):
+        batch = adapter.encode([image], [QUESTION])
+        with torch.no_grad():
+            model.generate(**batch, **generation(n))
+
+    def vgrefine(n):
+        refiner.generate([image], [QUESTION], **generation(n))
+
+    def naive(n):
+        maps = []
+        for text in (QUESTION, REFERENCE):
+            batch = adapter.encode([image], [text])
+            cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id)
+            cap = engine.Capture(rows=torch.full((1, 1), batch["input_ids"].shape[1] - 1), cols=cols)
+            with torch.no_grad(), engine.arm(model, capture=cap):
+                model(**batch, logits_to_keep=1)
+            maps.append(cap.last_row_maps())
+        keep = triage_keep(triage_map(maps[0], maps[1], config.selected), config.percentile)
+        batch = adapter.encode([image], [QUESTION])
+        T = batch["input_ids"].shape[1]
+        cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id)
+        blocked = torch.zeros(1, T, dtype=torch.bool).scatter_(1, cols.cpu(), ~keep)
+        rows = engine.span_mask(T, cols[:, -1].cpu() + 1, [T])
+        with torch.no_grad(), engine.arm(model, knockout=engine.Knockout(frozenset(config.knockout_layers), rows, blocked)):
+            model.generate(**batch, **generation(n))
+
+    print(f"shape={args.shape} device={args.device} dtype={args.dtype} heads={len(config.selected)} knockout_layers={config.knockout_layers}")
+    for n in (1, 32):
+        seconds = interleaved(
+            {f"baseline, {n} tokens": lambda: baseline(n), f"VGRefine (lmms-vg), {n} tokens": lambda: vgrefine(n), f"VGRefine naive 3-pass, {n} tokens": lambda: naive(n)},
+            args.repeats,
+            args.device,
+        )
+        report(f"time per sample, {n}-token answers", seconds, f"baseline, {n} tokens", (f"VGRefine (lmms-vg), {n} tokens", 1.3) if n == 1 else None)
+
+
+if __name__ == "__main__":
+    main()
