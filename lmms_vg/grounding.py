@@ -95,8 +95,11 @@ class GroundingRunner:
         reference_cache_size: int = 64,
         head_level: bool = False,
         save_maps: str | Path | None = None,
+        refiner=None,
     ):
+        """``refiner`` (a VGRefiner): measure the attention with VGRefine's knockout applied (question maps only)."""
         self.adapter = adapter
+        self.refiner = refiner
         self.reference_prompt = reference_prompt
         self.cache = ReferenceCache(reference_cache_size)
         self.head_level = head_level
@@ -110,19 +113,26 @@ class GroundingRunner:
         prompts = self.adapter.split_prompts(images, questions)
         state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
         pad = self.adapter.tokenizer.pad_token_id
-        if self.reference_prompt is None:
-            return inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0], None
-        keys = [(k, self.reference_prompt) if k is not None else None for k in image_keys]
+        keys = [(k, self.reference_prompt) if k is not None and self.reference_prompt else None for k in image_keys]
         cached = [self.cache.get(k) for k in keys]
-        if all(c is not None for c in cached):
-            return inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0], torch.stack(cached)
-        reference = self.adapter.split_prompts(images, [self.reference_prompt] * len(images)).suffix
-        question, fresh = inference.suffix_maps(self.adapter.model, state, [prompts.suffix, reference], pad)  # one pass for both
-        for i, key in enumerate(keys):
-            if cached[i] is None:
-                cached[i] = fresh[i]
-                self.cache.put(key, fresh[i])
-        return question, torch.stack(cached)
+        if self.reference_prompt is None or all(c is not None for c in cached):
+            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0]
+        else:
+            reference = self.adapter.split_prompts(images, [self.reference_prompt] * len(images)).suffix
+            question, fresh = inference.suffix_maps(self.adapter.model, state, [prompts.suffix, reference], pad)  # one pass for both
+            for i, key in enumerate(keys):
+                if cached[i] is None:
+                    cached[i] = fresh[i]
+                    self.cache.put(key, fresh[i])
+        reference_maps = torch.stack(cached) if self.reference_prompt else None
+        if self.refiner is not None:  # the same question, now with VGRefine's triage and knockout in place
+            from .vgrefine import triage_keep, triage_map
+
+            cfg = self.refiner.config
+            keep = triage_keep(triage_map(question, reference_maps, cfg.selected), cfg.percentile)
+            knockout = self.refiner.knockout(state, prompts.suffix, keep)
+            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad, knockout=knockout)[0]
+        return question, reference_maps
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:
         records: list[GroundingRecord | None] = [None] * len(samples)
@@ -158,11 +168,25 @@ class GroundingRunner:
             head_maps = q if ref is None else metrics.normalise_by_reference(q, ref)
             record.head_kl = metrics.kl_to_box(head_maps, box).tolist()
         if self.save_maps:
-            name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
-            np.savez_compressed(
-                self.save_maps / f"{name}.npz",
-                maps=layer_maps.numpy().astype(np.float16),
-                box=c.mask,
-                grid=np.array([transform.rows, transform.cols]),
-            )
+            self._save(sample, transform, layer_maps, c.mask)
         return record
+
+    def _save(self, sample: GroundingSample, transform, layer_maps: torch.Tensor, box: np.ndarray) -> None:
+        """One sample's normalised maps (float16) with what a heatmap needs: the image, the boxes, the geometry."""
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
+        thumb = sample.image.convert("RGB")
+        shrink = min(1.0, 336 / max(thumb.size))
+        if shrink < 1.0:
+            thumb = thumb.resize((round(thumb.width * shrink), round(thumb.height * shrink)))
+        boxes = [geometry.to_xyxy(b, sample.box_format) for b in sample.boxes]
+        np.savez_compressed(
+            self.save_maps / f"{name}.npz",
+            maps=layer_maps.numpy().astype(np.float16),  # [layers, rows * cols]
+            box=box,
+            grid=np.array([transform.rows, transform.cols]),
+            transform=np.array([transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y, transform.cell]),
+            image=np.asarray(thumb),
+            image_size=np.array([sample.image.width, sample.image.height]),
+            boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
+            question=np.array(sample.question),
+        )

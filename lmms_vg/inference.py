@@ -61,16 +61,24 @@ def suffix_inputs(state: PrefixState, suffix_ids: torch.Tensor, suffix_mask: tor
 
 
 def suffix_maps(
-    model, state: PrefixState, suffix_sets: list[list[list[int]]], pad_id: int, layers: frozenset[int] | None = None
+    model,
+    state: PrefixState,
+    suffix_sets: list[list[list[int]]],
+    pad_id: int,
+    layers: frozenset[int] | None = None,
+    knockout: engine.Knockout | None = None,
 ) -> list[torch.Tensor]:
     """Last-token attention to the image tokens for each set of suffixes, in one batched pass.
 
     ``suffix_sets[j][b]`` is sample b's j-th suffix (e.g. j=0 the question, j=1 the generic prompt);
     returns one ``[B, layers, heads, N]`` fp32 tensor per set. The cached prefix is repeated for the
     sets and restored afterwards (cropped back to the prefix, batch B), ready for the next suffix.
-    With ``layers`` given, the forward stops after the deepest of them.
+    With ``layers`` given, the forward stops after the deepest of them. A ``knockout`` (one set
+    only; rows and cols in this pass's padded layout) is applied while capturing.
     """
     k, batch = len(suffix_sets), state.prefix_ids.shape[0]
+    if knockout is not None and k != 1:
+        raise ValueError("a knockout applies to a single set of suffixes")
     interleaved = [suffix_sets[j][b] for b in range(batch) for j in range(k)]  # matches repeat_interleave
     ids, mask = pad_suffixes(interleaved, pad_id, model.device)
     if k > 1:
@@ -79,7 +87,7 @@ def suffix_maps(
     last = torch.full((ids.shape[0], 1), state.prefix_len + ids.shape[1] - 1, device=model.device)
     cap = engine.Capture(rows=last, cols=wide.image_cols, layers=layers, stop_early=layers is not None)
     try:
-        with torch.no_grad(), engine.arm(model, capture=cap):
+        with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
             model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
     except engine.CaptureComplete:
         pass

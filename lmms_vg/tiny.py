@@ -18,11 +18,13 @@ _CORPUS = (
     "What is the shape in the image? Where is the red circle? Which side is the lesion on? "
     "Write a general description of the image. Answer the question using a single word or phrase. "
     "Answer with the option's letter from the given choices directly. A. B. C. D. yes no left right top bottom "
-    "square circle triangle red green blue liver lung brain kidney heart abnormal normal CT MRI X-ray"
+    "square circle triangle red green blue liver lung brain kidney heart abnormal normal CT MRI X-ray "
+    "Is the square on the left or the right? Is the red shape on the left or the right? What color is the circle? "
+    "What shape is green? What color is the triangle? What shape is blue?"
 )
 
 
-def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = (), image_token: bool = True) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic).
 
     The vocabulary is large enough that the corpus words become single tokens, so prompt lengths
@@ -33,7 +35,7 @@ def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = ())
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS + list(extra_special),
+        special_tokens=[t for t in SPECIAL_TOKENS if image_token or t != "<image>"] + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -43,7 +45,7 @@ def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = ())
         unk_token="<unk>",
         pad_token="<pad>",
         eos_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if image_token else {},
         padding_side="left",
         chat_template=HUATUO_TEMPLATE,
     )

@@ -168,13 +168,17 @@ class VGRefiner:
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         question, reference = self._maps(images, image_keys, state, pad, prompts.suffix, prompt)
         keep = triage_keep(triage_map(question, reference, cfg.selected), cfg.percentile)  # [B, N]
-        rows = inference.suffix_rows(state, prompts.suffix)
-        cols = torch.zeros_like(rows)
-        cols.scatter_(1, state.image_cols.cpu(), ~keep)
-        knockout = engine.Knockout(layers=frozenset(cfg.knockout_layers), rows=rows, cols=cols, mode=cfg.mode)
+        knockout = self.knockout(state, prompts.suffix, keep)
         tokens, first_logits = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
         fraction = (~keep).float().mean(1).tolist()
         return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
+
+    def knockout(self, state: inference.PrefixState, suffixes: list[list[int]], keep: torch.Tensor) -> engine.Knockout:
+        """Block the triaged-out patches for every suffix token (the text after the image), at the knockout layers."""
+        rows = inference.suffix_rows(state, suffixes)
+        cols = torch.zeros_like(rows)
+        cols.scatter_(1, state.image_cols.cpu(), ~keep.cpu())
+        return engine.Knockout(layers=frozenset(self.config.knockout_layers), rows=rows, cols=cols, mode=self.config.mode)
 
     def _maps(self, images, image_keys, state, pad, questions, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Question maps and (cached, else computed in the same pass) reference maps, for the selected heads' layers."""

@@ -267,7 +267,12 @@ class LlavaVG(lmms):
         runner = self._grounding.get(reference)
         if runner is None:
             runner = self._grounding[reference] = GroundingRunner(
-                self.adapter, reference, self.reference_cache, head_level=self.head_level or bool(vg.get("head_level")), save_maps=self.save_maps
+                self.adapter,
+                reference,
+                self.reference_cache,
+                head_level=self.head_level or bool(vg.get("head_level")),
+                save_maps=self.save_maps,
+                refiner=self.refiner,  # a _vgrefine model measures its attention with the knockout in place
             )
         samples, records, todo = [], [None] * len(args_list), []
         for j, a in enumerate(args_list):

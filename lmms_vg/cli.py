@@ -1,0 +1,140 @@
+"""``lmms-vg``: reports over lmms-eval results, head calibration, checkpoint conversion, and the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import report
+
+
+def cmd_leaderboard(args) -> list[Path]:
+    runs = report.load_runs(args.results)
+    written = write_leaderboards(runs, Path(args.out))
+    if not written:
+        raise report.ReportError("neither accuracy nor grounding results found under the given folders")
+    return written
+
+
+def write_leaderboards(runs, out: Path) -> list[Path]:
+    written = []
+    for build, stem in ((report.leaderboard, "leaderboard"), (report.grounding_table, "grounding")):
+        try:
+            header, rows = build(runs)
+        except report.ReportError:
+            continue
+        if rows:
+            written += report.write_table(header, rows, out, stem)
+            print(report.markdown(header, rows))
+    return written
+
+
+def cmd_curves(args) -> list[Path]:
+    return report.layer_curves(report.load_runs(args.results), Path(args.out))
+
+
+def cmd_heatmaps(args) -> list[Path]:
+    panels = {"baseline": Path(args.baseline)}
+    if args.vgrefine:
+        panels["VGRefine"] = Path(args.vgrefine)
+    return report.heatmaps(panels, Path(args.out), layer=args.layer, limit=args.limit)
+
+
+def cmd_report(args) -> list[Path]:
+    runs = report.load_runs(args.results)
+    out = Path(args.out)
+    written = write_leaderboards(runs, out)
+    try:
+        written += report.layer_curves(runs, out)
+    except report.ReportError as err:
+        print(f"layer curves: {err}")
+    return written
+
+
+def cmd_calibrate(args) -> list[Path]:
+    """Rank heads by mean KL from a head-level grounding run into a VGRefine preset."""
+    from .vgrefine import calibrate
+
+    runs = [r for r in report.load_runs(args.results) if args.task in r.results]
+    if not runs:
+        raise report.ReportError(f"no results for task '{args.task}' under {args.results}")
+    run = runs[-1]
+    head_kl = run.results[args.task].get("head_kl,none")
+    if not head_kl:
+        raise report.ReportError(f"{run.path}: task '{args.task}' has no head-level KL; rerun it with --model_args ...,head_level=true")
+    layers = tuple(int(x) for x in args.knockout_layers.replace(",", " ").split())
+    samples = run.results[args.task].get("samples,none", {}).get("scored")
+    source = f"{args.task} ({run.path.name})"
+    preset = calibrate(head_kl, args.top_k, layers, run.base, source, samples)
+    out = Path(args.out)
+    out.write_text(preset.to_json() + "\n")
+    print(f"{len(preset.heads)} heads from {samples} samples of {args.task} ({run.base}) -> {out}")
+    return [out]
+
+
+def cmd_convert(args) -> list[Path]:
+    from .convert import convert
+
+    return [convert(args.source, args.out, arch=args.arch, vision_tower=args.vision_tower)]
+
+
+def cmd_demo(args) -> list[Path]:
+    from .demo.run import run_demo
+
+    return run_demo(Path(args.out), device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lmms-vg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def results_command(name, fn, help_text):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("results", nargs="+", help="lmms-eval --output_path folder(s)")
+        s.add_argument("--out", default="lmms_vg_report", help="folder for the tables/figures")
+        s.set_defaults(fn=fn)
+        return s
+
+    results_command("leaderboard", cmd_leaderboard, "models x benchmarks table (Markdown, CSV), VGRefine deltas")
+    results_command("curves", cmd_curves, "AR, KL, JS against layer (PNG, SVG)")
+    results_command("report", cmd_report, "leaderboard and layer curves together")
+    s = results_command("calibrate", cmd_calibrate, "VGRefine head preset from a head-level grounding run")
+    s.add_argument("--task", default="vgmed_coco_loc")
+    s.add_argument("--top-k", type=int, default=20)
+    s.add_argument("--knockout-layers", required=True, help="e.g. '16' or '14 15 16'")
+    s.set_defaults(out="heads.json")
+
+    s = sub.add_parser("heatmaps", help="attention over the image with the box (PNG, SVG), baseline vs VGRefine")
+    s.add_argument("--baseline", required=True, help="save_maps folder of the baseline run")
+    s.add_argument("--vgrefine", help="save_maps folder of the VGRefine run")
+    s.add_argument("--layer", type=int, default=None, help="default: the baseline's layer with the most attention in the boxes")
+    s.add_argument("--limit", type=int, default=6)
+    s.add_argument("--out", default="lmms_vg_report")
+    s.set_defaults(fn=cmd_heatmaps)
+
+    s = sub.add_parser("convert", help="original LLaVA-format checkpoint -> transformers-native folder (safetensors)")
+    s.add_argument("source", help="folder of the original checkpoint (config.json + weights)")
+    s.add_argument("out")
+    s.add_argument("--arch", choices=["llava_qwen2", "llava_mistral", "llava_llama"], default=None, help="default: from the source config")
+    s.add_argument("--vision-tower", default=None, help="folder of the CLIP vision tower, when the checkpoint does not hold its weights")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("demo", help="the whole pipeline, offline, on the bundled model and data")
+    s.add_argument("--out", default="lmms_vg_demo")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_demo)
+
+    args = p.parse_args(argv)
+    try:
+        written = args.fn(args)
+    except (report.ReportError, FileNotFoundError, ValueError) as err:
+        print(f"lmms-vg {args.command}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"written": [str(w) for w in written]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

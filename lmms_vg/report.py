@@ -1,0 +1,217 @@
+"""Tables and figures from lmms-eval output folders: leaderboard, layer curves (Fig. 3), heatmaps (Fig. 1)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# the paper's column order; any other accuracy task found is appended after these
+VQA_TASKS = ("vqa_rad", "slake_closed", "pathvqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
+VQA_NAMES = {"vqa_rad": "VQA-RAD", "slake_closed": "SLAKE", "pathvqa": "PathVQA", "pmc_vqa": "PMC-VQA", "omnimedvqa": "OmniMedVQA", "mmmu_med": "MMMU H&M"}
+GROUPS = ("medvqa", "medvqa_open", "vgmed")
+CONTROL_MARKERS = ("coco", "random")  # natural-image or control tasks: dashed lines
+
+
+class ReportError(ValueError):
+    """Nothing to report from the given folders; the message says what was looked for."""
+
+
+@dataclass
+class Run:
+    """One lmms-eval results file."""
+
+    model: str  # the model id as given to --model
+    base: str  # the model without its VGRefine switch
+    vgrefine: bool
+    results: dict
+    samples: dict[str, int]
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.base} + VGRefine" if self.vgrefine else self.base
+
+
+def load_runs(folders: list[str | Path]) -> list[Run]:
+    """Every ``*_results.json`` below the folders; for the same model label the newest file wins."""
+    runs: dict[str, Run] = {}
+    files = sorted((p for f in folders for p in Path(f).rglob("*_results.json")), key=lambda p: p.name)
+    for path in files:
+        data = json.loads(path.read_text())
+        config = data.get("config", {})
+        model = str(config.get("model", "model"))
+        args = str(config.get("model_args", ""))
+        vgrefine = model.endswith("_vgrefine") or "vgrefine=true" in args.lower().replace(" ", "")
+        base = model.removesuffix("_vgrefine")
+        if base.startswith("lmms_vg_llava"):
+            base = str(data.get("model_name") or base)
+        samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
+        run = Run(model, base, vgrefine, data.get("results", {}), samples, path)
+        runs[run.label] = run
+    if not runs:
+        raise ReportError(f"no lmms-eval results (*_results.json) under {', '.join(map(str, folders))}")
+    return list(runs.values())
+
+
+def _value(run: Run, task: str, metric: str):
+    value = run.results.get(task, {}).get(f"{metric},none")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def accuracy_tasks(runs: list[Run]) -> list[str]:
+    found = {t for r in runs for t, m in r.results.items() if "accuracy,none" in m and t not in GROUPS}
+    return [t for t in VQA_TASKS if t in found] + sorted(found - set(VQA_TASKS))
+
+
+def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Models x benchmarks (closed-ended accuracy, %), the sample-weighted Avg., and VGRefine - baseline rows."""
+    tasks = accuracy_tasks(runs)
+    if not tasks:
+        raise ReportError("no closed-ended accuracy in these results: run the VQA tasks (e.g. --tasks medvqa)")
+    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg."]
+    rows, values = [], {}
+    for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
+        accs = [_value(run, t, "accuracy") for t in tasks]
+        weights = [run.samples.get(t, 0) for t in tasks]
+        pairs = [(a, w) for a, w in zip(accs, weights) if a is not None and w > 0]
+        avg = sum(a * w for a, w in pairs) / sum(w for _, w in pairs) if pairs else None
+        values[run.label] = accs + [avg]
+        rows.append([run.label] + [_fmt(v) for v in accs + [avg]])
+    bases = {r.base for r in runs}
+    for base in sorted(bases):
+        with_vg, without = values.get(f"{base} + VGRefine"), values.get(base)
+        if with_vg and without:
+            rows.append([f"{base}: VGRefine - baseline"] + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(with_vg, without)])
+    return header, rows
+
+
+def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Per model and grounding task: the best layer (lowest mean KL) with its AR, KL and JS, and the sample counts."""
+    header = ["Model", "Task", "Best layer", "AR", "KL", "JS", "Scored", "Skipped"]
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
+        for task in sorted(t for t, m in run.results.items() if "best_layer,none" in m):
+            best, counts = run.results[task]["best_layer,none"], run.results[task].get("samples,none", {})
+            rows.append([run.label, task, str(best.get("layer")), _fmt(best.get("ar"), 3), _fmt(best.get("kl"), 3), _fmt(best.get("js"), 3), str(counts.get("scored", "")), str(counts.get("skipped", ""))])
+    return header, rows
+
+
+def _fmt(value, digits: int = 1, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def write_table(header, rows, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(markdown(header, rows))
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return [md, csv_path]
+
+
+def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list[Path]:
+    """AR, KL and JS against layer for every model and grounding task (medical solid, natural/control dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(r, t) for r in sorted(runs, key=lambda r: r.label) for t, m in sorted(r.results.items()) if "kl_by_layer,none" in m and m["kl_by_layer,none"]]
+    if not curves:
+        raise ReportError("no per-layer grounding metrics in these results: run the grounding tasks (e.g. --tasks vgmed)")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    model_colour = {label: colours[i % len(colours)] for i, label in enumerate(sorted({r.label for r, _ in curves}))}
+    for ax, (metric, title) in zip(axes, (("ar", "Attention ratio (higher: in the box)"), ("kl", "KL(G || P) (lower is better)"), ("js", "JS divergence (lower is better)"))):
+        for run, task in curves:
+            ys = run.results[task][f"{metric}_by_layer,none"]
+            dashed = any(m in task for m in CONTROL_MARKERS)
+            ax.plot(range(len(ys)), ys, linestyle="--" if dashed else "-", marker="o", markersize=3, color=model_colour[run.label], label=f"{run.label} · {task}")
+        if metric == "ar":
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def load_maps(folder: Path) -> dict[str, dict]:
+    maps = {}
+    for path in sorted(Path(folder).glob("*.npz")):
+        with np.load(path) as z:
+            maps[path.stem] = {k: z[k] for k in z.files}
+    if not maps:
+        raise ReportError(f"no saved maps (*.npz) in {folder}: run a grounding task with --model_args ...,save_maps={folder}")
+    return maps
+
+
+def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6) -> list[Path]:
+    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    loaded = {name: load_maps(folder) for name, folder in panels.items()}
+    common = sorted(set.intersection(*(set(m) for m in loaded.values())))[:limit]
+    if not common:
+        raise ReportError("the map folders share no sample: run the same grounding task for each")
+    first = next(iter(loaded.values()))
+    if layer is None:  # the layer where the first run's maps put the most attention in the boxes, over these samples
+        ratios = [np.asarray(first[s]["maps"], np.float64) for s in common]
+        ar = np.mean([(m[:, first[s]["box"]].sum(1) / m.sum(1)) / (first[s]["box"].mean()) for s, m in zip(common, ratios)], axis=0)
+        layer = int(np.argmax(ar))
+    fig, axes = plt.subplots(len(common), len(panels), figsize=(3.2 * len(panels), 3.2 * len(common)), squeeze=False, constrained_layout=True)
+    for row, sample in enumerate(common):
+        for col, (name, maps) in enumerate(loaded.items()):
+            ax, m = axes[row][col], maps[sample]
+            _draw_heatmap(ax, m, layer, patches)
+            if row == 0:
+                ax.set_title(f"{name} (layer {layer})", fontsize=10)
+        axes[row][0].set_ylabel(str(first[sample]["question"])[:48], fontsize=7)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "heatmaps.png", out / "heatmaps.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _draw_heatmap(ax, m: dict, layer: int, patches) -> None:
+    """The map's grid cells are laid back on the original image through the saved preprocessing geometry."""
+    width, height = (int(v) for v in m["image_size"])
+    rows, cols = (int(v) for v in m["grid"])
+    sx, sy, ox, oy, cell = (float(v) for v in m["transform"])
+    heat = np.asarray(m["maps"][layer], np.float64).reshape(rows, cols)
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    extent = (-ox / sx, (cols * cell - ox) / sx, (rows * cell - oy) / sy, -oy / sy)  # left, right, bottom, top in pixels
+    ax.imshow(m["image"], extent=(0, width, height, 0))
+    ax.imshow(heat, extent=extent, cmap="jet", alpha=0.45, interpolation="nearest")
+    for x0, y0, x1, y1 in m["boxes"]:
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=2))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
