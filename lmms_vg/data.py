@@ -137,3 +137,40 @@ def open_image(path: str):
         raise FileNotFoundError(f"image '{path}' not found") from err
     except OSError as err:
         raise OSError(f"image '{path}' cannot be read ({err})") from err
+
+
+def demo_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("lmms_vg").joinpath("demo", "data")))
+
+
+def demo_grounding_docs(random_boxes: bool = False) -> list[dict]:
+    """The bundled synthetic grounding set; ``random_boxes``: the control, each box moved to a random place (same size)."""
+    import random
+
+    root = demo_dir()
+    rng = random.Random(0)
+    docs = []
+    for i, row in enumerate(read_jsonl(root / "grounding.jsonl")):
+        x0, y0, x1, y1 = row["bbox"]
+        if random_boxes:
+            from PIL import Image
+
+            with Image.open(root / row["image"]) as img:
+                width, height = img.size
+            w, h = x1 - x0, y1 - y0
+            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+            x1, y1 = x0 + w, y0 + h
+        docs.append(
+            {
+                "id": f"demo_{i}",
+                "question": row["question"],
+                "vg_image_path": str(root / row["image"]),
+                "vg_image_key": row["image"],
+                "vg_boxes": [[float(x0), float(y0), float(x1), float(y1)]],
+                "modality": "synthetic",
+                "label": row["answer"],
+            }
+        )
+    return docs

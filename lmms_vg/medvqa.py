@@ -262,13 +262,26 @@ def bundle_benchmark(name: str) -> str | None:
     return None
 
 
-CLOSED_LOADERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "pmc_vqa": pmc_vqa, "omnimedvqa": omnimedvqa, "mmmu_med": mmmu_med}
+def demo() -> list[dict]:
+    """The bundled synthetic multiple-choice set (category = question kind)."""
+    from .data import demo_dir, read_jsonl
+
+    root = demo_dir()
+    return [
+        _doc(id=f"demo_vqa_{i}", benchmark="medvqa_demo", question=r["question"], options=r["options"], answer=r["answer"], category=r["kind"], image_path=str(root / r["image"]))
+        for i, r in enumerate(read_jsonl(root / "vqa.jsonl"))
+    ]
+
+
+CLOSED_LOADERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "pmc_vqa": pmc_vqa, "omnimedvqa": omnimedvqa, "mmmu_med": mmmu_med, "demo": demo}
 OPEN_LOADERS = {"vqa_rad": lambda: vqa_rad(False), "slake": lambda: slake(False), "pathvqa": lambda: pathvqa(False)}
 
 
 def closed_docs(benchmark: str):
     """Closed-ended docs of one benchmark from the configured source (a Dataset or a list of docs)."""
     mode = os.environ.get(SOURCE_VAR, "hf")
+    if benchmark == "demo":  # bundled with lmms-vg, whatever the source setting
+        return demo()
     if mode == "bundle":
         return bundle(benchmark)
     if mode != "hf":

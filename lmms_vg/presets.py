@@ -17,6 +17,9 @@ VICUNA_TEMPLATE = (
 )
 
 
+DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
+
+
 @dataclass(frozen=True)
 class ModelPreset:
     model_id: str
@@ -35,5 +38,26 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("huatuo_34b", "FreedomIntelligence/HuatuoGPT-Vision-34B-hf", HUATUO_TEMPLATE, True, None, (), "no published heads: calibrate"),
         ModelPreset("llava_med", "chaoyinshe/llava-med-v1.5-mistral-7b-hf", MISTRAL_INST_TEMPLATE, True, None, (), "no published heads: calibrate"),
         ModelPreset("llava15", "llava-hf/llava-1.5-7b-hf", VICUNA_TEMPLATE, False, None, (), "general-domain reference; llava-hf's processor resizes and centre-crops"),
+        ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }
+GENERIC_MODEL_ID = "lmms_vg_llava"  # any LLaVA checkpoint, pretrained= required
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """A checkpoint id or folder; ``lmms_vg:<path>`` names a folder shipped inside the package."""
+    if checkpoint.startswith("lmms_vg:"):
+        from importlib import resources
+
+        return str(resources.files("lmms_vg").joinpath(*checkpoint.removeprefix("lmms_vg:").split("/")))
+    return checkpoint
+
+
+def class_name(model_id: str) -> str:
+    """The wrapper class lmms-eval loads for a model id (lmms_vg_models.llava.<name>)."""
+    return "LlavaVG" if model_id == GENERIC_MODEL_ID else "".join(part.capitalize() for part in model_id.split("_"))
+
+
+def model_ids() -> list[str]:
+    """Every LLaVA-family model id lmms-vg registers, each preset with its _vgrefine twin."""
+    return [mid + suffix for mid in (GENERIC_MODEL_ID, *PRESETS) for suffix in ("", "_vgrefine")]

@@ -156,9 +156,9 @@ def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list
     return paths
 
 
-def load_maps(folder: Path) -> dict[str, dict]:
+def load_maps(folder: Path, pattern: str = "*") -> dict[str, dict]:
     maps = {}
-    for path in sorted(Path(folder).glob("*.npz")):
+    for path in sorted(Path(folder).glob(f"{pattern}.npz")):
         with np.load(path) as z:
             maps[path.stem] = {k: z[k] for k in z.files}
     if not maps:
@@ -166,15 +166,18 @@ def load_maps(folder: Path) -> dict[str, dict]:
     return maps
 
 
-def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6) -> list[Path]:
-    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine)."""
+def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6, pattern: str = "*") -> list[Path]:
+    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine).
+
+    ``pattern`` picks sample files by name (e.g. ``vgmed_loc_*``); the samples shown are those all runs share.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    loaded = {name: load_maps(folder) for name, folder in panels.items()}
+    loaded = {name: load_maps(folder, pattern) for name, folder in panels.items()}
     common = sorted(set.intersection(*(set(m) for m in loaded.values())))[:limit]
     if not common:
         raise ReportError("the map folders share no sample: run the same grounding task for each")

@@ -20,7 +20,9 @@ _CORPUS = (
     "Answer with the option's letter from the given choices directly. A. B. C. D. yes no left right top bottom "
     "square circle triangle red green blue liver lung brain kidney heart abnormal normal CT MRI X-ray "
     "Is the square on the left or the right? Is the red shape on the left or the right? What color is the circle? "
-    "What shape is green? What color is the triangle? What shape is blue?"
+    "What shape is green? What color is the triangle? What shape is blue?\n"
+    # answers start a line with no space before them: make the bare words single tokens too
+    "left\nright\nred\ngreen\nblue\nsquare\ncircle\ntriangle\nyes\nno\n"
 )
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
-from lmms_vg.presets import PRESETS, ModelPreset
+from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
 
 AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
@@ -76,6 +76,7 @@ class LlavaVG(lmms):
 
     preset: ModelPreset | None = None
     vgrefine_default = False
+    adapter_class = LlavaAdapter  # a new prompt format or geometry: subclass LlavaAdapter and set this
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class LlavaVG(lmms):
         sampling: str = "greedy",
         vgrefine: bool | None = None,
         heads: str | None = None,
-        top_k: int = 20,
+        top_k: int | None = None,
         percentile: float = 50.0,
         knockout_layers=None,
         knockout_mode: str = "mask",
@@ -105,7 +106,7 @@ class LlavaVG(lmms):
         if kwargs:
             raise TypeError(f"{type(self).__name__}: unknown model_args {sorted(kwargs)}; see README 'Model arguments'")
         preset = self.preset
-        pretrained = pretrained or (preset.checkpoint if preset else None)
+        pretrained = resolve_checkpoint(pretrained or (preset.checkpoint if preset else ""))
         if not pretrained:
             raise ModelLoadError("lmms_vg_llava needs pretrained=<checkpoint id or folder>")
         if sampling not in ("greedy", "authors"):
@@ -124,7 +125,7 @@ class LlavaVG(lmms):
         if pad_to_square is not None and hasattr(processor.image_processor, "do_pad"):
             processor.image_processor.do_pad = bool(pad_to_square)
         self.name = pretrained
-        self.adapter = LlavaAdapter(model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained)
+        self.adapter = self.adapter_class(model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained)
         self.batch_size_per_gpu = int(batch_size)
         self.sampling = sampling
         self.reference_prompt = bool(reference_prompt)
@@ -146,7 +147,7 @@ class LlavaVG(lmms):
         config = VGRefineConfig(
             heads=preset.heads,
             knockout_layers=layers,
-            top_k=int(top_k),
+            top_k=int(top_k) if top_k is not None else min(20, len(preset.heads)),  # paper: K=20
             percentile=float(percentile),
             mode=str(mode),
             reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
@@ -317,13 +318,28 @@ class LlavaVG(lmms):
         raise NotImplementedError("lmms-vg models answer single-turn tasks")
 
 
-def _make(model_id: str, preset: ModelPreset | None, vgrefine: bool) -> type[LlavaVG]:
-    name = "".join(part.capitalize() for part in model_id.split("_"))
-    return type(name, (LlavaVG,), {"preset": preset, "vgrefine_default": vgrefine, "__module__": __name__})
+def _make(model_id: str) -> type[LlavaVG]:
+    """The class for a model id: its preset (none for the generic id) and VGRefine on for ``*_vgrefine``."""
+    base = model_id.removesuffix("_vgrefine")
+    attrs = {"preset": PRESETS.get(base), "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
+    return type(class_name(model_id), (LlavaVG,), attrs)
 
 
-MODEL_CLASSES: dict[str, type[LlavaVG]] = {"lmms_vg_llava": LlavaVG, "lmms_vg_llava_vgrefine": _make("lmms_vg_llava_vgrefine", None, True)}
-for _id, _preset in PRESETS.items():
-    MODEL_CLASSES[_id] = _make(_id, _preset, False)
-    MODEL_CLASSES[f"{_id}_vgrefine"] = _make(f"{_id}_vgrefine", _preset, True)
+MODEL_CLASSES: dict[str, type[LlavaVG]] = {mid: LlavaVG if mid == GENERIC_MODEL_ID else _make(mid) for mid in model_ids()}
 globals().update({cls.__name__: cls for cls in MODEL_CLASSES.values()})
+
+
+def register_preset(preset: ModelPreset) -> list:
+    """Add a preset at run time (e.g. from your own package): its two classes, and manifests for lmms-eval.
+
+    Editing ``lmms_vg/presets.py`` does the same for every run; this is for code that cannot.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    PRESETS[preset.model_id] = preset
+    manifests = []
+    for mid in (preset.model_id, f"{preset.model_id}_vgrefine"):
+        cls = MODEL_CLASSES[mid] = _make(mid)
+        globals()[cls.__name__] = cls
+        manifests.append(ModelManifest(model_id=mid, simple_class_path=f"{__name__}.{cls.__name__}"))
+    return manifests

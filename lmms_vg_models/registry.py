@@ -14,21 +14,16 @@ from importlib import resources
 from lmms_eval.models.registry_v2 import ModelManifest
 
 TASKS_DIR = str(resources.files("lmms_vg_tasks"))
-_MODEL_IDS = ("lmms_vg_llava", "huatuo", "huatuo_34b", "llava_med", "llava15")
 
 
 def manifests() -> list[ModelManifest]:
     """lmms-vg's models, and (unless LMMS_VG_AUTO_TASKS=0) its tasks on the search path."""
     if os.environ.get("LMMS_VG_AUTO_TASKS", "1") != "0":
         add_task_path()
+    from lmms_vg.presets import class_name, model_ids
     from lmms_vg_models.unsupported import UNSUPPORTED
 
-    found = []
-    for model_id in _MODEL_IDS:
-        for suffix in ("", "_vgrefine"):
-            mid = model_id + suffix
-            cls = "".join(part.capitalize() for part in mid.split("_")) if mid != "lmms_vg_llava" else "LlavaVG"
-            found.append(ModelManifest(model_id=mid, simple_class_path=f"lmms_vg_models.llava.{cls}"))
+    found = [ModelManifest(model_id=mid, simple_class_path=f"lmms_vg_models.llava.{class_name(mid)}") for mid in model_ids()]
     found += [ModelManifest(model_id=mid, simple_class_path=f"lmms_vg_models.unsupported.{cls}") for mid, cls in UNSUPPORTED.items()]
     return found
 

@@ -1,0 +1,21 @@
+"""The bundled demo tasks: grounding (true boxes, and a random-box control) and multiple-choice VQA.
+
+The YAMLs include the VGMED and medical VQA templates, whose functions come from those folders;
+only the documents differ.
+"""
+
+import datasets
+
+from lmms_vg import data, medvqa
+
+
+def docs_demo(_descriptor):
+    return datasets.Dataset.from_list(data.demo_grounding_docs())
+
+
+def docs_demo_random(_descriptor):
+    return datasets.Dataset.from_list(data.demo_grounding_docs(random_boxes=True))
+
+
+def docs_vqa(_descriptor):
+    return datasets.Dataset.from_list(medvqa.closed_docs("demo"))

@@ -1,0 +1,44 @@
+"""README 'Adding a model', run: a new LLaVA-family preset, and a new prompt format as a small subclass."""
+
+import pytest
+from lmms_eval.models import MODEL_REGISTRY_V2, get_model
+from lmms_eval.models.registry_v2 import ModelManifest
+from test_models import make_requests
+
+from lmms_vg import tiny
+from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.presets import HUATUO_TEMPLATE, ModelPreset
+from lmms_vg_models.llava import LlavaVG, register_preset
+
+
+def test_a_new_preset_is_a_record(tmp_path, images):
+    checkpoint = tiny.build_llava(tmp_path / "my-med-llava", family="mistral")
+    for manifest in register_preset(ModelPreset("my_med_llava", str(checkpoint), HUATUO_TEMPLATE, pad_to_square=True, heads="huatuo_7b")):
+        MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)  # what the entry point does for presets.py
+    wrapper = get_model("my_med_llava").create_from_arg_string("device=cpu")
+    out = wrapper.generate_until(make_requests(wrapper, images[:1], ["What is shown?"], {"max_new_tokens": 3}))
+    assert isinstance(out[0], str)
+    assert wrapper.adapter.prompt("Q") == "<|user|>\n<image>\nQ\n<|assistant|>\n"
+    with pytest.raises(ValueError, match="do not exist"):  # the VGRefine twin exists and checks its heads
+        get_model("my_med_llava_vgrefine").create_from_arg_string("device=cpu")
+
+
+class PlainAdapter(LlavaAdapter):
+    """A model whose prompt is 'USER: <image>\\n{text} ASSISTANT:' whatever its tokenizer says."""
+
+    def prompt(self, text: str) -> str:
+        return f"USER: <image>\n{text} ASSISTANT:"
+
+
+class PlainPromptLlava(LlavaVG):
+    adapter_class = PlainAdapter
+
+
+def test_a_new_architecture_is_a_small_subclass(tmp_path, images):
+    checkpoint = tiny.build_llava(tmp_path / "plain", family="llama")
+    MODEL_REGISTRY_V2.register_manifest(ModelManifest("plain_llava", simple_class_path=f"{__name__}.PlainPromptLlava"), overwrite=True)
+    wrapper = get_model("plain_llava").create_from_arg_string(f"pretrained={checkpoint},device=cpu")
+    records = wrapper.generate_until(make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+    assert all('"skipped": null' in r for r in records)
+    prefix = wrapper.adapter.split_prompts(images[:1], ["Where?"]).prefix[0]
+    assert wrapper.tokenizer.decode([t for t in prefix if t != wrapper.adapter.image_token_id]) == "USER: "

@@ -1,0 +1,106 @@
+"""Every model id, loaded through lmms-eval's registry on a tiny checkpoint of its architecture."""
+
+import json
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.models import get_model
+
+from lmms_vg import tiny
+from lmms_vg.grounding import GroundingRecord
+from lmms_vg.vgrefine import VGRefineConfigError
+from lmms_vg_models.llava import ModelLoadError
+
+# model id -> (text family, heads, kv heads): the real models' families and head ratios, scaled down
+ARCHS = {
+    "huatuo": ("qwen2", 7, 1),  # HuatuoGPT-Vision-7B: Qwen2, 28 heads / 4 KV
+    "huatuo_34b": ("llama", 7, 1),  # -34B: Yi-1.5 (Llama architecture), 56 / 8
+    "llava_med": ("mistral", 4, 1),  # Mistral-7B, 32 / 8
+    "llava15": ("llama", 4, 4),  # Vicuna-7B, 32 / 32
+    "lmms_vg_llava": ("qwen2", 4, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {
+        mid: tiny.build_llava(tmp_path_factory.mktemp(mid), family=fam, heads=h, kv_heads=kv, hidden=8 * h, pad_to_square=mid != "llava15")
+        for mid, (fam, h, kv) in ARCHS.items()
+    }
+
+
+def make_requests(wrapper, images, questions, gen_kwargs):
+    docs = [{"image": img, "question": q, "vg_boxes": [[10.0, 10.0, 60.0, 50.0]]} for img, q in zip(images, questions)]
+    wrapper.task_dict = {"t": {"test": docs}}
+
+    def doc_to_visual(doc):
+        return [doc["image"]]
+
+    meta = [{"task": "t", "doc_id": i, "repeats": 1} for i in range(len(questions))]
+    return [Instance("generate_until", (q, json.loads(json.dumps(gen_kwargs)), doc_to_visual, i, "t", "test"), i, m) for i, (q, m) in enumerate(zip(questions, meta))]
+
+
+@pytest.mark.parametrize("model_id", sorted(ARCHS))
+def test_model_id_loads_generates_and_captures(model_id, checkpoints, images):
+    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={checkpoints[model_id]},device=cpu", {"batch_size": 2})
+    questions = ["What is shown?", "Where is the lesion in this image?"]
+    answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 4, "until": ["\n\n"]}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    records = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+    n_layers = wrapper.model.config.text_config.num_hidden_layers
+    for raw in records:
+        rec = GroundingRecord.from_json(raw)
+        assert rec.skipped is None and len(rec.kl) == n_layers
+    # the captured map covers the model's own token grid: 112 px / 14 = 8 x 8
+    runner = next(iter(wrapper._grounding.values()))
+    q, ref = runner.question_and_reference_maps(images, questions, [None, None])
+    heads = wrapper.model.config.text_config.num_attention_heads
+    assert q.shape == (2, n_layers, heads, 64) and ref.shape == q.shape
+    t = wrapper.adapter.transform(images[0])
+    assert (t.rows, t.cols) == (8, 8)
+
+
+def test_llava15_geometry_is_resize_and_crop(checkpoints, images):
+    wrapper = get_model("llava15").create_from_arg_string(f"pretrained={checkpoints['llava15']},device=cpu")
+    t = wrapper.adapter.transform(images[0])  # 130 x 90: shortest edge 90 -> 112, width 161, crop 24 px each side
+    assert t.scale_y == pytest.approx(112 / 90) and t.offset_x == pytest.approx(-((int(112 * 130 / 90) - 112) // 2))
+
+
+def test_vgrefine_twins_check_their_heads_before_any_sample(checkpoints):
+    with pytest.raises(VGRefineConfigError, match="do not exist"):
+        get_model("huatuo_vgrefine").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu")
+    with pytest.raises(ValueError, match="calibration"):
+        get_model("llava_med_vgrefine").create_from_arg_string(f"pretrained={checkpoints['llava_med']},device=cpu")
+    with pytest.raises(VGRefineConfigError, match="outside"):
+        get_model("lmms_vg_llava_vgrefine").create_from_arg_string(f"pretrained={checkpoints['lmms_vg_llava']},device=cpu,heads=huatuo_7b,percentile=120")
+
+
+def test_bad_checkpoints_say_what_to_do(tmp_path, qwen2_vl_dir):
+    cls = get_model("lmms_vg_llava")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        cls(pretrained=str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(ModelLoadError, match="'qwen2_vl' checkpoint, not LLaVA"):
+        cls(pretrained=str(qwen2_vl_dir), device="cpu")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "my_remote_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    with pytest.raises(ModelLoadError, match="trust_remote_code=true"):
+        cls(pretrained=str(remote), device="cpu")
+    with pytest.raises(TypeError, match="unknown model_args"):
+        cls(pretrained=str(tmp_path), device="cpu", temprature=0.3)
+
+
+@pytest.mark.parametrize("model_id", ["vila_m3", "medrega", "llava_tri", "huatuo_bio"])
+def test_unsupported_models_fail_at_once_with_the_reason(model_id):
+    with pytest.raises(NotImplementedError, match="cannot load it"):
+        get_model(model_id)()
+
+
+def test_authors_sampling_switch(checkpoints):
+    wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu,sampling=authors")
+    kwargs, _ = wrapper._generation_kwargs({"max_new_tokens": 8})
+    assert kwargs["temperature"] == 0.2 and kwargs["repetition_penalty"] == 1.2 and kwargs["max_new_tokens"] == 256 and kwargs["do_sample"]
+    greedy = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu")
+    assert greedy._generation_kwargs({"max_new_tokens": 8})[0]["do_sample"] is False
+    torch.manual_seed(0)
