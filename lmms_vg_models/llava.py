@@ -134,7 +134,9 @@ class LlavaVG(lmms):
         self.save_maps = save_maps
         self._grounding: dict[str | None, GroundingRunner] = {}
         self.accelerator = accelerator
-        self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if self._world_size > 1:
+            logger.info(f"lmms-vg: data-parallel rank {self._rank} of {self._world_size} on {self._device}")
         use_vgrefine = self.vgrefine_default if vgrefine is None else bool(vgrefine)
         self.refiner = self._make_refiner(heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
 
