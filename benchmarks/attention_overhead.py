@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import build, images, interleaved, parser, report
+
 from lmms_vg import engine
 
 
@@ -95,7 +95,12 @@ def main() -> None:
         finally:
             model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
 
-    variants = {"plain SDPA (transformers)": sdpa, "lmms-vg, nothing armed": plain, "lmms-vg capture, all layers": capture, "eager + output_attentions": eager}
+    variants = {
+        "plain SDPA (transformers)": sdpa,
+        "lmms-vg, nothing armed": plain,
+        "lmms-vg capture, all layers": capture,
+        "eager + output_attentions": eager,
+    }
     if args.peak_of:  # child mode: the peak memory of one variant's first forward in a fresh process
         print(peak_memory(variants[args.peak_of], args.device))
         return
@@ -109,9 +114,13 @@ def main() -> None:
         print(f"{name:<34} {mib:>10.1f}")
     cap_bytes = kept["capture"].numel() * kept["capture"].element_size()
     eager_bytes = sum(a.numel() * a.element_size() for a in kept["eager"])
-    print(f"\nkept per sample, this run: capture {cap_bytes / 2**10:.1f} KiB vs output_attentions {eager_bytes / 2**20:.1f} MiB (1/{eager_bytes / cap_bytes:.0f})")
+    print(
+        f"\nkept per sample, this run: capture {cap_bytes / 2**10:.1f} KiB vs output_attentions {eager_bytes / 2**20:.1f} MiB (1/{eager_bytes / cap_bytes:.0f})"
+    )
     c7, e7 = kept_bytes()
-    print(f"kept per sample, 7B shape (28x28 heads, 576 image tokens, 700 tokens, bf16 weights): capture {c7 / 2**20:.2f} MiB vs output_attentions {e7 / 2**20:.0f} MiB -> 1/{e7 / c7:.0f} (target <= 1/100: {'met' if e7 / c7 >= 100 else 'NOT met'})")
+    print(
+        f"kept per sample, 7B shape (28x28 heads, 576 image tokens, 700 tokens, bf16 weights): capture {c7 / 2**20:.2f} MiB vs output_attentions {e7 / 2**20:.0f} MiB -> 1/{e7 / c7:.0f} (target <= 1/100: {'met' if e7 / c7 >= 100 else 'NOT met'})"
+    )
     if not ok:
         print("note: the time target is for a quiet machine; rerun with more --repeats if it is close")
 

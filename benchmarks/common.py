@@ -36,7 +36,9 @@ def build(shape: str, device: str, dtype: str) -> LlavaAdapter:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     layers, heads, kv_heads, hidden = SHAPES[shape]
-    folder = tiny.build_llava(tempfile.mkdtemp(prefix="lmms_vg_bench_"), layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, image_size=336)
+    folder = tiny.build_llava(
+        tempfile.mkdtemp(prefix="lmms_vg_bench_"), layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, image_size=336
+    )
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     engine.install(model)
     return LlavaAdapter(model, AutoProcessor.from_pretrained(folder))

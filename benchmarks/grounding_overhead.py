@@ -11,8 +11,8 @@ questions per image); and the naive way, two full forwards. Target: shared prefi
 from __future__ import annotations
 
 import torch
-
 from common import build, images, interleaved, parser, report
+
 from lmms_vg import engine
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRunner, GroundingSample
 

@@ -10,8 +10,8 @@ once and only the short suffixes three times. Target: <= 1.3x the baseline for o
 from __future__ import annotations
 
 import torch
-
 from common import build, images, interleaved, parser, report
+
 from lmms_vg import engine
 from lmms_vg.grounding import GENERIC_PROMPT
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, triage_keep, triage_map
@@ -60,14 +60,25 @@ def main() -> None:
         with torch.no_grad(), engine.arm(model, knockout=engine.Knockout(frozenset(config.knockout_layers), rows, blocked)):
             model.generate(**batch, **generation(n))
 
-    print(f"shape={args.shape} device={args.device} dtype={args.dtype} heads={len(config.selected)} knockout_layers={config.knockout_layers}")
+    print(
+        f"shape={args.shape} device={args.device} dtype={args.dtype} heads={len(config.selected)} knockout_layers={config.knockout_layers}"
+    )
     for n in (1, 32):
         seconds = interleaved(
-            {f"baseline, {n} tokens": lambda: baseline(n), f"VGRefine (lmms-vg), {n} tokens": lambda: vgrefine(n), f"VGRefine naive 3-pass, {n} tokens": lambda: naive(n)},
+            {
+                f"baseline, {n} tokens": lambda n=n: baseline(n),
+                f"VGRefine (lmms-vg), {n} tokens": lambda n=n: vgrefine(n),
+                f"VGRefine naive 3-pass, {n} tokens": lambda n=n: naive(n),
+            },
             args.repeats,
             args.device,
         )
-        report(f"time per sample, {n}-token answers", seconds, f"baseline, {n} tokens", (f"VGRefine (lmms-vg), {n} tokens", 1.3) if n == 1 else None)
+        report(
+            f"time per sample, {n}-token answers",
+            seconds,
+            f"baseline, {n} tokens",
+            (f"VGRefine (lmms-vg), {n} tokens", 1.3) if n == 1 else None,
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from . import geometry
-from .engine import EngineError, image_token_positions
+from .engine import EngineError
 
 
 @dataclass
@@ -70,7 +70,9 @@ class LlavaAdapter:
         for image, text in zip(images, texts):
             ids = self.tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
             if ids.count(self.image_token_id) != 1:
-                raise EngineError(f"{self.name}: the prompt must hold exactly one image placeholder, found {ids.count(self.image_token_id)}")
+                raise EngineError(
+                    f"{self.name}: the prompt must hold exactly one image placeholder, found {ids.count(self.image_token_id)}"
+                )
             cut = ids.index(self.image_token_id)
             prefix.append(ids[:cut] + [self.image_token_id] * self.image_tokens(image))
             suffix.append(ids[cut + 1 :])

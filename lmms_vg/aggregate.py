@@ -43,4 +43,9 @@ def counts(records: list[dict]) -> dict:
     for s in skipped:
         key = s.split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
-    return {"scored": len(recs) - len(skipped), "skipped": len(skipped), "skip_reasons": reasons, "clipped_boxes": sum(r.n_clipped for r in recs)}
+    return {
+        "scored": len(recs) - len(skipped),
+        "skipped": len(skipped),
+        "skip_reasons": reasons,
+        "clipped_boxes": sum(r.n_clipped for r in recs),
+    }

@@ -77,7 +77,9 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
     if arch not in TEXT_TYPES:
         raise ConversionError(f"model_type {arch!r} is not one of {sorted(TEXT_TYPES)}; pass --arch if the config does not say")
     if original.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConversionError(f"projector {original.get('mm_projector_type')!r}: only mlp2x_gelu (LLaVA-1.5) has a transformers-native class")
+        raise ConversionError(
+            f"projector {original.get('mm_projector_type')!r}: only mlp2x_gelu (LLaVA-1.5) has a transformers-native class"
+        )
     weights = load_weights(source)
     tower = Path(vision_tower) if vision_tower else source / "vit"
     has_tower = any(k.startswith("model.vision_tower.vision_tower.") for k in weights)

@@ -39,7 +39,7 @@ class EngineError(RuntimeError):
     """A model or input the attention engine cannot serve; the message says what to do."""
 
 
-class CaptureComplete(Exception):  # noqa: N818 - a signal, not an error
+class CaptureComplete(Exception):
     """Raised after the deepest captured layer when the capture asked to stop there (see Capture.stop_early)."""
 
 
@@ -156,9 +156,9 @@ def _knockout_rows(out, query, key, value, attention_mask, scale, start, ko: Kno
         allowed = allowed & ~cols[:, None, None, :]
     else:  # zero: softmax weights as they were, blocked value vectors contribute nothing
         v = v * (~cols)[:, None, :, None].to(v.dtype)
-    knocked = torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, local, :], k, v, attn_mask=allowed, scale=scale
-    ).transpose(1, 2)  # [B, R, H, D]
+    knocked = torch.nn.functional.scaled_dot_product_attention(query[:, :, local, :], k, v, attn_mask=allowed, scale=scale).transpose(
+        1, 2
+    )  # [B, R, H, D]
     keep_plain = ~rows[:, local].to(out.device)  # rows another sample knocks out but this one does not
     out = out.clone()
     out[:, local] = torch.where(keep_plain[:, :, None, None], out[:, local], knocked.to(out.dtype))
@@ -305,7 +305,9 @@ def image_token_positions(input_ids: torch.Tensor, image_token_id: int, model_na
             "the prompt must contain the model's image placeholder and an image must be passed"
         )
     if bool((counts != counts[0]).any()):
-        raise EngineError(f"{model_name}: batch items have different image-token counts {counts.tolist()}; use one image of one size per sample")
+        raise EngineError(
+            f"{model_name}: batch items have different image-token counts {counts.tolist()}; use one image of one size per sample"
+        )
     return is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
 
 

@@ -73,7 +73,9 @@ def _load_split(src: str, split: str, name: str | None = None):
     try:
         return datasets.load_dataset(src, name, split=split)
     except Exception as err:
-        raise DataError(f"cannot load {src} split '{split}' ({err}); download it once online, or point the setting at a local copy") from err
+        raise DataError(
+            f"cannot load {src} split '{split}' ({err}); download it once online, or point the setting at a local copy"
+        ) from err
 
 
 def closed_from_yes_no(answer: str) -> tuple[list[str], str, str]:
@@ -91,9 +93,9 @@ def _plain_image_rows(benchmark: str, closed: bool):
     def convert(row, idx):
         is_closed = str(row["answer"]).strip().lower() in YES_NO
         options, answer, error = closed_from_yes_no(row["answer"]) if closed else ([], str(row["answer"]), "")
-        return _doc(id=f"{benchmark}_{idx}", benchmark=benchmark, question=row["question"], options=options, answer=answer, vg_error=error) | {
-            "keep": is_closed == closed
-        }
+        return _doc(
+            id=f"{benchmark}_{idx}", benchmark=benchmark, question=row["question"], options=options, answer=answer, vg_error=error
+        ) | {"keep": is_closed == closed}
 
     ds = ds.map(convert, with_indices=True, remove_columns=[c for c in ds.column_names if c != "image"])
     return ds.filter(lambda k: k, input_columns="keep").remove_columns("keep")
@@ -256,7 +258,14 @@ def bundle(benchmark: str) -> list[dict]:
 
 def bundle_benchmark(name: str) -> str | None:
     key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
-    for prefix, bench in (("vqarad", "vqa_rad"), ("slake", "slake"), ("pathvqa", "pathvqa"), ("pmc", "pmc_vqa"), ("omnimed", "omnimedvqa"), ("mmmu", "mmmu_med")):
+    for prefix, bench in (
+        ("vqarad", "vqa_rad"),
+        ("slake", "slake"),
+        ("pathvqa", "pathvqa"),
+        ("pmc", "pmc_vqa"),
+        ("omnimed", "omnimedvqa"),
+        ("mmmu", "mmmu_med"),
+    ):
         if key.startswith(prefix):
             return bench
     return None
@@ -268,12 +277,28 @@ def demo() -> list[dict]:
 
     root = demo_dir()
     return [
-        _doc(id=f"demo_vqa_{i}", benchmark="medvqa_demo", question=r["question"], options=r["options"], answer=r["answer"], category=r["kind"], image_path=str(root / r["image"]))
+        _doc(
+            id=f"demo_vqa_{i}",
+            benchmark="medvqa_demo",
+            question=r["question"],
+            options=r["options"],
+            answer=r["answer"],
+            category=r["kind"],
+            image_path=str(root / r["image"]),
+        )
         for i, r in enumerate(read_jsonl(root / "vqa.jsonl"))
     ]
 
 
-CLOSED_LOADERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "pmc_vqa": pmc_vqa, "omnimedvqa": omnimedvqa, "mmmu_med": mmmu_med, "demo": demo}
+CLOSED_LOADERS = {
+    "vqa_rad": vqa_rad,
+    "slake": slake,
+    "pathvqa": pathvqa,
+    "pmc_vqa": pmc_vqa,
+    "omnimedvqa": omnimedvqa,
+    "mmmu_med": mmmu_med,
+    "demo": demo,
+}
 OPEN_LOADERS = {"vqa_rad": lambda: vqa_rad(False), "slake": lambda: slake(False), "pathvqa": lambda: pathvqa(False)}
 
 

@@ -35,9 +35,21 @@ PRESETS: dict[str, ModelPreset] = {
     p.model_id: p
     for p in (
         ModelPreset("huatuo", "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", HUATUO_TEMPLATE, True, "huatuo_7b", (16,)),
-        ModelPreset("huatuo_34b", "FreedomIntelligence/HuatuoGPT-Vision-34B-hf", HUATUO_TEMPLATE, True, None, (), "no published heads: calibrate"),
-        ModelPreset("llava_med", "chaoyinshe/llava-med-v1.5-mistral-7b-hf", MISTRAL_INST_TEMPLATE, True, None, (), "no published heads: calibrate"),
-        ModelPreset("llava15", "llava-hf/llava-1.5-7b-hf", VICUNA_TEMPLATE, False, None, (), "general-domain reference; llava-hf's processor resizes and centre-crops"),
+        ModelPreset(
+            "huatuo_34b", "FreedomIntelligence/HuatuoGPT-Vision-34B-hf", HUATUO_TEMPLATE, True, None, (), "no published heads: calibrate"
+        ),
+        ModelPreset(
+            "llava_med", "chaoyinshe/llava-med-v1.5-mistral-7b-hf", MISTRAL_INST_TEMPLATE, True, None, (), "no published heads: calibrate"
+        ),
+        ModelPreset(
+            "llava15",
+            "llava-hf/llava-1.5-7b-hf",
+            VICUNA_TEMPLATE,
+            False,
+            None,
+            (),
+            "general-domain reference; llava-hf's processor resizes and centre-crops",
+        ),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }

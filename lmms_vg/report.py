@@ -12,7 +12,14 @@ import numpy as np
 
 # the paper's column order; any other accuracy task found is appended after these
 VQA_TASKS = ("vqa_rad", "slake_closed", "pathvqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
-VQA_NAMES = {"vqa_rad": "VQA-RAD", "slake_closed": "SLAKE", "pathvqa": "PathVQA", "pmc_vqa": "PMC-VQA", "omnimedvqa": "OmniMedVQA", "mmmu_med": "MMMU H&M"}
+VQA_NAMES = {
+    "vqa_rad": "VQA-RAD",
+    "slake_closed": "SLAKE",
+    "pathvqa": "PathVQA",
+    "pmc_vqa": "PMC-VQA",
+    "omnimedvqa": "OmniMedVQA",
+    "mmmu_med": "MMMU H&M",
+}
 GROUPS = ("medvqa", "medvqa_open", "vgmed")
 CONTROL_MARKERS = ("coco", "random")  # natural-image or control tasks: dashed lines
 
@@ -48,8 +55,8 @@ def load_runs(folders: list[str | Path]) -> list[Run]:
         args = str(config.get("model_args", ""))
         vgrefine = model.endswith("_vgrefine") or "vgrefine=true" in args.lower().replace(" ", "")
         base = model.removesuffix("_vgrefine")
-        if base.startswith("lmms_vg_llava"):
-            base = str(data.get("model_name") or base)
+        if base.startswith("lmms_vg_llava"):  # the generic id: name the run by its checkpoint folder or id
+            base = str(data.get("model_name") or base).rstrip("/").split("/")[-1]
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
         run = Run(model, base, vgrefine, data.get("results", {}), samples, path)
         runs[run.label] = run
@@ -86,7 +93,10 @@ def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     for base in sorted(bases):
         with_vg, without = values.get(f"{base} + VGRefine"), values.get(base)
         if with_vg and without:
-            rows.append([f"{base}: VGRefine - baseline"] + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(with_vg, without)])
+            rows.append(
+                [f"{base}: VGRefine - baseline"]
+                + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(with_vg, without)]
+            )
     return header, rows
 
 
@@ -97,7 +107,18 @@ def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
         for task in sorted(t for t, m in run.results.items() if "best_layer,none" in m):
             best, counts = run.results[task]["best_layer,none"], run.results[task].get("samples,none", {})
-            rows.append([run.label, task, str(best.get("layer")), _fmt(best.get("ar"), 3), _fmt(best.get("kl"), 3), _fmt(best.get("js"), 3), str(counts.get("scored", "")), str(counts.get("skipped", ""))])
+            rows.append(
+                [
+                    run.label,
+                    task,
+                    str(best.get("layer")),
+                    _fmt(best.get("ar"), 3),
+                    _fmt(best.get("kl"), 3),
+                    _fmt(best.get("js"), 3),
+                    str(counts.get("scored", "")),
+                    str(counts.get("skipped", "")),
+                ]
+            )
     return header, rows
 
 
@@ -126,23 +147,36 @@ def write_table(header, rows, out: Path, stem: str) -> list[Path]:
 def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list[Path]:
     """AR, KL and JS against layer for every model and grounding task (medical solid, natural/control dashed)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [(r, t) for r in sorted(runs, key=lambda r: r.label) for t, m in sorted(r.results.items()) if "kl_by_layer,none" in m and m["kl_by_layer,none"]]
+    curves = [(r, t) for r in sorted(runs, key=lambda r: r.label) for t, m in sorted(r.results.items()) if m.get("kl_by_layer,none")]
     if not curves:
         raise ReportError("no per-layer grounding metrics in these results: run the grounding tasks (e.g. --tasks vgmed)")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     model_colour = {label: colours[i % len(colours)] for i, label in enumerate(sorted({r.label for r, _ in curves}))}
-    for ax, (metric, title) in zip(axes, (("ar", "Attention ratio (higher: in the box)"), ("kl", "KL(G || P) (lower is better)"), ("js", "JS divergence (lower is better)"))):
+    for ax, (metric, title) in zip(
+        axes,
+        (("ar", "Attention ratio (higher: in the box)"), ("kl", "KL(G || P) (lower is better)"), ("js", "JS divergence (lower is better)")),
+    ):
         for run, task in curves:
             ys = run.results[task][f"{metric}_by_layer,none"]
             dashed = any(m in task for m in CONTROL_MARKERS)
-            ax.plot(range(len(ys)), ys, linestyle="--" if dashed else "-", marker="o", markersize=3, color=model_colour[run.label], label=f"{run.label} · {task}")
+            ax.plot(
+                range(len(ys)),
+                ys,
+                linestyle="--" if dashed else "-",
+                marker="o",
+                markersize=3,
+                color=model_colour[run.label],
+                label=f"{run.label} · {task}",
+            )
         if metric == "ar":
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
@@ -174,8 +208,8 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.patches as patches
     import matplotlib.pyplot as plt
+    from matplotlib import patches
 
     loaded = {name: load_maps(folder, pattern) for name, folder in panels.items()}
     common = sorted(set.intersection(*(set(m) for m in loaded.values())))[:limit]
@@ -186,20 +220,34 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
         ratios = [np.asarray(first[s]["maps"], np.float64) for s in common]
         ar = np.mean([(m[:, first[s]["box"]].sum(1) / m.sum(1)) / (first[s]["box"].mean()) for s, m in zip(common, ratios)], axis=0)
         layer = int(np.argmax(ar))
-    fig, axes = plt.subplots(len(common), len(panels), figsize=(3.2 * len(panels), 3.2 * len(common)), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(common), len(panels), figsize=(3.2 * len(panels), 3.2 * len(common)), squeeze=False, constrained_layout=True
+    )
     for row, sample in enumerate(common):
         for col, (name, maps) in enumerate(loaded.items()):
             ax, m = axes[row][col], maps[sample]
             _draw_heatmap(ax, m, layer, patches)
             if row == 0:
                 ax.set_title(f"{name} (layer {layer})", fontsize=10)
-        axes[row][0].set_ylabel(str(first[sample]["question"])[:48], fontsize=7)
+        axes[row][0].set_ylabel(question_label(str(first[sample]["question"])), fontsize=8)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "heatmaps.png", out / "heatmaps.svg"]
     for p in paths:
         fig.savefig(p, dpi=120)
     plt.close(fig)
     return paths
+
+
+def question_label(question: str, width: int = 34) -> str:
+    """The question without its answer instruction, wrapped for a figure."""
+    import textwrap
+
+    for instruction in (
+        " Answer the question using a single word or phrase.",
+        "\nAnswer with the option's letter from the given choices directly.",
+    ):
+        question = question.replace(instruction, "")
+    return "\n".join(textwrap.wrap(question.strip(), width)[:3])
 
 
 def _draw_heatmap(ax, m: dict, layer: int, patches) -> None:

@@ -112,6 +112,6 @@ def bertscore_f1(predictions: list[str], references: list[str], model_path: str 
     try:
         layers = int(os.environ.get("LMMS_VG_BERTSCORE_LAYERS", "17"))  # roberta-large's default layer
         _, _, f1 = score(predictions, references, model_type=model_path, num_layers=layers, lang="en", verbose=False)
-    except Exception as err:  # a broken or missing local model must not end the run
+    except Exception as err:  # noqa: BLE001 - a broken or missing local model must not end the run
         return None, f"BERTScore failed with model '{model_path}': {err}"
     return f1.tolist(), None

@@ -60,12 +60,16 @@ def load_heads(name_or_path: str) -> HeadPreset:
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.exists():
-            raise VGRefineConfigError(f"heads file '{path}' not found; give a shipped preset name ({', '.join(shipped_heads())}) or a calibration JSON")
+            raise VGRefineConfigError(
+                f"heads file '{path}' not found; give a shipped preset name ({', '.join(shipped_heads())}) or a calibration JSON"
+            )
         text = path.read_text()
     else:
         shipped = resources.files("lmms_vg").joinpath(HEADS_DIR, f"{name_or_path}.json")
         if not shipped.is_file():
-            raise VGRefineConfigError(f"no head preset named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path")
+            raise VGRefineConfigError(
+                f"no head preset named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path"
+            )
         text = shipped.read_text()
     data = json.loads(text)
     return HeadPreset(

@@ -51,7 +51,13 @@ def open_outcome(doc: dict, output: str) -> dict:
     if reason:
         return {**base, "excluded": reason, "bleu1": None, "recall": None}
     text, extra = unwrap(output)
-    return {**base, **extra, "output": text, "bleu1": scoring.bleu1(text, doc["answer"]), "recall": scoring.open_recall(text, doc["answer"])}
+    return {
+        **base,
+        **extra,
+        "output": text,
+        "bleu1": scoring.bleu1(text, doc["answer"]),
+        "recall": scoring.open_recall(text, doc["answer"]),
+    }
 
 
 def accuracy(outcomes: list[dict]) -> float:
@@ -69,7 +75,12 @@ def breakdown(outcomes: list[dict]) -> dict[str, float]:
 
 def counts(outcomes: list[dict]) -> dict:
     excluded = Counter(o["excluded"].split(":")[0][:80] for o in outcomes if o.get("excluded"))
-    return {"total": len(outcomes), "scored": len(outcomes) - sum(excluded.values()), "excluded": sum(excluded.values()), "excluded_reasons": dict(excluded)}
+    return {
+        "total": len(outcomes),
+        "scored": len(outcomes) - sum(excluded.values()),
+        "excluded": sum(excluded.values()),
+        "excluded_reasons": dict(excluded),
+    }
 
 
 def mean_of(outcomes: list[dict], key: str) -> float:

@@ -11,7 +11,6 @@ scored for grounding (the result string is a JSON :class:`GroundingRecord`); all
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -50,7 +49,9 @@ def load_llava(pretrained: str, dtype, device_map, revision: str, trust_remote_c
 
     local = Path(pretrained)
     if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
-        raise ModelLoadError(f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')")
+        raise ModelLoadError(
+            f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')"
+        )
     try:
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -58,7 +59,9 @@ def load_llava(pretrained: str, dtype, device_map, revision: str, trust_remote_c
             raise ModelLoadError(f"{pretrained} needs its own code: pass trust_remote_code=true in --model_args if you trust it") from err
         raise ModelLoadError(f"{pretrained}: {err}") from err
     except OSError as err:
-        raise ModelLoadError(f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)") from err
+        raise ModelLoadError(
+            f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)"
+        ) from err
     if config.model_type != "llava":
         raise ModelLoadError(
             f"{pretrained} is a '{config.model_type}' checkpoint, not LLaVA (LlavaForConditionalGeneration). "
@@ -110,7 +113,9 @@ class LlavaVG(lmms):
         if not pretrained:
             raise ModelLoadError("lmms_vg_llava needs pretrained=<checkpoint id or folder>")
         if sampling not in ("greedy", "authors"):
-            raise ValueError(f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)")
+            raise ValueError(
+                f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)"
+            )
         accelerator = Accelerator()
         if device is None or device == "cuda" and not torch.cuda.is_available():
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
@@ -143,7 +148,9 @@ class LlavaVG(lmms):
     def _make_refiner(self, heads, top_k, percentile, knockout_layers, mode) -> VGRefiner:
         heads = heads or (self.preset.heads if self.preset else None)
         if not heads:
-            raise ValueError(f"{self.name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')")
+            raise ValueError(
+                f"{self.name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
+            )
         preset = load_heads(str(heads))
         layers = parse_layers(knockout_layers) or preset.knockout_layers or (self.preset.knockout_layers if self.preset else ())
         config = VGRefineConfig(
@@ -257,7 +264,9 @@ class LlavaVG(lmms):
                     text = text.split(stop)[0]
             text = text.strip()
             if fractions is not None:  # per-sample log fields (issue: fraction knocked out, layers used)
-                text = json.dumps({"text": text, "knocked_fraction": round(fractions[n], 6), "knockout_layers": list(self.refiner.config.knockout_layers)})
+                text = json.dumps(
+                    {"text": text, "knocked_fraction": round(fractions[n], 6), "knockout_layers": list(self.refiner.config.knockout_layers)}
+                )
             outputs[j] = text
         return outputs
 

@@ -18,16 +18,37 @@ def run_lmms_eval(
     out = tmp_path / "results"
     launcher = [sys.executable, "-m", "lmms_eval"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29561", "-m", "lmms_eval"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29561",
+            "-m",
+            "lmms_eval",
+        ]
         env = {**(env or {}), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [
-        *launcher, "--model", model, "--model_args", model_args, "--tasks", tasks,
-        "--output_path", str(out), "--log_samples", "--batch_size", "2", *(extra or []),
+        *launcher,
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--batch_size",
+        "2",
+        *(extra or []),
     ]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     cwd = tmp_path / "cwd"  # empty: lmms-eval reads --tasks X as a folder when ./X exists
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, check=False)
     found = sorted(out.rglob("*_results.json"))
     assert found, f"lmms-eval wrote no results file (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(found[-1].read_text()), found[-1].parent

@@ -30,14 +30,62 @@ def write_vgmed_v1(root: Path) -> Path:
         _image(root / "imgs" / img_id / "source.jpg", w, h, i, mode if mode == "RGB" or mode == "L" else "RGB")
     rows = {
         "localization": [
-            {"image": "101", "label": "liver", "location": "left", "modality": "CT", "question": "Where is the liver?", "gt_tokens": [[0, 0]], "bbox": [[10, 20, 30, 40]]},
-            {"image": "101", "label": "lung", "location": "top", "modality": "CT", "question": "Where is the lung?", "gt_tokens": [[1, 1]], "bbox": [[50, 10, 20, 20], [80, 80, 30, 30]]},
-            {"image": "102", "label": "brain", "location": "center", "modality": "MRI", "question": "Where is the brain?", "gt_tokens": [], "bbox": [[150, 90, 40, 40]]},
-            {"image": "103", "label": "heart", "location": "center", "modality": "X-ray", "question": "Where is the heart?", "gt_tokens": [], "bbox": [[20, 30, 0, 10]]},
+            {
+                "image": "101",
+                "label": "liver",
+                "location": "left",
+                "modality": "CT",
+                "question": "Where is the liver?",
+                "gt_tokens": [[0, 0]],
+                "bbox": [[10, 20, 30, 40]],
+            },
+            {
+                "image": "101",
+                "label": "lung",
+                "location": "top",
+                "modality": "CT",
+                "question": "Where is the lung?",
+                "gt_tokens": [[1, 1]],
+                "bbox": [[50, 10, 20, 20], [80, 80, 30, 30]],
+            },
+            {
+                "image": "102",
+                "label": "brain",
+                "location": "center",
+                "modality": "MRI",
+                "question": "Where is the brain?",
+                "gt_tokens": [],
+                "bbox": [[150, 90, 40, 40]],
+            },
+            {
+                "image": "103",
+                "label": "heart",
+                "location": "center",
+                "modality": "X-ray",
+                "question": "Where is the heart?",
+                "gt_tokens": [],
+                "bbox": [[20, 30, 0, 10]],
+            },
         ],
         "attribute": [
-            {"image": "104", "label": "kidney", "location": "right", "modality": "CT", "question": "What colour is the kidney?", "gt_tokens": [], "bbox": [[40, 40, 20, 20]]},
-            {"image": "102", "label": "brain", "location": "center", "modality": "MRI", "question": "Is the brain abnormal?", "gt_tokens": [], "bbox": [[60, 30, 40, 40]]},
+            {
+                "image": "104",
+                "label": "kidney",
+                "location": "right",
+                "modality": "CT",
+                "question": "What colour is the kidney?",
+                "gt_tokens": [],
+                "bbox": [[40, 40, 20, 20]],
+            },
+            {
+                "image": "102",
+                "label": "brain",
+                "location": "center",
+                "modality": "MRI",
+                "question": "Is the brain abnormal?",
+                "gt_tokens": [],
+                "bbox": [[60, 30, 40, 40]],
+            },
         ],
     }
     for kind, items in rows.items():
@@ -52,8 +100,24 @@ def write_coco(root: Path) -> Path:
         _image(root / "val2014" / f"COCO_val2014_{img_id:012d}.jpg", 140, 110, 10 + i)
     for kind in ("localization", "attribute"):
         rows = [
-            {"image": "139", "label": "dog", "location": "left", "modality": "natural", "question": "Where is the dog?", "gt_tokens": [], "bbox": [[5, 5, 40, 50]]},
-            {"image": "285", "label": "bear", "location": "center", "modality": "natural", "question": "Where is the bear?", "gt_tokens": [], "bbox": [[50, 30, 60, 60]]},
+            {
+                "image": "139",
+                "label": "dog",
+                "location": "left",
+                "modality": "natural",
+                "question": "Where is the dog?",
+                "gt_tokens": [],
+                "bbox": [[5, 5, 40, 50]],
+            },
+            {
+                "image": "285",
+                "label": "bear",
+                "location": "center",
+                "modality": "natural",
+                "question": "Where is the bear?",
+                "gt_tokens": [],
+                "bbox": [[50, 30, 60, 60]],
+            },
         ]
         with open(root / f"COCO_{kind}_questions.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

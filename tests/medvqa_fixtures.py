@@ -31,29 +31,100 @@ def parquet_split(root: Path, rows: dict) -> Path:
 
 
 def vqa_rad(root: Path) -> Path:  # flaviagiammarino/vqa-rad: image, question, answer
-    return parquet_split(root, {
-        "image": [img(i) for i in range(4)],
-        "question": ["is there a fracture?", "is the liver enlarged?", "where is the lesion?", "is this a ct?"],
-        "answer": ["yes", "no", "left lobe", "Yes"],
-    })
+    return parquet_split(
+        root,
+        {
+            "image": [img(i) for i in range(4)],
+            "question": ["is there a fracture?", "is the liver enlarged?", "where is the lesion?", "is this a ct?"],
+            "answer": ["yes", "no", "left lobe", "Yes"],
+        },
+    )
 
 
 def pathvqa(root: Path) -> Path:  # flaviagiammarino/path-vqa: same columns
-    return parquet_split(root, {
-        "image": [img(10 + i) for i in range(3)],
-        "question": ["is this necrosis?", "what is shown?", "are the cells malignant?"],
-        "answer": ["yes", "granuloma", "no"],
-    })
+    return parquet_split(
+        root,
+        {
+            "image": [img(10 + i) for i in range(3)],
+            "question": ["is this necrosis?", "what is shown?", "are the cells malignant?"],
+            "answer": ["yes", "granuloma", "no"],
+        },
+    )
 
 
 def slake(root: Path) -> Path:  # BoKelvin/SLAKE: test.json + imgs.zip with imgs/<img_name>
     root.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "Is the lung healthy?", "answer": "No", "q_lang": "en", "location": "Lung", "modality": "X-Ray", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Abnormality", "triple": ["vhead", "_", "_"], "qid": 11},
-        {"img_id": 2, "img_name": "xmlab2/source.jpg", "question": "Which side is the lesion on?", "answer": "Left", "q_lang": "en", "location": "Lung", "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": 12},
-        {"img_id": 2, "img_name": "xmlab2/source.jpg", "question": "Does the image contain the liver?", "answer": "Yes", "q_lang": "en", "location": "Abdomen", "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": 13},
-        {"img_id": 2, "img_name": "xmlab2/source.jpg", "question": "What organ is shown?", "answer": "Liver", "q_lang": "en", "location": "Abdomen", "modality": "CT", "answer_type": "OPEN", "base_type": "vqa", "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": 14},
-        {"img_id": 2, "img_name": "xmlab2/source.jpg", "question": "图片中有肝脏吗?", "answer": "是", "q_lang": "zh", "location": "Abdomen", "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": 15},
+        {
+            "img_id": 1,
+            "img_name": "xmlab1/source.jpg",
+            "question": "Is the lung healthy?",
+            "answer": "No",
+            "q_lang": "en",
+            "location": "Lung",
+            "modality": "X-Ray",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Abnormality",
+            "triple": ["vhead", "_", "_"],
+            "qid": 11,
+        },
+        {
+            "img_id": 2,
+            "img_name": "xmlab2/source.jpg",
+            "question": "Which side is the lesion on?",
+            "answer": "Left",
+            "q_lang": "en",
+            "location": "Lung",
+            "modality": "CT",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Position",
+            "triple": ["vhead", "_", "_"],
+            "qid": 12,
+        },
+        {
+            "img_id": 2,
+            "img_name": "xmlab2/source.jpg",
+            "question": "Does the image contain the liver?",
+            "answer": "Yes",
+            "q_lang": "en",
+            "location": "Abdomen",
+            "modality": "CT",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Organ",
+            "triple": ["vhead", "_", "_"],
+            "qid": 13,
+        },
+        {
+            "img_id": 2,
+            "img_name": "xmlab2/source.jpg",
+            "question": "What organ is shown?",
+            "answer": "Liver",
+            "q_lang": "en",
+            "location": "Abdomen",
+            "modality": "CT",
+            "answer_type": "OPEN",
+            "base_type": "vqa",
+            "content_type": "Organ",
+            "triple": ["vhead", "_", "_"],
+            "qid": 14,
+        },
+        {
+            "img_id": 2,
+            "img_name": "xmlab2/source.jpg",
+            "question": "图片中有肝脏吗?",
+            "answer": "是",
+            "q_lang": "zh",
+            "location": "Abdomen",
+            "modality": "CT",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Organ",
+            "triple": ["vhead", "_", "_"],
+            "qid": 15,
+        },
     ]
     (root / "test.json").write_text(json.dumps(rows, ensure_ascii=False))
     with zipfile.ZipFile(root / "imgs.zip", "w") as zf:
@@ -88,38 +159,104 @@ def omnimedvqa(root: Path) -> Path:  # QA_information/Open-access/<set>.json + I
         img(40 + i).save(root / "Images" / "set1" / f"{i}.png")
     base = {"dataset": "set1", "question_type": "Modality Recognition"}
     rows = [
-        {**base, "question_id": "q0", "question": "What modality is this?", "gt_answer": "CT", "image_path": "Images/set1/0.png", "option_A": "CT", "option_B": "MRI", "modality_type": "CT(Computed Tomography)"},
-        {**base, "question_id": "q1", "question": "What modality is this?", "gt_answer": "Fundus", "image_path": "Images/set1/1.png", "option_A": "OCT", "option_B": "Fundus", "option_C": "X-ray", "option_D": "CT", "modality_type": "Fundus Photography"},
-        {**base, "question_id": "q2", "question": "Bad answer?", "gt_answer": "Ultrasound", "image_path": "Images/set1/2.png", "option_A": "CT", "option_B": "MRI", "modality_type": "CT(Computed Tomography)"},
-        {**base, "question_id": "q3", "question": "Missing image?", "gt_answer": "CT", "image_path": "Images/set1/missing.png", "option_A": "CT", "option_B": "MRI", "modality_type": "MR (Mag-netic Resonance Imaging)"},
-        {**base, "question_id": "q4", "question": "No options?", "gt_answer": "CT", "image_path": "Images/set1/3.png", "modality_type": "X-Ray"},
+        {
+            **base,
+            "question_id": "q0",
+            "question": "What modality is this?",
+            "gt_answer": "CT",
+            "image_path": "Images/set1/0.png",
+            "option_A": "CT",
+            "option_B": "MRI",
+            "modality_type": "CT(Computed Tomography)",
+        },
+        {
+            **base,
+            "question_id": "q1",
+            "question": "What modality is this?",
+            "gt_answer": "Fundus",
+            "image_path": "Images/set1/1.png",
+            "option_A": "OCT",
+            "option_B": "Fundus",
+            "option_C": "X-ray",
+            "option_D": "CT",
+            "modality_type": "Fundus Photography",
+        },
+        {
+            **base,
+            "question_id": "q2",
+            "question": "Bad answer?",
+            "gt_answer": "Ultrasound",
+            "image_path": "Images/set1/2.png",
+            "option_A": "CT",
+            "option_B": "MRI",
+            "modality_type": "CT(Computed Tomography)",
+        },
+        {
+            **base,
+            "question_id": "q3",
+            "question": "Missing image?",
+            "gt_answer": "CT",
+            "image_path": "Images/set1/missing.png",
+            "option_A": "CT",
+            "option_B": "MRI",
+            "modality_type": "MR (Mag-netic Resonance Imaging)",
+        },
+        {
+            **base,
+            "question_id": "q4",
+            "question": "No options?",
+            "gt_answer": "CT",
+            "image_path": "Images/set1/3.png",
+            "modality_type": "X-Ray",
+        },
     ]
     (qa / "set1.json").write_text(json.dumps(rows))
     return root
 
 
-MMMU_README = "---\nconfigs:\n" + "".join(
-    f"- config_name: {s}\n  data_files:\n  - split: validation\n    path: {s}/validation-*\n"
-    for s in ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
-) + "---\n"
+MMMU_README = (
+    "---\nconfigs:\n"
+    + "".join(
+        f"- config_name: {s}\n  data_files:\n  - split: validation\n    path: {s}/validation-*\n"
+        for s in ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
+    )
+    + "---\n"
+)
 
 
 def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/validation-*.parquet
     root.mkdir(parents=True, exist_ok=True)
     (root / "README.md").write_text(MMMU_README)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "question": datasets.Value("string"), "options": datasets.Value("string"),
-        "explanation": datasets.Value("string"), "image_1": datasets.Image(), "image_2": datasets.Image(),
-        "img_type": datasets.Value("string"), "answer": datasets.Value("string"), "topic_difficulty": datasets.Value("string"),
-        "question_type": datasets.Value("string"), "subfield": datasets.Value("string"),
-    })
-    for k, subject in enumerate(("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")):
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "options": datasets.Value("string"),
+            "explanation": datasets.Value("string"),
+            "image_1": datasets.Image(),
+            "image_2": datasets.Image(),
+            "img_type": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "topic_difficulty": datasets.Value("string"),
+            "question_type": datasets.Value("string"),
+            "subfield": datasets.Value("string"),
+        }
+    )
+    for k, subject in enumerate(
+        ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
+    ):
         rows = {
             "id": [f"validation_{subject}_1", f"validation_{subject}_2"],
             "question": ["<image 1> Which structure is shown?", "What is the dose?"],
             "options": ["['Heart', 'Liver', 'Kidney']", "[]"],
-            "explanation": ["", ""], "image_1": [img(50 + k), None], "image_2": [None, None], "img_type": ["['Photos']", "[]"],
-            "answer": ["B", "5 mg"], "topic_difficulty": ["Easy", "Medium"], "question_type": ["multiple-choice", "open"], "subfield": ["Anatomy", "Dosing"],
+            "explanation": ["", ""],
+            "image_1": [img(50 + k), None],
+            "image_2": [None, None],
+            "img_type": ["['Photos']", "[]"],
+            "answer": ["B", "5 mg"],
+            "topic_difficulty": ["Easy", "Medium"],
+            "question_type": ["multiple-choice", "open"],
+            "subfield": ["Anatomy", "Dosing"],
         }
         (root / subject).mkdir(exist_ok=True)
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / subject / "validation-00000-of-00001.parquet"))
@@ -131,8 +268,21 @@ def bundle(root: Path) -> Path:  # HuatuoGPT-Vision's Medical_Multimodal_Evaluat
     img(60).save(root / "images" / "a.jpg")
     rows = [
         {"question": "Is there a fracture?", "options": ["yes", "no"], "answer": "yes", "image": ["images/a.jpg"], "dataset": "VQA-RAD"},
-        {"question": "Which organ?", "options": ["Liver", "Lung", "Heart"], "answer": "Lung", "image": ["images/a.jpg"], "dataset": "SLAKE"},
-        {"question": "Which modality?", "options": ["CT", "MRI"], "answer": "MRI", "image": ["images/a.jpg"], "dataset": "OmniMedVQA", "modality": "MR"},
+        {
+            "question": "Which organ?",
+            "options": ["Liver", "Lung", "Heart"],
+            "answer": "Lung",
+            "image": ["images/a.jpg"],
+            "dataset": "SLAKE",
+        },
+        {
+            "question": "Which modality?",
+            "options": ["CT", "MRI"],
+            "answer": "MRI",
+            "image": ["images/a.jpg"],
+            "dataset": "OmniMedVQA",
+            "modality": "MR",
+        },
     ]
     (root / "medical_multimodel_evaluation_data.json").write_text(json.dumps(rows))
     return root

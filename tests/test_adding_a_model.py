@@ -38,7 +38,9 @@ def test_a_new_architecture_is_a_small_subclass(tmp_path, images):
     checkpoint = tiny.build_llava(tmp_path / "plain", family="llama")
     MODEL_REGISTRY_V2.register_manifest(ModelManifest("plain_llava", simple_class_path=f"{__name__}.PlainPromptLlava"), overwrite=True)
     wrapper = get_model("plain_llava").create_from_arg_string(f"pretrained={checkpoint},device=cpu")
-    records = wrapper.generate_until(make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+    records = wrapper.generate_until(
+        make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}})
+    )
     assert all('"skipped": null' in r for r in records)
     prefix = wrapper.adapter.split_prompts(images[:1], ["Where?"]).prefix[0]
     assert wrapper.tokenizer.decode([t for t in prefix if t != wrapper.adapter.image_token_id]) == "USER: "

@@ -1,14 +1,17 @@
 """lmms-eval's data-parallel sharding (accelerate launch, 2 CPU processes) gives the results of one process."""
 
+import medvqa_fixtures as fx
 import pytest
 from cli import run_lmms_eval
 from fixtures import write_coco, write_vgmed_v1
 
-import medvqa_fixtures as fx
-
 
 def test_two_processes_give_the_same_results(tmp_path, llava_dir):
-    env = {**fx.all_sources(tmp_path / "data"), "LMMS_VG_VGMED_ROOT": str(write_vgmed_v1(tmp_path / "vgmed")), "LMMS_VG_COCO_ROOT": str(write_coco(tmp_path / "coco"))}
+    env = {
+        **fx.all_sources(tmp_path / "data"),
+        "LMMS_VG_VGMED_ROOT": str(write_vgmed_v1(tmp_path / "vgmed")),
+        "LMMS_VG_COCO_ROOT": str(write_coco(tmp_path / "coco")),
+    }
     args = f"pretrained={llava_dir},device=cpu"
     one, _ = run_lmms_eval(tmp_path / "one", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env)
     two, _ = run_lmms_eval(tmp_path / "two", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env, processes=2)

@@ -34,7 +34,9 @@ def qwen_batch(model, tok, image_processor, images, questions):
     pixels = image_processor(images=images, return_tensors="pt")
     counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
     texts = [
-        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True).replace("<|image_pad|>", "<|image_pad|>" * n)
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True).replace(
+            "<|image_pad|>", "<|image_pad|>" * n
+        )
         for q, n in zip(questions, counts)
     ]
     batch = dict(tok(texts, return_tensors="pt", padding=True))
@@ -224,9 +226,9 @@ def test_bad_inputs_give_clear_errors(llava_dir):
     ids = processor.tokenizer(["no image here"], return_tensors="pt")["input_ids"]
     with pytest.raises(engine.EngineError, match="no image tokens"):
         engine.image_token_positions(ids, model.config.image_token_id, "tiny-llava")
-    with pytest.raises(engine.EngineError, match="out of range"):
-        with engine.arm(model, capture=engine.Capture(rows=torch.zeros(1, 1, dtype=torch.long), cols=torch.zeros(1, 1, dtype=torch.long), layers=frozenset({7}))):
-            pass
+    bad = engine.Capture(rows=torch.zeros(1, 1, dtype=torch.long), cols=torch.zeros(1, 1, dtype=torch.long), layers=frozenset({7}))
+    with pytest.raises(engine.EngineError, match="out of range"), engine.arm(model, capture=bad):
+        pass
     with pytest.raises(engine.EngineError, match="not a supported architecture"):
         engine.install(torch.nn.Linear(2, 2))
 
@@ -244,6 +246,32 @@ def test_bad_inputs_give_clear_errors(llava_dir):
     with pytest.raises(engine.EngineError, match="cannot be swapped"):
         engine.install(FlashOnly())
     unprepared = LlavaForConditionalGeneration.from_pretrained(llava_dir)
-    with pytest.raises(engine.EngineError, match="install"):
-        with engine.arm(unprepared):
-            pass
+    with pytest.raises(engine.EngineError, match="install"), engine.arm(unprepared):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_capture_under_knockout_equals_hand_masked_weights(llava_dir, images, mode):
+    """Captured weights at a knockout layer are the ones used: renormalised (mask) or multiplied (zero)."""
+    model, processor = load_llava(llava_dir)
+    inputs = llava_batch(processor, images, QUESTIONS)
+    ko = knockout_plan(inputs, model.config.image_token_id, layers=[1], mode=mode)
+    cols = engine.image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    last = inputs["input_ids"].shape[1] - 1
+    cap = engine.Capture(rows=torch.full((2, 1), last), cols=cols)
+    with torch.no_grad(), engine.arm(model, capture=cap, knockout=ko):
+        model(**inputs)
+    REFERENCE["knockout"] = {"layers": ko.layers, "rows": ko.rows, "cols": ko.cols, "mode": mode}
+    model.set_attn_implementation({"text_config": "reference_eager"})
+    try:
+        with torch.no_grad():
+            weights = model(**inputs, output_attentions=True).attentions
+    finally:
+        REFERENCE["knockout"] = None
+        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    ours = cap.last_row_maps()
+    for layer, w in enumerate(weights):
+        expected = torch.stack([w[b, :, -1, cols[b]] for b in range(2)])
+        assert torch.allclose(ours[:, layer], expected, atol=1e-5, rtol=0), layer
+    blocked = torch.stack([ko.cols[b, cols[b]] for b in range(2)])  # [B, N]
+    assert (ours[:, 1].permute(1, 0, 2)[:, blocked] == 0).all()  # blocked image columns carry no weight at the knockout layer

@@ -33,7 +33,9 @@ def landed_cells(pixels: np.ndarray, cell: int) -> np.ndarray:
 def test_llava_cells_match_processor(size, pad):
     w, h = size
     box = (int(w * 0.55), int(h * 0.2), int(w * 0.8), int(h * 0.45))
-    proc = LlavaImageProcessorPil(do_pad=pad, size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}, image_mean=MEAN, image_std=STD)
+    proc = LlavaImageProcessorPil(
+        do_pad=pad, size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}, image_mean=MEAN, image_std=STD
+    )
     pixels = proc(images=[marker_image(w, h, box)], return_tensors="np")["pixel_values"][0]
     t = geometry.llava_transform(w, h, pad_to_square=pad, shortest_edge=112, crop=(112, 112), patch=14)
     cells = geometry.box_cells([box], "xyxy", t)
@@ -53,7 +55,7 @@ def test_qwen2_vl_cells_match_processor():
     box = (70, 10, 120, 50)
     proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     out = proc(images=[marker_image(w, h, box)], return_tensors="np")
-    t, gh, gw = out["image_grid_thw"][0]
+    _, gh, gw = out["image_grid_thw"][0]
     t_ = geometry.qwen2_vl_transform(w, h, patch=14, merge=2, min_pixels=56 * 56, max_pixels=112 * 112)
     assert (t_.rows, t_.cols) == (gh // 2, gw // 2)
     cells = geometry.box_cells([box], "xyxy", t_).mask.reshape(t_.rows, t_.cols)
@@ -67,12 +69,14 @@ def test_pad_offset_matters_on_non_square_images():
     """A box in a wide image: the authors' no-offset mapping puts it in the wrong rows."""
     w, h = 336, 168  # padded to 336x336, image pasted 84 px down
     box = [[0, 0, 56, 56]]
-    right = geometry.box_cells(box, "xywh", geometry.llava_transform(w, h, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14))
+    right = geometry.box_cells(
+        box, "xywh", geometry.llava_transform(w, h, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
+    )
     authors = geometry.box_cells(box, "xywh", geometry.authors_transform(w, h))
     right_rows = np.nonzero(right.mask.reshape(24, 24).any(1))[0]
     authors_rows = np.nonzero(authors.mask.reshape(24, 24).any(1))[0]
     assert right_rows.tolist() == list(range(6, 10))  # (0+84)/14 = 6 .. ceil((56+84)/14) = 10
-    assert authors_rows.tolist() == list(range(0, 8))  # y scaled by 2 and no offset
+    assert authors_rows.tolist() == list(range(8))  # y scaled by 2 and no offset
     # on a square image both agree
     sq = geometry.llava_transform(500, 500, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
     a = geometry.box_cells([[100, 200, 50, 60]], "xywh", sq).mask

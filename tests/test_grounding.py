@@ -1,7 +1,6 @@
 """Grounding maps with a shared image prefix against eager attention on each full prompt."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,10 @@ def test_runner_metrics_equal_eager_reference(llava_dir, images):
     adapter = LlavaAdapter(model, processor)
     runner = GroundingRunner(adapter, reference_prompt=GENERIC_PROMPT, head_level=True)
     boxes = [[[10, 10, 60, 50]], [[50, 50, 90, 95], [0, 0, 20, 20]]]
-    samples = [GroundingSample(img, q, b, "xyxy", image_key=str(i), sample_id=str(i)) for i, (img, q, b) in enumerate(zip(images, QUESTIONS, boxes))]
+    samples = [
+        GroundingSample(img, q, b, "xyxy", image_key=str(i), sample_id=str(i))
+        for i, (img, q, b) in enumerate(zip(images, QUESTIONS, boxes))
+    ]
     records = runner.score(samples)
     for s, rec in zip(samples, records):
         q = eager_last_row(model, processor, s.image, s.question)
@@ -56,7 +58,9 @@ def test_zero_area_box_is_skipped_with_reason(llava_dir, images):
 def test_vgmed_tasks_through_lmms_eval_cli(tmp_path, llava_dir):
     env = {"LMMS_VG_VGMED_ROOT": str(write_vgmed_v1(tmp_path / "vgmed")), "LMMS_VG_COCO_ROOT": str(write_coco(tmp_path / "coco"))}
     maps_dir = tmp_path / "maps"
-    results, folder = run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu,head_level=true,save_maps={maps_dir}", "vgmed", env)
+    results, folder = run_lmms_eval(
+        tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu,head_level=true,save_maps={maps_dir}", "vgmed", env
+    )
     n_layers = 3
     for task, n_scored, n_skipped in (("vgmed_loc", 3, 1), ("vgmed_attr", 2, 0), ("vgmed_coco_loc", 2, 0), ("vgmed_coco_attr", 2, 0)):
         r = results["results"][task]
@@ -85,6 +89,8 @@ def test_missing_image_root_names_the_variable(tmp_path, llava_dir):
     env = {"LMMS_VG_VGMED_ROOT": str(root)}
     with pytest.raises(AssertionError, match="LMMS_VG_SKIP_MISSING_IMAGES"):
         run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "vgmed_loc", env)
-    results, _ = run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "vgmed_loc", {**env, "LMMS_VG_SKIP_MISSING_IMAGES": "1"})
+    results, _ = run_lmms_eval(
+        tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "vgmed_loc", {**env, "LMMS_VG_SKIP_MISSING_IMAGES": "1"}
+    )
     counts = results["results"]["vgmed_loc"]["samples,none"]
     assert counts["skipped"] == 3 and counts["scored"] == 1  # two questions on the missing image, one zero-area box

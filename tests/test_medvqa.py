@@ -3,10 +3,10 @@
 import json
 import math
 
+import medvqa_fixtures as fx
 import pytest
 from cli import run_lmms_eval
 
-import medvqa_fixtures as fx
 from lmms_vg import medvqa, vqa_results
 
 

@@ -38,7 +38,10 @@ def make_requests(wrapper, images, questions, gen_kwargs):
         return [doc["image"]]
 
     meta = [{"task": "t", "doc_id": i, "repeats": 1} for i in range(len(questions))]
-    return [Instance("generate_until", (q, json.loads(json.dumps(gen_kwargs)), doc_to_visual, i, "t", "test"), i, m) for i, (q, m) in enumerate(zip(questions, meta))]
+    return [
+        Instance("generate_until", (q, json.loads(json.dumps(gen_kwargs)), doc_to_visual, i, "t", "test"), i, m)
+        for i, (q, m) in enumerate(zip(questions, meta))
+    ]
 
 
 @pytest.mark.parametrize("model_id", sorted(ARCHS))
@@ -73,7 +76,9 @@ def test_vgrefine_twins_check_their_heads_before_any_sample(checkpoints):
     with pytest.raises(ValueError, match="calibration"):
         get_model("llava_med_vgrefine").create_from_arg_string(f"pretrained={checkpoints['llava_med']},device=cpu")
     with pytest.raises(VGRefineConfigError, match="outside"):
-        get_model("lmms_vg_llava_vgrefine").create_from_arg_string(f"pretrained={checkpoints['lmms_vg_llava']},device=cpu,heads=huatuo_7b,percentile=120")
+        get_model("lmms_vg_llava_vgrefine").create_from_arg_string(
+            f"pretrained={checkpoints['lmms_vg_llava']},device=cpu,heads=huatuo_7b,percentile=120"
+        )
 
 
 def test_bad_checkpoints_say_what_to_do(tmp_path, qwen2_vl_dir):
@@ -84,7 +89,9 @@ def test_bad_checkpoints_say_what_to_do(tmp_path, qwen2_vl_dir):
         cls(pretrained=str(qwen2_vl_dir), device="cpu")
     remote = tmp_path / "remote"
     remote.mkdir()
-    (remote / "config.json").write_text(json.dumps({"model_type": "my_remote_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    (remote / "config.json").write_text(
+        json.dumps({"model_type": "my_remote_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}})
+    )
     with pytest.raises(ModelLoadError, match="trust_remote_code=true"):
         cls(pretrained=str(remote), device="cpu")
     with pytest.raises(TypeError, match="unknown model_args"):

@@ -47,7 +47,10 @@ def test_options_beyond_d():
 
 
 def test_prompt_layout():
-    assert scoring.mc_prompt(" Is it? ", ["yes", "no"]) == "Is it?\nA. yes\nB. no\nAnswer with the option's letter from the given choices directly."
+    assert (
+        scoring.mc_prompt(" Is it? ", ["yes", "no"])
+        == "Is it?\nA. yes\nB. no\nAnswer with the option's letter from the given choices directly."
+    )
 
 
 def test_bad_items():

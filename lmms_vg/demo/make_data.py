@@ -1,6 +1,6 @@
 """Write the bundled demo data: synthetic scenes with grounding questions (boxes) and multiple-choice VQA.
 
-    python -m lmms_vg.demo.make_data          # writes lmms_vg/demo/data/ (seeded, deterministic)
+python -m lmms_vg.demo.make_data          # writes lmms_vg/demo/data/ (seeded, deterministic)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def write(out: Path, n_images: int = 24, seed: int = 1234) -> None:
             q = synthetic.question(things, rng)
             grounding.append({"image": name, "question": q.question, "answer": q.answer, "kind": q.kind, "bbox": list(q.target.box)})
             q = synthetic.question(things, rng)
-            vqa.append({"image": name, "question": q.question, "options": synthetic.options_for(q, rng), "answer": q.answer, "kind": q.kind})
+            vqa.append(
+                {"image": name, "question": q.question, "options": synthetic.options_for(q, rng), "answer": q.answer, "kind": q.kind}
+            )
     for fname, rows in (("grounding.jsonl", grounding), ("vqa.jsonl", vqa)):
         with open(out / fname, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

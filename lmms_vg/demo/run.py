@@ -26,8 +26,20 @@ def run_lmms_eval(model: str, out: Path, device: str) -> Path:
     results = out / "results" / model
     maps = out / "maps" / model
     cmd = [
-        sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", f"device={device},save_maps={maps}",
-        "--tasks", TASKS, "--batch_size", "8", "--output_path", str(results), "--log_samples",
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        f"device={device},save_maps={maps}",
+        "--tasks",
+        TASKS,
+        "--batch_size",
+        "8",
+        "--output_path",
+        str(results),
+        "--log_samples",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     workdir = out / "work"  # empty: lmms-eval reads --tasks X as a folder when ./X exists

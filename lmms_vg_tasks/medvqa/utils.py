@@ -71,5 +71,7 @@ def agg_recall(outcomes):
 
 def agg_bertscore(outcomes):
     scored = [o for o in outcomes if not o.get("excluded")]
-    f1, reason = scoring.bertscore_f1([o["output"] for o in scored], [o["answer"] for o in scored], os.environ.get("LMMS_VG_BERTSCORE_MODEL"))
+    f1, reason = scoring.bertscore_f1(
+        [o["output"] for o in scored], [o["answer"] for o in scored], os.environ.get("LMMS_VG_BERTSCORE_MODEL")
+    )
     return {"unavailable": reason} if f1 is None else 100.0 * sum(f1) / max(len(f1), 1)

@@ -1,0 +1,94 @@
+"""Report commands on results folders that the real lmms-eval CLI wrote in this test."""
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+
+import medvqa_fixtures as fx
+import pytest
+from cli import run_lmms_eval
+from fixtures import write_coco, write_vgmed_v1
+from PIL import Image
+
+from lmms_vg import cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, llava_dir):
+    """Head-level calibration run -> `lmms-vg calibrate` -> baseline and VGRefine runs with saved maps."""
+    tmp = tmp_path_factory.mktemp("report")
+    env = {
+        **fx.all_sources(tmp / "data"),
+        "LMMS_VG_VGMED_ROOT": str(write_vgmed_v1(tmp / "vgmed")),
+        "LMMS_VG_COCO_ROOT": str(write_coco(tmp / "coco")),
+    }
+    base_args = f"pretrained={llava_dir},device=cpu"
+    run_lmms_eval(tmp / "calib", "lmms_vg_llava", f"{base_args},head_level=true", "vgmed_coco_loc", env)
+    heads = tmp / "heads.json"
+    assert (
+        cli.main(
+            [
+                "calibrate",
+                str(tmp / "calib" / "results"),
+                "--task",
+                "vgmed_coco_loc",
+                "--top-k",
+                "4",
+                "--knockout-layers",
+                "1",
+                "--out",
+                str(heads),
+            ]
+        )
+        == 0
+    )
+    tasks = "vgmed_loc,vgmed_coco_loc,pmc_vqa,omnimedvqa,mmmu_med"
+    run_lmms_eval(tmp / "base", "lmms_vg_llava", f"{base_args},save_maps={tmp / 'maps_base'}", tasks, env)
+    run_lmms_eval(tmp / "vg", "lmms_vg_llava_vgrefine", f"{base_args},heads={heads},save_maps={tmp / 'maps_vg'}", tasks, env)
+    return tmp, heads
+
+
+def test_calibration_file(runs):
+    _, heads = runs
+    preset = json.loads(heads.read_text())
+    assert len(preset["heads"]) == 4 and preset["knockout_layers"] == [1] and preset["samples"] == 2
+    assert preset["mean_kl"] == sorted(preset["mean_kl"]) and preset["source"].startswith("vgmed_coco_loc")
+
+
+def test_leaderboard_tables(runs):
+    tmp, _ = runs
+    out = tmp / "report"
+    assert cli.main(["leaderboard", str(tmp / "base" / "results"), str(tmp / "vg" / "results"), "--out", str(out)]) == 0
+    rows = list(csv.reader((out / "leaderboard.csv").read_text().splitlines()))
+    assert rows[0] == ["Model", "PMC-VQA", "OmniMedVQA", "MMMU H&M", "Avg."]
+    labels = [r[0] for r in rows[1:]]
+    assert len(labels) == 3 and labels[1].endswith("+ VGRefine") and labels[2].endswith("VGRefine - baseline")
+    base, vg, delta = ([float(v) for v in r[1:]] for r in rows[1:])
+    assert delta == pytest.approx([b - a for a, b in zip(base, vg)], abs=0.11)
+    results = json.loads(next((tmp / "base" / "results").rglob("*_results.json")).read_text())
+    n = {t: results["n-samples"][t]["effective"] for t in ("pmc_vqa", "omnimedvqa", "mmmu_med")}
+    acc = {t: results["results"][t]["accuracy,none"] for t in n}
+    assert base[-1] == pytest.approx(sum(acc[t] * n[t] for t in n) / sum(n.values()), abs=0.051)  # sample-weighted
+    md = (out / "leaderboard.md").read_text().splitlines()
+    assert md[0].startswith("| Model |") and len(md) == 5
+    grounding = list(csv.reader((out / "grounding.csv").read_text().splitlines()))
+    assert grounding[0][:4] == ["Model", "Task", "Best layer", "AR"] and len(grounding) == 5
+
+
+def test_layer_curves_and_heatmaps(runs):
+    tmp, _ = runs
+    out = tmp / "figures"
+    assert cli.main(["curves", str(tmp / "base" / "results"), str(tmp / "vg" / "results"), "--out", str(out)]) == 0
+    assert (
+        cli.main(["heatmaps", "--baseline", str(tmp / "maps_base"), "--vgrefine", str(tmp / "maps_vg"), "--out", str(out), "--limit", "3"])
+        == 0
+    )
+    for name in ("layer_curves", "heatmaps"):
+        with Image.open(out / f"{name}.png") as img:
+            assert img.width > 300 and img.height > 200
+        assert ET.parse(out / f"{name}.svg").getroot().tag.endswith("svg")
+
+
+def test_report_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["leaderboard", str(tmp_path)]) == 2
+    assert "no lmms-eval results" in capsys.readouterr().err
