@@ -27,6 +27,8 @@ class Prompts:
 class LlavaAdapter:
     """LLaVA-1.5 family: one ``<image>`` placeholder expanded by the processor to a fixed token grid."""
 
+    shares_prefix = True  # the image tokens' positions do not depend on the text: one prefix serves every prompt
+
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model"):
         self.model = model
         self.processor = processor
@@ -119,3 +121,57 @@ def rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+class Qwen2VLAdapter:
+    """Qwen2-VL / Qwen2.5-VL: dynamic resolution, one ``<|image_pad|>`` per merged 2x2 patch block.
+
+    Its multimodal RoPE gives text after the image positions that depend on the image grid, so
+    this adapter does not share an image prefix between prompts (``shares_prefix = False``): the
+    grounding runner and VGRefine run full prompts, which is exact and costs more.
+    """
+
+    shares_prefix = False
+
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model"):
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.processor = processor
+        self.name = name
+        if chat_template:
+            self.tokenizer.chat_template = chat_template
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.image_token_id = model.config.image_token_id
+        self.merge = self.image_processor.merge_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prompt(self, text: str) -> str:
+        """The chat template with one image placeholder (vision start, image pad, vision end) before the text."""
+        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        out = self.image_processor(images=[rgb(img) for img in images], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(self.device, self.model.dtype), "image_grid_thw": out["image_grid_thw"].to(self.device)}
+
+    def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch; the placeholder expanded to each image's token count (needs no torchvision)."""
+        pixels = self.pixel_inputs(images)
+        counts = (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        prompts = [self.prompt(t).replace(pad, pad * int(n), 1) for t, n in zip(texts, counts)]
+        batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts, return_tensors="pt", padding=True).items()}
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
+        return {**batch, **pixels}
+
+    def transform(self, image: Image.Image) -> geometry.ImageTransform:
+        ip = self.image_processor
+        min_pixels = ip.min_pixels if getattr(ip, "min_pixels", None) else ip.size["shortest_edge"]
+        max_pixels = ip.max_pixels if getattr(ip, "max_pixels", None) else ip.size["longest_edge"]
+        return geometry.qwen2_vl_transform(image.width, image.height, patch=ip.patch_size, merge=self.merge, min_pixels=min_pixels, max_pixels=max_pixels)

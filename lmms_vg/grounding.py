@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry, inference, metrics
+from . import engine, geometry, inference, metrics
 from .adapters import LlavaAdapter
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class GroundingRunner:
 
     def question_and_reference_maps(self, images, questions, image_keys) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw maps ``[B, L, H, N]`` for the questions and for the generic prompt (None if normalisation is off)."""
+        if not self.adapter.shares_prefix:
+            return self._full_prompt_maps(images, questions)
         prompts = self.adapter.split_prompts(images, questions)
         state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
         pad = self.adapter.tokenizer.pad_token_id
@@ -133,6 +135,25 @@ class GroundingRunner:
             knockout = self.refiner.knockout(state, prompts.suffix, keep)
             question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad, knockout=knockout)[0]
         return question, reference_maps
+
+    def _full_prompt_maps(self, images, questions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same maps from full prompts (adapters whose positions forbid a shared prefix); no reference cache."""
+        sets = [questions] + ([[self.reference_prompt] * len(images)] if self.reference_prompt else [])
+        maps = inference.full_prompt_maps(self.adapter, images, sets)
+        question, reference = maps[0], (maps[1] if self.reference_prompt else None)
+        if self.refiner is not None:
+            from .vgrefine import triage_keep, triage_map
+
+            cfg = self.refiner.config
+            keep = triage_keep(triage_map(question, reference, cfg.selected), cfg.percentile)
+            batch = self.adapter.encode(images, questions)
+            cols = engine.image_token_positions(batch["input_ids"], self.adapter.image_token_id, self.adapter.name)
+            cap = engine.Capture(rows=torch.full((len(images), 1), batch["input_ids"].shape[1] - 1, device=cols.device), cols=cols)
+            knockout = inference.full_prompt_knockout(self.adapter, batch, keep, cfg.knockout_layers, cfg.mode)
+            with torch.no_grad(), engine.arm(self.adapter.model, capture=cap, knockout=knockout):
+                self.adapter.model(**batch, logits_to_keep=1)
+            question = cap.last_row_maps()
+        return question, reference
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:
         records: list[GroundingRecord | None] = [None] * len(samples)

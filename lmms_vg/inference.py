@@ -136,3 +136,31 @@ def suffix_rows(state: PrefixState, suffixes: list[list[int]]) -> torch.Tensor:
     ends = torch.full((len(suffixes),), total)
     starts = ends - torch.tensor([len(s) for s in suffixes])
     return engine.span_mask(total, starts, ends)
+
+
+def full_prompt_maps(adapter, images, text_sets: list[list[str]], layers: frozenset[int] | None = None) -> list[torch.Tensor]:
+    """Without a shared prefix: every (image, text) as a full prompt, all sets in one left-padded batch.
+
+    ``text_sets[j][b]`` is sample b's j-th prompt text; returns one ``[B, layers, heads, N]`` per set.
+    """
+    k = len(text_sets)
+    batch = adapter.encode([img for img in images for _ in range(k)], [text_sets[j][b] for b in range(len(images)) for j in range(k)])
+    cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id, adapter.name)
+    last = torch.full((cols.shape[0], 1), batch["input_ids"].shape[1] - 1, device=cols.device)
+    cap = engine.Capture(rows=last, cols=cols, layers=layers, stop_early=layers is not None)
+    try:
+        with torch.no_grad(), engine.arm(adapter.model, capture=cap):
+            adapter.model(**batch, logits_to_keep=1)
+    except engine.CaptureComplete:
+        pass
+    maps = cap.last_row_maps()
+    return [maps[j::k] for j in range(k)]
+
+
+def full_prompt_knockout(adapter, batch: dict, keep: torch.Tensor, layers: tuple[int, ...], mode: str) -> engine.Knockout:
+    """Knockout for a left-padded full-prompt batch: every token after the image blocked from the patches not kept."""
+    ids = batch["input_ids"]
+    cols = engine.image_token_positions(ids, adapter.image_token_id, adapter.name)
+    rows = engine.span_mask(ids.shape[1], (cols[:, -1] + 1).cpu(), [ids.shape[1]] * ids.shape[0])
+    blocked = torch.zeros(ids.shape, dtype=torch.bool).scatter_(1, cols.cpu(), ~keep.cpu())
+    return engine.Knockout(layers=frozenset(layers), rows=rows, cols=blocked, mode=mode)

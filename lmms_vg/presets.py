@@ -29,6 +29,7 @@ class ModelPreset:
     heads: str | None = None
     knockout_layers: tuple[int, ...] = ()
     note: str = ""
+    family: str = "llava"  # llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -50,6 +51,8 @@ PRESETS: dict[str, ModelPreset] = {
             (),
             "general-domain reference; llava-hf's processor resizes and centre-crops",
         ),
+        ModelPreset("huatuo_qwen25vl", "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL", None, False, None, (), "calibrate heads", "qwen2_vl"),
+        ModelPreset("qwen25vl", "Qwen/Qwen2.5-VL-7B-Instruct", None, False, None, (), "general-domain reference; calibrate heads", "qwen2_vl"),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }

@@ -21,6 +21,7 @@ _CORPUS = (
     "square circle triangle red green blue liver lung brain kidney heart abnormal normal CT MRI X-ray "
     "Is the square on the left or the right? Is the red shape on the left or the right? What color is the circle? "
     "What shape is green? What color is the triangle? What shape is blue?\n"
+    "Is the colored shape on the left or the right? What color is the colored shape? What shape is colored?\n"
     # answers start a line with no space before them: make the bare words single tokens too
     "left\nright\nred\ngreen\nblue\nsquare\ncircle\ntriangle\nyes\nno\n"
 )
@@ -141,9 +142,12 @@ def build_qwen2_vl(out_dir: str | Path, layers: int = 3, heads: int = 4, kv_head
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = build_tokenizer(extra_special=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
+    # Qwen's layout: list content with an image part; a plain string means one image first (as the engine tests write it)
     tok.chat_template = (
-        "{% for message in messages %}<|user|>\n<|vision_start|><|image_pad|><|vision_end|>"
-        "{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
+        "{% for message in messages %}<|user|>\n{% if message['content'] is string %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n<|assistant|>\n{% endfor %}"
     )
     tc = text_config("qwen2", len(tok), hidden, layers, heads, kv_heads).to_dict()
     tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}

@@ -165,6 +165,8 @@ class VGRefiner:
     def generate(self, images, texts, image_keys=None, reference_prompt: str | None = None, **generate_kwargs) -> RefineOutcome:
         """VGRefine answers; ``reference_prompt`` overrides the configured generic prompt (when normalisation is on)."""
         cfg, adapter, model = self.config, self.adapter, self.adapter.model
+        if not adapter.shares_prefix:
+            return self._generate_full_prompts(images, texts, reference_prompt, **generate_kwargs)
         image_keys = image_keys or [None] * len(images)
         pad = adapter.tokenizer.pad_token_id
         prompts = adapter.split_prompts(images, texts)
@@ -176,6 +178,21 @@ class VGRefiner:
         tokens, first_logits = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
         fraction = (~keep).float().mean(1).tolist()
         return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
+
+    def _generate_full_prompts(self, images, texts, reference_prompt, **generate_kwargs) -> RefineOutcome:
+        """The three passes on full prompts (maps for the questions and the generic prompt in one batch, then generation)."""
+        cfg, adapter = self.config, self.adapter
+        prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
+        sets = [list(texts)] + ([[prompt] * len(images)] if prompt else [])
+        maps = [_full(m, cfg) for m in inference.full_prompt_maps(adapter, images, sets, layers=cfg.map_layers)]
+        keep = triage_keep(triage_map(maps[0], maps[1] if prompt else None, cfg.selected), cfg.percentile)
+        batch = adapter.encode(images, texts)
+        knockout = inference.full_prompt_knockout(adapter, batch, keep, cfg.knockout_layers, cfg.mode)
+        with torch.no_grad(), engine.arm(adapter.model, knockout=knockout):
+            out = adapter.model.generate(**batch, return_dict_in_generate=True, **generate_kwargs)
+        first = out.logits[0] if getattr(out, "logits", None) else None
+        tokens = out.sequences[:, batch["input_ids"].shape[1] :]
+        return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first)
 
     def knockout(self, state: inference.PrefixState, suffixes: list[list[int]], keep: torch.Tensor) -> engine.Knockout:
         """Block the triaged-out patches for every suffix token (the text after the image), at the knockout layers."""

@@ -21,7 +21,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from lmms_vg import engine
-from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
@@ -43,15 +43,18 @@ def parse_layers(value) -> tuple[int, ...]:
     return tuple(int(v) for v in str(value).replace(";", " ").replace("/", " ").split())
 
 
-def load_llava(pretrained: str, dtype, device_map, revision: str, trust_remote_code: bool):
-    """Load a transformers-native LLaVA checkpoint and its processor, with errors that say what to do."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_map, revision: str, trust_remote_code: bool):
+    """Load a transformers-native checkpoint of one of ``model_types`` (model_type -> class name) and its processor.
+
+    Errors say what to do: a folder without config.json, an architecture this model id does not take,
+    a checkpoint that needs its own code while trust_remote_code is off.
+    """
+    import transformers
+    from transformers import AutoConfig
 
     local = Path(pretrained)
     if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
-        raise ModelLoadError(
-            f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')"
-        )
+        raise ModelLoadError(f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')")
     try:
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -62,16 +65,30 @@ def load_llava(pretrained: str, dtype, device_map, revision: str, trust_remote_c
         raise ModelLoadError(
             f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)"
         ) from err
-    if config.model_type != "llava":
+    if config.model_type not in model_types:
         raise ModelLoadError(
-            f"{pretrained} is a '{config.model_type}' checkpoint, not LLaVA (LlavaForConditionalGeneration). "
+            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(model_types.values())}. "
             "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
         )
-    model = LlavaForConditionalGeneration.from_pretrained(
-        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, use_safetensors=None
-    ).eval()
-    processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    return model, processor
+    cls = getattr(transformers, model_types[config.model_type])
+    model = cls.from_pretrained(pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code).eval()
+    return model, load_processor(pretrained, revision, trust_remote_code)
+
+
+def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
+    """The checkpoint's processor; where it cannot be built (Qwen2-VL's video part needs torchvision), its tokenizer and image processor."""
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError, ValueError, OSError) as err:
+        logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({err}); using its tokenizer and image processor")
+        return SimpleNamespace(
+            tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+            image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+        )
 
 
 class LlavaVG(lmms):
@@ -80,6 +97,7 @@ class LlavaVG(lmms):
     preset: ModelPreset | None = None
     vgrefine_default = False
     adapter_class = LlavaAdapter  # a new prompt format or geometry: subclass LlavaAdapter and set this
+    model_types = {"llava": "LlavaForConditionalGeneration"}  # config.model_type -> transformers class
 
     def __init__(
         self,
@@ -121,7 +139,7 @@ class LlavaVG(lmms):
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model, processor = load_llava(pretrained, torch_dtype, device_map or None, revision, bool(trust_remote_code))
+        model, processor = load_checkpoint(pretrained, self.model_types, torch_dtype, device_map or None, revision, bool(trust_remote_code))
         if not device_map:
             model.to(self._device)
         engine.install(model)
@@ -250,9 +268,14 @@ class LlavaVG(lmms):
         texts = [args_list[j][0] for j in keep]
         fractions = None
         if self.refiner is not None:
-            keys = [f"{args_list[j][4]}/{self._image_key(args_list[j])}" for j in keep]
-            outcome = self.refiner.generate(images, texts, image_keys=keys, reference_prompt=vg.get("reference_prompt"), **kwargs)
-            tokens, fractions = outcome.tokens, outcome.knocked_fraction
+            tokens, fractions = [None] * len(keep), [0.0] * len(keep)
+            for group in self._same_grid(images):  # the engine takes one image-token count per batch
+                keys = [f"{args_list[keep[n]][4]}/{self._image_key(args_list[keep[n]])}" for n in group]
+                outcome = self.refiner.generate(
+                    [images[n] for n in group], [texts[n] for n in group], image_keys=keys, reference_prompt=vg.get("reference_prompt"), **kwargs
+                )
+                for n, row, frac in zip(group, outcome.tokens, outcome.knocked_fraction):
+                    tokens[n], fractions[n] = row, frac
         else:
             batch = self.adapter.encode(images, texts)
             with torch.no_grad():
@@ -305,9 +328,18 @@ class LlavaVG(lmms):
                 )
             )
             todo.append(j)
-        for j, record in zip(todo, runner.score(samples) if samples else []):
-            records[j] = record
+        for group in self._same_grid([s.image for s in samples]):
+            for n, record in zip(group, runner.score([samples[n] for n in group])):
+                records[todo[n]] = record
         return [r.to_json() for r in records]
+
+    def _same_grid(self, images) -> list[list[int]]:
+        """Indices of the images grouped by token grid (one group for LLaVA's fixed grid)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for n, image in enumerate(images):
+            t = self.adapter.transform(image)
+            groups.setdefault((t.rows, t.cols), []).append(n)
+        return list(groups.values())
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results = []
@@ -329,11 +361,21 @@ class LlavaVG(lmms):
         raise NotImplementedError("lmms-vg models answer single-turn tasks")
 
 
+class Qwen2VLVG(LlavaVG):
+    """Qwen2-VL / Qwen2.5-VL checkpoints (e.g. HuatuoGPT-Vision-7B-Qwen2.5VL): the same options, full-prompt passes."""
+
+    adapter_class = Qwen2VLAdapter
+    model_types = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
+
+
 def _make(model_id: str) -> type[LlavaVG]:
-    """The class for a model id: its preset (none for the generic id) and VGRefine on for ``*_vgrefine``."""
-    base = model_id.removesuffix("_vgrefine")
-    attrs = {"preset": PRESETS.get(base), "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
-    return type(class_name(model_id), (LlavaVG,), attrs)
+    """The class for a model id: its preset's family, the preset, and VGRefine on for ``*_vgrefine``."""
+    preset = PRESETS.get(model_id.removesuffix("_vgrefine"))
+    attrs = {"preset": preset, "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
+    return type(class_name(model_id), (FAMILIES[preset.family if preset else "llava"],), attrs)
 
 
 MODEL_CLASSES: dict[str, type[LlavaVG]] = {mid: LlavaVG if mid == GENERIC_MODEL_ID else _make(mid) for mid in model_ids()}

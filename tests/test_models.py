@@ -85,7 +85,7 @@ def test_bad_checkpoints_say_what_to_do(tmp_path, qwen2_vl_dir):
     cls = get_model("lmms_vg_llava")
     with pytest.raises(ModelLoadError, match="no config.json"):
         cls(pretrained=str(tmp_path / "missing"), device="cpu")
-    with pytest.raises(ModelLoadError, match="'qwen2_vl' checkpoint, not LLaVA"):
+    with pytest.raises(ModelLoadError, match="'qwen2_vl' checkpoint, not LlavaForConditionalGeneration"):
         cls(pretrained=str(qwen2_vl_dir), device="cpu")
     remote = tmp_path / "remote"
     remote.mkdir()
@@ -111,3 +111,22 @@ def test_authors_sampling_switch(checkpoints):
     greedy = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu")
     assert greedy._generation_kwargs({"max_new_tokens": 8})[0]["do_sample"] is False
     torch.manual_seed(0)
+
+
+def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
+    """Qwen2-VL family (HuatuoGPT-Vision-7B-Qwen2.5VL's wrapper) on a tiny Qwen2-VL: generation, grounding, VGRefine."""
+    wrapper = get_model("huatuo_qwen25vl").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu", {"batch_size": 2})
+    questions = ["What is shown?", "Where is the lesion in this image?"]
+    answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    records = [GroundingRecord.from_json(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))]
+    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    t = wrapper.adapter.transform(images[0])  # 130 x 90 -> smart resize to 140 x 84 -> 3 x 5 merged tokens
+    runner = next(iter(wrapper._grounding.values()))
+    q, _ = runner.question_and_reference_maps(images[:1], questions[:1], [None])
+    assert q.shape[-1] == t.rows * t.cols
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
+    refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2})
+    outs = [json.loads(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3}))]
+    assert all(o["knockout_layers"] == [1] and 0.3 <= o["knocked_fraction"] <= 0.7 for o in outs)

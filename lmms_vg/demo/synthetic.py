@@ -1,4 +1,4 @@
-"""Synthetic scenes: coloured shapes at random places, with grounding and VQA questions about one of them.
+"""Synthetic scenes: a coloured shape among grey ones, with grounding and VQA questions about it.
 
 Everything is drawn from a seeded generator, so the demo data and the training stream are reproducible.
 """
@@ -37,7 +37,7 @@ def draw(things: list[Thing], rng: random.Random) -> Image.Image:
     d = ImageDraw.Draw(img)
     for t in things:
         x0, y0, x1, y1 = t.box
-        fill = COLORS[t.color]
+        fill = COLORS[t.color] if t.color in COLORS else (int(t.color[4:]),) * 3  # "grey<level>" distractors
         if t.shape == "square":
             d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
         elif t.shape == "circle":
@@ -51,31 +51,36 @@ CELL = 28  # a 4x4 layout of 28 px cells: each thing covers one cell's 2x2 patch
 
 
 def scene(rng: random.Random) -> tuple[Image.Image, list[Thing]]:
-    """2 or 3 things of different shapes and colours, each in its own cell of a 4x4 layout."""
+    """One coloured target and 1-2 grey distractors of other shapes, each in its own cell of a 4x4 layout.
+
+    The target comes first. Questions are about the coloured shape, so answering needs the model to
+    find it among the distractors: its attention has a right place to be.
+    """
     n = rng.choice((2, 3))
     shapes = rng.sample(SHAPES, n)
-    colors = rng.sample(list(COLORS), n)
     cells = rng.sample(range(16), n)
     things = []
-    for shape, color, cell in zip(shapes, colors, cells):
+    for i, (shape, cell) in enumerate(zip(shapes, cells)):
         size = rng.randint(20, 26)
         x = (cell % 4) * CELL + rng.randint(0, CELL - size)
         y = (cell // 4) * CELL + rng.randint(0, CELL - size)
+        color = rng.choice(list(COLORS)) if i == 0 else f"grey{rng.randint(110, 200)}"
         things.append(Thing(shape, color, (x, y, x + size, y + size)))
     return draw(things, rng), things
 
 
 def question(things: list[Thing], rng: random.Random) -> Question:
-    t = rng.choice(things)
-    kind = rng.choice(("localization", "attribute"))
-    if kind == "localization":
-        side = "left" if (t.box[0] + t.box[2]) / 2 < SIZE / 2 else "right"
-        if rng.random() < 0.5:
-            return Question(f"Is the {t.shape} on the left or the right?", side, t, kind)
-        return Question(f"Is the {t.color} shape on the left or the right?", side, t, kind)
-    if rng.random() < 0.5:
-        return Question(f"What color is the {t.shape}?", t.color, t, kind)
-    return Question(f"What shape is {t.color}?", t.shape, t, kind)
+    """A localization or attribute question about the coloured target."""
+    t = things[0]
+    side = "left" if (t.box[0] + t.box[2]) / 2 < SIZE / 2 else "right"
+    kind, text, answer = rng.choice(
+        (
+            ("localization", "Is the colored shape on the left or the right?", side),
+            ("attribute", "What color is the colored shape?", t.color),
+            ("attribute", "What shape is colored?", t.shape),
+        )
+    )
+    return Question(text, answer, t, kind)
 
 
 def options_for(q: Question, rng: random.Random) -> list[str]:
