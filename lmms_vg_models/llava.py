@@ -134,6 +134,10 @@ class LlavaVG(lmms):
             raise ValueError(
                 f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)"
             )
+        self.reference_prompt = bool(reference_prompt)
+        use_vgrefine = self.vgrefine_default if vgrefine is None else bool(vgrefine)
+        # settings that need no model fail here, before a (possibly long) checkpoint load
+        refine_config = self._refine_config(pretrained, heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
         accelerator = Accelerator()
         if device is None or device == "cuda" and not torch.cuda.is_available():
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
@@ -151,7 +155,6 @@ class LlavaVG(lmms):
         self.adapter = self.adapter_class(model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained)
         self.batch_size_per_gpu = int(batch_size)
         self.sampling = sampling
-        self.reference_prompt = bool(reference_prompt)
         self.reference_cache = int(reference_cache)
         self.head_level = bool(head_level)
         self.save_maps = save_maps
@@ -160,18 +163,18 @@ class LlavaVG(lmms):
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if self._world_size > 1:
             logger.info(f"lmms-vg: data-parallel rank {self._rank} of {self._world_size} on {self._device}")
-        use_vgrefine = self.vgrefine_default if vgrefine is None else bool(vgrefine)
-        self.refiner = self._make_refiner(heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
+        # heads and layers are checked against the model here, still before any sample
+        self.refiner = VGRefiner(self.adapter, refine_config, self.reference_cache) if refine_config else None
 
-    def _make_refiner(self, heads, top_k, percentile, knockout_layers, mode) -> VGRefiner:
+    def _refine_config(self, name, heads, top_k, percentile, knockout_layers, mode) -> VGRefineConfig:
         heads = heads or (self.preset.heads if self.preset else None)
         if not heads:
             raise ValueError(
-                f"{self.name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
+                f"{name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
             )
         preset = load_heads(str(heads))
         layers = parse_layers(knockout_layers) or preset.knockout_layers or (self.preset.knockout_layers if self.preset else ())
-        config = VGRefineConfig(
+        return VGRefineConfig(
             heads=preset.heads,
             knockout_layers=layers,
             top_k=int(top_k) if top_k is not None else min(20, len(preset.heads)),  # paper: K=20
@@ -179,7 +182,6 @@ class LlavaVG(lmms):
             mode=str(mode),
             reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
         )
-        return VGRefiner(self.adapter, config, self.reference_cache)
 
     # lmms-eval plumbing
     @property

@@ -8,17 +8,17 @@ from PIL import Image
 
 
 def _image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> None:
+    """An image of the given PIL mode; 16-bit and RGBA are written as PNG bytes (PIL reads by content, not name)."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (rng.random((height, width, 3)) * 255).astype("uint8")
-    img = Image.fromarray(arr)
+    img = Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
     if mode == "L":
         img = img.convert("L")
     elif mode == "RGBA":
         img = img.convert("RGBA")
     elif mode == "I;16":
         img = Image.fromarray((rng.random((height, width)) * 65535).astype("uint16"))
-    img.save(path)
+    img.save(path, format="PNG" if mode in ("RGBA", "I;16") else None)
 
 
 def write_vgmed_v1(root: Path) -> Path:
@@ -26,8 +26,7 @@ def write_vgmed_v1(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     images = {"101": (120, 120, "RGB"), "102": (160, 100, "L"), "103": (90, 140, "I;16"), "104": (100, 100, "RGBA")}
     for i, (img_id, (w, h, mode)) in enumerate(images.items()):
-        # keep the SLAKE file name; PIL writes by content, so save as PNG bytes under the .jpg name only for RGB
-        _image(root / "imgs" / img_id / "source.jpg", w, h, i, mode if mode == "RGB" or mode == "L" else "RGB")
+        _image(root / "imgs" / img_id / "source.jpg", w, h, i, mode)  # SLAKE's file name, whatever the bytes
     rows = {
         "localization": [
             {

@@ -94,3 +94,23 @@ def test_missing_image_root_names_the_variable(tmp_path, llava_dir):
     )
     counts = results["results"]["vgmed_loc"]["samples,none"]
     assert counts["skipped"] == 3 and counts["scored"] == 1  # two questions on the missing image, one zero-area box
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "I", "F"])
+def test_any_image_mode_becomes_8bit_rgb(mode):
+    import numpy as np
+    from PIL import Image
+
+    from lmms_vg.adapters import rgb
+
+    ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
+    if mode in ("I;16", "I", "F"):
+        img = Image.fromarray((ramp * 4000 + 100).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        assert img.mode == mode
+    else:
+        img = Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
+    out = rgb(img)
+    arr = np.asarray(out)
+    assert out.mode == "RGB" and out.size == (64, 48)
+    assert arr[0, 0].max() <= 1 and arr[-1, -1].min() >= 250 or mode in ("P", "LA", "RGBA")  # full range kept for deep images
+    assert arr[-1, -1].sum() > arr[0, 0].sum()

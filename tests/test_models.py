@@ -130,3 +130,11 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2})
     outs = [json.loads(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3}))]
     assert all(o["knockout_layers"] == [1] and 0.3 <= o["knocked_fraction"] <= 0.7 for o in outs)
+
+
+def test_vgrefine_settings_fail_before_the_checkpoint_loads(tmp_path):
+    """A bad percentile is reported even when the checkpoint does not exist: nothing was loaded first."""
+    with pytest.raises(VGRefineConfigError, match="outside"):
+        get_model("huatuo_vgrefine")(pretrained=str(tmp_path / "not-there"), device="cpu", percentile=-1)
+    with pytest.raises(VGRefineConfigError, match="top_k=40"):
+        get_model("huatuo_vgrefine")(pretrained=str(tmp_path / "not-there"), device="cpu", top_k=40)

@@ -69,17 +69,16 @@ def scene(rng: random.Random) -> tuple[Image.Image, list[Thing]]:
     return draw(things, rng), things
 
 
-def question(things: list[Thing], rng: random.Random) -> Question:
-    """A localization or attribute question about the coloured target."""
+def question(things: list[Thing], rng: random.Random, kinds: tuple[str, ...] = ("color", "side", "shape")) -> Question:
+    """A localization (side) or attribute (color, shape) question about the coloured target."""
     t = things[0]
     side = "left" if (t.box[0] + t.box[2]) / 2 < SIZE / 2 else "right"
-    kind, text, answer = rng.choice(
-        (
-            ("localization", "Is the colored shape on the left or the right?", side),
-            ("attribute", "What color is the colored shape?", t.color),
-            ("attribute", "What shape is colored?", t.shape),
-        )
-    )
+    asked = {
+        "side": ("localization", "Is the colored shape on the left or the right?", side),
+        "color": ("attribute", "What color is the colored shape?", t.color),
+        "shape": ("attribute", "What shape is colored?", t.shape),
+    }
+    kind, text, answer = asked[rng.choice(kinds)]
     return Question(text, answer, t, kind)
 
 

@@ -12,6 +12,7 @@ are calibrated on fresh scenes (mean KL to the target's box, as in VGMED) into
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from pathlib import Path
@@ -27,10 +28,19 @@ from lmms_vg.vgrefine import calibrate
 SHAPE = {"layers": 4, "heads": 4, "kv_heads": 2, "hidden": 128}
 
 
-def sample(rng: random.Random):
+# curriculum: colour first (learned within a few hundred steps, and it pulls the attention onto the
+# target), then the side, then the shape; each stage keeps the earlier questions
+CURRICULUM = ((0.0, ("color",)), (0.25, ("color", "side")), (0.5, ("color", "side", "shape")))
+
+
+def stage(progress: float) -> tuple[str, ...]:
+    return [kinds for start, kinds in CURRICULUM if progress >= start][-1]
+
+
+def sample(rng: random.Random, kinds: tuple[str, ...] = ("color", "side", "shape")):
     """One training example: image, prompt text, answer text, target box."""
     image, things = synthetic.scene(rng)
-    q = synthetic.question(things, rng)
+    q = synthetic.question(things, rng, kinds)
     if rng.random() < 0.5:
         return image, q.question + synthetic.SHORT, q.answer, q.target.box
     options = synthetic.options_for(q, rng)
@@ -87,7 +97,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "model"))
     p.add_argument("--heads-out", default=str(Path(__file__).parent.parent / "heads" / "demo.json"))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -107,18 +117,22 @@ def main() -> None:
     adapter = LlavaAdapter(model, AutoProcessor.from_pretrained(out), name="demo")
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    tail = int(0.3 * args.steps)  # constant rate, then a cosine decay over the last 30%
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < args.steps - tail else 0.5 * (1 + math.cos(math.pi * (s - args.steps + tail) / tail))
+    )
     model.train()
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        loss = model(**batch_inputs(adapter, [sample(rng) for _ in range(args.batch)])).loss
+        kinds = stage((step - 1) / args.steps)
+        loss = model(**batch_inputs(adapter, [sample(rng, kinds) for _ in range(args.batch)])).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  loss {loss.item():.4f}  {'+'.join(kinds)}  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     model.save_pretrained(out)
     adapter.processor.save_pretrained(out)
