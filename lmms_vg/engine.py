@@ -144,7 +144,8 @@ def _allowed(attention_mask: torch.Tensor | None, positions: torch.Tensor, local
 def _knockout_rows(out, query, key, value, attention_mask, scale, start, ko: Knockout) -> torch.Tensor:
     """Recompute only the knocked-out rows of this chunk and write them into ``out`` ([batch, q, heads, dim])."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    rows = _fit(ko.rows, start + q_len)[:, start : start + q_len]  # [B, q] this chunk's rows
+    # plans are built on the CPU; each layer may sit on its own device (device_map=auto)
+    rows = _fit(ko.rows, start + q_len)[:, start : start + q_len].to(query.device)  # [B, q] this chunk's rows
     local = rows.any(0).nonzero().flatten()
     if local.numel() == 0:
         return out
@@ -159,7 +160,7 @@ def _knockout_rows(out, query, key, value, attention_mask, scale, start, ko: Kno
     knocked = torch.nn.functional.scaled_dot_product_attention(query[:, :, local, :], k, v, attn_mask=allowed, scale=scale).transpose(
         1, 2
     )  # [B, R, H, D]
-    keep_plain = ~rows[:, local].to(out.device)  # rows another sample knocks out but this one does not
+    keep_plain = ~rows[:, local]  # rows another sample knocks out but this one does not
     out = out.clone()
     out[:, local] = torch.where(keep_plain[:, :, None, None], out[:, local], knocked.to(out.dtype))
     return out
@@ -177,12 +178,14 @@ def _capture_rows(query, key, attention_mask, scale, start, cap: Capture, ko: Kn
     q = q.view(batch, kv_heads, heads // kv_heads, local.shape[1], dim)  # GQA: group, never repeat K
     scores = torch.einsum("bkgrd,bknd->bkgrn", q, key.float()).reshape(batch, heads, local.shape[1], kv_len) * scale
     allowed = _capture_allowed(attention_mask, local, start, kv_len)
-    if ko is not None and ko.mode == "mask":
-        blocked = _fit(ko.rows, kv_len).gather(1, local + start)[:, :, None] & _fit(ko.cols, kv_len)[:, None, :]
+    blocked = None
+    if ko is not None:  # [B, rows, kv]: the knockout this layer applies to the capture rows
+        ko_rows, ko_cols = _fit(ko.rows, kv_len).to(query.device), _fit(ko.cols, kv_len).to(query.device)
+        blocked = ko_rows.gather(1, local + start)[:, :, None] & ko_cols[:, None, :]
+    if blocked is not None and ko.mode == "mask":
         allowed = allowed & ~blocked[:, None]
     weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    if ko is not None and ko.mode == "zero":
-        blocked = _fit(ko.rows, kv_len).gather(1, local + start)[:, :, None] & _fit(ko.cols, kv_len)[:, None, :]
+    if blocked is not None and ko.mode == "zero":
         weights = weights * (~blocked[:, None]).float()
     cols = cap.cols.to(query.device)
     return torch.gather(weights, 3, cols[:, None, None, :].expand(batch, heads, local.shape[1], -1))

@@ -50,13 +50,13 @@ def draw(things: list[Thing], rng: random.Random) -> Image.Image:
 CELL = 28  # a 4x4 layout of 28 px cells: each thing covers one cell's 2x2 patches, left/right is never ambiguous
 
 
-def scene(rng: random.Random) -> tuple[Image.Image, list[Thing]]:
+def scene(rng: random.Random, distractors: bool = True) -> tuple[Image.Image, list[Thing]]:
     """One coloured target and 1-2 grey distractors of other shapes, each in its own cell of a 4x4 layout.
 
     The target comes first. Questions are about the coloured shape, so answering needs the model to
     find it among the distractors: its attention has a right place to be.
     """
-    n = rng.choice((2, 3))
+    n = rng.choice((2, 3)) if distractors else 1
     shapes = rng.sample(SHAPES, n)
     cells = rng.sample(range(16), n)
     things = []
