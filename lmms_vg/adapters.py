@@ -158,7 +158,10 @@ class Qwen2VLAdapter:
 
     def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=[rgb(img) for img in images], return_tensors="pt")
-        return {"pixel_values": out["pixel_values"].to(self.device, self.model.dtype), "image_grid_thw": out["image_grid_thw"].to(self.device)}
+        return {
+            "pixel_values": out["pixel_values"].to(self.device, self.model.dtype),
+            "image_grid_thw": out["image_grid_thw"].to(self.device),
+        }
 
     def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded batch; the placeholder expanded to each image's token count (needs no torchvision)."""
@@ -174,4 +177,6 @@ class Qwen2VLAdapter:
         ip = self.image_processor
         min_pixels = ip.min_pixels if getattr(ip, "min_pixels", None) else ip.size["shortest_edge"]
         max_pixels = ip.max_pixels if getattr(ip, "max_pixels", None) else ip.size["longest_edge"]
-        return geometry.qwen2_vl_transform(image.width, image.height, patch=ip.patch_size, merge=self.merge, min_pixels=min_pixels, max_pixels=max_pixels)
+        return geometry.qwen2_vl_transform(
+            image.width, image.height, patch=ip.patch_size, merge=self.merge, min_pixels=min_pixels, max_pixels=max_pixels
+        )

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("heatmaps", help="attention over the image with the box (PNG, SVG), baseline vs VGRefine")
     s.add_argument("--baseline", required=True, help="save_maps folder of the baseline run")
     s.add_argument("--vgrefine", help="save_maps folder of the VGRefine run")
-    s.add_argument("--layer", type=int, default=None, help="default: the baseline's layer with the most attention in the boxes")
+    s.add_argument(
+        "--layer", type=int, default=None, help="default: the layer where the last run (VGRefine) puts the most attention in the boxes"
+    )
     s.add_argument("--limit", type=int, default=6)
     s.add_argument("--out", default="lmms_vg_report")
     s.set_defaults(fn=cmd_heatmaps)

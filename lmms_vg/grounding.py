@@ -210,4 +210,5 @@ class GroundingRunner:
             image_size=np.array([sample.image.width, sample.image.height]),
             boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
             question=np.array(sample.question),
+            knockout_layers=np.array(self.refiner.config.knockout_layers if self.refiner else (), dtype=np.int64),
         )

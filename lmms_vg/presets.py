@@ -51,8 +51,12 @@ PRESETS: dict[str, ModelPreset] = {
             (),
             "general-domain reference; llava-hf's processor resizes and centre-crops",
         ),
-        ModelPreset("huatuo_qwen25vl", "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL", None, False, None, (), "calibrate heads", "qwen2_vl"),
-        ModelPreset("qwen25vl", "Qwen/Qwen2.5-VL-7B-Instruct", None, False, None, (), "general-domain reference; calibrate heads", "qwen2_vl"),
+        ModelPreset(
+            "huatuo_qwen25vl", "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL", None, False, None, (), "calibrate heads", "qwen2_vl"
+        ),
+        ModelPreset(
+            "qwen25vl", "Qwen/Qwen2.5-VL-7B-Instruct", None, False, None, (), "general-domain reference; calibrate heads", "qwen2_vl"
+        ),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }

@@ -215,11 +215,14 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
     common = sorted(set.intersection(*(set(m) for m in loaded.values())))[:limit]
     if not common:
         raise ReportError("the map folders share no sample: run the same grounding task for each")
-    first = next(iter(loaded.values()))
-    if layer is None:  # the layer where the first run's maps put the most attention in the boxes, over these samples
-        ratios = [np.asarray(first[s]["maps"], np.float64) for s in common]
-        ar = np.mean([(m[:, first[s]["box"]].sum(1) / m.sum(1)) / (first[s]["box"].mean()) for s, m in zip(common, ratios)], axis=0)
-        layer = int(np.argmax(ar))
+    first, last = next(iter(loaded.values())), list(loaded.values())[-1]
+    if layer is None:
+        # the layer where the last run (e.g. VGRefine) puts the most attention in the boxes, at or after its knockout
+        # layer when it has one (below it, baseline and VGRefine maps are the same by construction)
+        ar = np.mean([_box_ratio(np.asarray(last[s]["maps"], np.float64), last[s]["box"]) for s in common], axis=0)
+        knocked = last[common[0]].get("knockout_layers", np.array([], dtype=np.int64))
+        start = int(knocked.min()) if knocked.size else 0
+        layer = start + int(np.argmax(ar[start:]))
     fig, axes = plt.subplots(
         len(common), len(panels), figsize=(3.2 * len(panels), 3.2 * len(common)), squeeze=False, constrained_layout=True
     )
@@ -236,6 +239,11 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
         fig.savefig(p, dpi=120)
     plt.close(fig)
     return paths
+
+
+def _box_ratio(maps: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """AR per layer of saved maps ``[layers, N]`` (share of attention in the box over the box's share of tokens)."""
+    return (maps[:, box].sum(1) / maps.sum(1)) / box.mean()
 
 
 def question_label(question: str, width: int = 34) -> str:
@@ -255,11 +263,15 @@ def _draw_heatmap(ax, m: dict, layer: int, patches) -> None:
     width, height = (int(v) for v in m["image_size"])
     rows, cols = (int(v) for v in m["grid"])
     sx, sy, ox, oy, cell = (float(v) for v in m["transform"])
+    import matplotlib.pyplot as plt
+
     heat = np.asarray(m["maps"][layer], np.float64).reshape(rows, cols)
     heat = heat / heat.max() if heat.max() > 0 else heat
+    overlay = plt.get_cmap("jet")(heat)
+    overlay[..., 3] = 0.1 + 0.6 * heat  # low attention lets the image show through
     extent = (-ox / sx, (cols * cell - ox) / sx, (rows * cell - oy) / sy, -oy / sy)  # left, right, bottom, top in pixels
     ax.imshow(m["image"], extent=(0, width, height, 0))
-    ax.imshow(heat, extent=extent, cmap="jet", alpha=0.45, interpolation="nearest")
+    ax.imshow(overlay, extent=extent, interpolation="nearest")
     for x0, y0, x1, y1 in m["boxes"]:
         ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=2))
     ax.set_xlim(0, width)

@@ -23,7 +23,7 @@ _CORPUS = (
     "What shape is green? What color is the triangle? What shape is blue?\n"
     "Is the colored shape on the left or the right? What color is the colored shape? What shape is colored?\n"
     # answers start a line with no space before them: make the bare words single tokens too
-    "left\nright\nred\ngreen\nblue\nsquare\ncircle\ntriangle\nyes\nno\n"
+    "left\nright\nred\ngreen\nblue\nsquare\ncircle\ntriangle\nyes\nno\none\ntwo\nthree\n"
 )
 
 

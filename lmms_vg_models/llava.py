@@ -54,7 +54,9 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
 
     local = Path(pretrained)
     if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
-        raise ModelLoadError(f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')")
+        raise ModelLoadError(
+            f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')"
+        )
     try:
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -71,7 +73,9 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
             "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
         )
     cls = getattr(transformers, model_types[config.model_type])
-    model = cls.from_pretrained(pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code).eval()
+    model = cls.from_pretrained(
+        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+    ).eval()
     return model, load_processor(pretrained, revision, trust_remote_code)
 
 
@@ -274,7 +278,11 @@ class LlavaVG(lmms):
             for group in self._same_grid(images):  # the engine takes one image-token count per batch
                 keys = [f"{args_list[keep[n]][4]}/{self._image_key(args_list[keep[n]])}" for n in group]
                 outcome = self.refiner.generate(
-                    [images[n] for n in group], [texts[n] for n in group], image_keys=keys, reference_prompt=vg.get("reference_prompt"), **kwargs
+                    [images[n] for n in group],
+                    [texts[n] for n in group],
+                    image_keys=keys,
+                    reference_prompt=vg.get("reference_prompt"),
+                    **kwargs,
                 )
                 for n, row, frac in zip(group, outcome.tokens, outcome.knocked_fraction):
                     tokens[n], fractions[n] = row, frac

@@ -119,7 +119,10 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     questions = ["What is shown?", "Where is the lesion in this image?"]
     answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3}))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    records = [GroundingRecord.from_json(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))]
+    records = [
+        GroundingRecord.from_json(r)
+        for r in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+    ]
     assert all(r.skipped is None and len(r.kl) == 3 for r in records)
     t = wrapper.adapter.transform(images[0])  # 130 x 90 -> smart resize to 140 x 84 -> 3 x 5 merged tokens
     runner = next(iter(wrapper._grounding.values()))
@@ -127,7 +130,9 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     assert q.shape[-1] == t.rows * t.cols
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
-    refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2})
+    refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(
+        f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2}
+    )
     outs = [json.loads(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3}))]
     assert all(o["knockout_layers"] == [1] and 0.3 <= o["knocked_fraction"] <= 0.7 for o in outs)
 

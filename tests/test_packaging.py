@@ -22,7 +22,13 @@ def wheel_names(tmp_path_factory):
 def test_wheel_layout(wheel_names):
     top = Counter(n.split("/")[0] for n in wheel_names)
     assert {t for t in top if not t.endswith(".dist-info")} == {"lmms_vg", "lmms_vg_models", "lmms_vg_tasks"}
-    for task in ("vgmed/vgmed_loc.yaml", "vgmed/_default_template_yaml", "medvqa/medvqa.yaml", "medvqa/_closed_yaml", "demo/vgmed_demo.yaml"):
+    for task in (
+        "vgmed/vgmed_loc.yaml",
+        "vgmed/_default_template_yaml",
+        "medvqa/medvqa.yaml",
+        "medvqa/_closed_yaml",
+        "demo/vgmed_demo.yaml",
+    ):
         assert f"lmms_vg_tasks/{task}" in wheel_names
     assert "lmms_vg/heads/huatuo_7b.json" in wheel_names and "lmms_vg/heads/demo.json" in wheel_names
     assert "lmms_vg/demo/data/grounding.jsonl" in wheel_names and any(n.startswith("lmms_vg/demo/data/images/") for n in wheel_names)
