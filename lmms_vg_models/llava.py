@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -101,7 +102,7 @@ class LlavaVG(lmms):
     preset: ModelPreset | None = None
     vgrefine_default = False
     adapter_class = LlavaAdapter  # a new prompt format or geometry: subclass LlavaAdapter and set this
-    model_types = {"llava": "LlavaForConditionalGeneration"}  # config.model_type -> transformers class
+    model_types: ClassVar[dict[str, str]] = {"llava": "LlavaForConditionalGeneration"}  # config.model_type -> transformers class
 
     def __init__(
         self,
@@ -375,7 +376,7 @@ class Qwen2VLVG(LlavaVG):
     """Qwen2-VL / Qwen2.5-VL checkpoints (e.g. HuatuoGPT-Vision-7B-Qwen2.5VL): the same options, full-prompt passes."""
 
     adapter_class = Qwen2VLAdapter
-    model_types = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    model_types: ClassVar[dict[str, str]] = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
