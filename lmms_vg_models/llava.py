@@ -376,7 +376,10 @@ class Qwen2VLVG(LlavaVG):
     """Qwen2-VL / Qwen2.5-VL checkpoints (e.g. HuatuoGPT-Vision-7B-Qwen2.5VL): the same options, full-prompt passes."""
 
     adapter_class = Qwen2VLAdapter
-    model_types: ClassVar[dict[str, str]] = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    model_types: ClassVar[dict[str, str]] = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    }
 
 
 FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
