@@ -58,13 +58,20 @@ class Capture:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self) -> torch.Tensor:
-        """All captured layers in layer order: ``[batch, layers, heads, n_rows, n_image]``."""
+        """Captured maps indexed by layer: ``[batch, deepest captured layer + 1, heads, n_rows, n_image]``.
+
+        Layers that were not captured (a capture of chosen layers) hold zeros.
+        """
         if not self.maps:
             raise EngineError(
                 "no attention was captured: the armed model ran no text decoder layer through "
                 f"attn_implementation='{ATTN_IMPLEMENTATION}', or the capture rows were never in a prompt chunk"
             )
-        return torch.stack([self.maps[k] for k in sorted(self.maps)], dim=1)
+        first = next(iter(self.maps.values()))
+        out = first.new_zeros((first.shape[0], max(self.maps) + 1, *first.shape[1:]))
+        for layer, weights in self.maps.items():
+            out[:, layer] = weights
+        return out
 
     def last_row_maps(self) -> torch.Tensor:
         """The usual case, one query row per sample: ``[batch, layers, heads, n_image]``."""

@@ -85,6 +85,29 @@ class ReferenceCache:
             self._items.popitem(last=False)
 
 
+def question_and_reference(
+    adapter, state, question_suffixes, images, image_keys, prompt: str | None, cache: ReferenceCache, layers: frozenset[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Maps ``[B, L, H, N]`` for the questions and the generic ``prompt`` on a shared image prefix.
+
+    The prompt's maps come from the per-image cache, or are computed in the same batched pass as the
+    questions and cached; ``prompt=None`` (normalisation off) returns no reference.
+    """
+    pad = adapter.tokenizer.pad_token_id
+    keys = [(k, prompt) if k is not None and prompt else None for k in image_keys]
+    cached = [cache.get(k) for k in keys]
+    if prompt is None or all(c is not None for c in cached):
+        question = inference.suffix_maps(adapter.model, state, [question_suffixes], pad, layers=layers)[0]
+        return question, (torch.stack(cached) if prompt else None)
+    reference = adapter.split_prompts(images, [prompt] * len(images)).suffix
+    question, fresh = inference.suffix_maps(adapter.model, state, [question_suffixes, reference], pad, layers=layers)
+    for i, key in enumerate(keys):
+        if cached[i] is None:
+            cached[i] = fresh[i]
+            cache.put(key, fresh[i])
+    return question, torch.stack(cached)
+
+
 class GroundingRunner:
     """Scores grounding samples for one model (SPEC sections 1-2)."""
 
@@ -114,27 +137,11 @@ class GroundingRunner:
             return self._full_prompt_maps(images, questions)
         prompts = self.adapter.split_prompts(images, questions)
         state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
-        pad = self.adapter.tokenizer.pad_token_id
-        keys = [(k, self.reference_prompt) if k is not None and self.reference_prompt else None for k in image_keys]
-        cached = [self.cache.get(k) for k in keys]
-        if self.reference_prompt is None or all(c is not None for c in cached):
-            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad)[0]
-        else:
-            reference = self.adapter.split_prompts(images, [self.reference_prompt] * len(images)).suffix
-            question, fresh = inference.suffix_maps(self.adapter.model, state, [prompts.suffix, reference], pad)  # one pass for both
-            for i, key in enumerate(keys):
-                if cached[i] is None:
-                    cached[i] = fresh[i]
-                    self.cache.put(key, fresh[i])
-        reference_maps = torch.stack(cached) if self.reference_prompt else None
+        question, reference = question_and_reference(self.adapter, state, prompts.suffix, images, image_keys, self.reference_prompt, self.cache)
         if self.refiner is not None:  # the same question, now with VGRefine's triage and knockout in place
-            from .vgrefine import triage_keep, triage_map
-
-            cfg = self.refiner.config
-            keep = triage_keep(triage_map(question, reference_maps, cfg.selected), cfg.percentile)
-            knockout = self.refiner.knockout(state, prompts.suffix, keep)
-            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], pad, knockout=knockout)[0]
-        return question, reference_maps
+            knockout = self.refiner.knockout(state, prompts.suffix, self.refiner.triage(question, reference))
+            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], self.adapter.tokenizer.pad_token_id, knockout=knockout)[0]
+        return question, reference
 
     def _full_prompt_maps(self, images, questions) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The same maps from full prompts (adapters whose positions forbid a shared prefix); no reference cache."""
@@ -142,10 +149,8 @@ class GroundingRunner:
         maps = inference.full_prompt_maps(self.adapter, images, sets)
         question, reference = maps[0], (maps[1] if self.reference_prompt else None)
         if self.refiner is not None:
-            from .vgrefine import triage_keep, triage_map
-
             cfg = self.refiner.config
-            keep = triage_keep(triage_map(question, reference, cfg.selected), cfg.percentile)
+            keep = self.refiner.triage(question, reference)
             batch = self.adapter.encode(images, questions)
             cols = engine.image_token_positions(batch["input_ids"], self.adapter.image_token_id, self.adapter.name)
             cap = engine.Capture(rows=torch.full((len(images), 1), batch["input_ids"].shape[1] - 1, device=cols.device), cols=cols)

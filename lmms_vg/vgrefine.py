@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import engine, inference, metrics
-from .grounding import GENERIC_PROMPT, SHORT_ANSWER, ReferenceCache
+from .grounding import GENERIC_PROMPT, SHORT_ANSWER, ReferenceCache, question_and_reference
 
 HEADS_DIR = "heads"
 
@@ -172,8 +172,8 @@ class VGRefiner:
         prompts = adapter.split_prompts(images, texts)
         state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
-        question, reference = self._maps(images, image_keys, state, pad, prompts.suffix, prompt)
-        keep = triage_keep(triage_map(question, reference, cfg.selected), cfg.percentile)  # [B, N]
+        question, reference = question_and_reference(adapter, state, prompts.suffix, images, image_keys, prompt, self.cache, cfg.map_layers)
+        keep = self.triage(question, reference)  # [B, N]
         knockout = self.knockout(state, prompts.suffix, keep)
         tokens, first_logits = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
         fraction = (~keep).float().mean(1).tolist()
@@ -184,8 +184,8 @@ class VGRefiner:
         cfg, adapter = self.config, self.adapter
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         sets = [list(texts)] + ([[prompt] * len(images)] if prompt else [])
-        maps = [_full(m, cfg) for m in inference.full_prompt_maps(adapter, images, sets, layers=cfg.map_layers)]
-        keep = triage_keep(triage_map(maps[0], maps[1] if prompt else None, cfg.selected), cfg.percentile)
+        maps = inference.full_prompt_maps(adapter, images, sets, layers=cfg.map_layers)
+        keep = self.triage(maps[0], maps[1] if prompt else None)
         batch = adapter.encode(images, texts)
         knockout = inference.full_prompt_knockout(adapter, batch, keep, cfg.knockout_layers, cfg.mode)
         with torch.no_grad(), engine.arm(adapter.model, knockout=knockout):
@@ -194,36 +194,16 @@ class VGRefiner:
         tokens = out.sequences[:, batch["input_ids"].shape[1] :]
         return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first)
 
+    def triage(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """Bool ``[B, N]``: the patches kept (maps ``[B, L, H, N]``; reference None when normalisation is off)."""
+        return triage_keep(triage_map(question, reference, self.config.selected), self.config.percentile)
+
     def knockout(self, state: inference.PrefixState, suffixes: list[list[int]], keep: torch.Tensor) -> engine.Knockout:
         """Block the triaged-out patches for every suffix token (the text after the image), at the knockout layers."""
         rows = inference.suffix_rows(state, suffixes)
         cols = torch.zeros_like(rows)
         cols.scatter_(1, state.image_cols.cpu(), ~keep.cpu())
         return engine.Knockout(layers=frozenset(self.config.knockout_layers), rows=rows, cols=cols, mode=self.config.mode)
-
-    def _maps(self, images, image_keys, state, pad, questions, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Question maps and (cached, else computed in the same pass) reference maps, for the selected heads' layers."""
-        cfg, model = self.config, self.adapter.model
-        keys = [(k, prompt) if k is not None and prompt else None for k in image_keys]
-        cached = [self.cache.get(k) for k in keys]
-        if prompt is None or all(c is not None for c in cached):
-            question = _full(inference.suffix_maps(model, state, [questions], pad, layers=cfg.map_layers)[0], cfg)
-            return question, (torch.stack(cached) if prompt else None)
-        reference = self.adapter.split_prompts(images, [prompt] * len(images)).suffix
-        question, fresh = (_full(m, cfg) for m in inference.suffix_maps(model, state, [questions, reference], pad, layers=cfg.map_layers))
-        for i, key in enumerate(keys):
-            if cached[i] is None:
-                cached[i] = fresh[i]
-                self.cache.put(key, fresh[i])
-        return question, torch.stack(cached)
-
-
-def _full(maps: torch.Tensor, cfg: VGRefineConfig) -> torch.Tensor:
-    """Maps captured for ``cfg.map_layers`` only, placed at their layer index: ``[B, max_layer + 1, H, N]``."""
-    layers = sorted(cfg.map_layers)
-    full = maps.new_zeros((maps.shape[0], layers[-1] + 1, *maps.shape[2:]))
-    full[:, layers] = maps
-    return full
 
 
 def calibrate(head_kl: np.ndarray, top_k: int, knockout_layers: tuple[int, ...], model: str, source: str, samples: int) -> HeadPreset:

@@ -77,7 +77,7 @@ def batch_inputs(adapter: LlavaAdapter, examples):
 
 def attention_loss(adapter: LlavaAdapter, cap: engine.Capture, examples) -> torch.Tensor:
     """Mean KL(G || P): G uniform over the target's cells, P the head-averaged last-token attention over the image."""
-    maps = cap.stacked()[:, :, :, 0, :].mean(2)  # [B, layers, N]
+    maps = cap.stacked()[:, sorted(SUPERVISED_LAYERS), :, 0, :].mean(2)  # [B, supervised layers, N]
     p = maps / maps.sum(-1, keepdim=True)
     g = torch.stack([torch.from_numpy(box_cells(e[3], "xyxy", adapter.transform(e[0])).mask) for e in examples]).float()
     g = (g / g.sum(-1, keepdim=True))[:, None, :]
