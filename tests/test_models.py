@@ -143,3 +143,25 @@ def test_vgrefine_settings_fail_before_the_checkpoint_loads(tmp_path):
         get_model("huatuo_vgrefine")(pretrained=str(tmp_path / "not-there"), device="cpu", percentile=-1)
     with pytest.raises(VGRefineConfigError, match="top_k=40"):
         get_model("huatuo_vgrefine")(pretrained=str(tmp_path / "not-there"), device="cpu", top_k=40)
+
+
+def test_loglikelihood_equals_hand_sum_of_token_logprobs(checkpoints, images):
+    wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu")
+    docs = [{"image": images[0]}]
+    wrapper.task_dict = {"t": {"test": docs}}
+    request = Instance(
+        "loglikelihood",
+        ("What is shown?", " a red square", lambda d: [d["image"]], 0, "t", "test"),
+        0,
+        {"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    ((logprob, greedy),) = wrapper.loglikelihood([request])
+    prompt = wrapper.adapter.encode([images[0]], ["What is shown?"])
+    cont = wrapper.tokenizer(" a red square", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt["input_ids"], cont], 1)
+    with torch.no_grad():
+        logits = wrapper.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"]).logits[0].float()
+    start = prompt["input_ids"].shape[1]
+    expected = sum(torch.log_softmax(logits[start - 1 + i], -1)[t].item() for i, t in enumerate(cont[0].tolist()))
+    assert logprob == pytest.approx(expected, abs=1e-4)
+    assert greedy == all(logits[start - 1 + i].argmax().item() == t for i, t in enumerate(cont[0].tolist()))
