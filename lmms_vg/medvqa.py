@@ -37,10 +37,10 @@ BUNDLE_ID = "FreedomIntelligence/Medical_Multimodal_Evaluation_Data"
 BUNDLE_FILE = "medical_multimodel_evaluation_data.json"
 MMMU_SUBJECTS = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
 YES_NO = ("yes", "no")
-FIELDS = ("id", "benchmark", "question", "options", "answer", "category", "image_path", "image_zip", "image_member", "vg_error")
 
 
 def _doc(**kw) -> dict:
+    """A uniform doc (the fields in this module's docstring); every key present, so datasets infers one schema."""
     doc = {"options": [], "category": "", "image_path": "", "image_zip": "", "image_member": "", "vg_error": ""}
     doc.update(kw)
     return doc
