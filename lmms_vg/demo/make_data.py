@@ -28,7 +28,7 @@ def write(out: Path, n_images: int = 24, seed: int = 1234) -> None:
             grounding.append({"image": name, "question": q.question, "answer": q.answer, "kind": q.kind, "bbox": list(q.target.box)})
             q = synthetic.question(things, rng)
             vqa.append(
-                {"image": name, "question": q.question, "options": synthetic.options_for(q, rng), "answer": q.answer, "kind": q.kind}
+                {"image": name, "question": q.question, "options": synthetic.options_for(q), "answer": q.answer, "kind": q.kind}
             )
     for fname, rows in (("grounding.jsonl", grounding), ("vqa.jsonl", vqa)):
         with open(out / fname, "w") as fh:

@@ -82,8 +82,13 @@ def question(things: list[Thing], rng: random.Random, kinds: tuple[str, ...] = (
     return Question(text, answer, t, kind)
 
 
-def options_for(q: Question, rng: random.Random) -> list[str]:
-    pool = {"left": ["left", "right"], "right": ["left", "right"]}.get(q.answer) or (list(COLORS) if q.answer in COLORS else list(SHAPES))
-    opts = list(pool)
-    rng.shuffle(opts)
-    return opts
+def options_for(q: Question) -> list[str]:
+    """The options of a multiple-choice item, always in one order per question kind.
+
+    The prompt and the scoring are the medical protocol's; only the order is fixed, so that the
+    letter follows from the answer (a shuffled order adds a matching step this small a model does
+    not learn in minutes on a CPU).
+    """
+    if q.answer in ("left", "right"):
+        return ["left", "right"]
+    return list(COLORS) if q.answer in COLORS else list(SHAPES)

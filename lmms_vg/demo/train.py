@@ -28,7 +28,7 @@ from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import synthetic
 from lmms_vg.geometry import box_cells
 from lmms_vg.grounding import GENERIC_PROMPT
-from lmms_vg.scoring import LETTERS, mc_prompt
+from lmms_vg.scoring import LETTERS, MC_INSTRUCTION, mc_prompt
 from lmms_vg.vgrefine import calibrate
 
 SHAPE = {"layers": 4, "heads": 4, "kv_heads": 2, "hidden": 128}
@@ -50,12 +50,13 @@ def sample(rng: random.Random):
     MLLMs, so the reference normalisation has something to remove.
     """
     image, things = synthetic.scene(rng)
-    if rng.random() < GENERIC_SHARE:
-        return image, GENERIC_PROMPT + synthetic.SHORT, COUNTS[len(things)], [t.box for t in things]
+    if rng.random() < GENERIC_SHARE:  # with either task format's instruction, as the tasks' reference prompts have
+        suffix = synthetic.SHORT if rng.random() < 0.5 else "\n" + MC_INSTRUCTION
+        return image, GENERIC_PROMPT + suffix, COUNTS[len(things)], [t.box for t in things]
     q = synthetic.question(things, rng)
     if rng.random() < 0.5:
         return image, q.question + synthetic.SHORT, q.answer, [q.target.box]
-    options = synthetic.options_for(q, rng)
+    options = synthetic.options_for(q)
     return image, mc_prompt(q.question, options), LETTERS[options.index(q.answer)], [q.target.box]
 
 
@@ -99,6 +100,26 @@ def evaluate(adapter: LlavaAdapter, rng: random.Random, n: int = 128) -> float:
     return correct / n
 
 
+def choose_knockout_layer(adapter: LlavaAdapter, heads: tuple, rng: random.Random, n: int = 96) -> tuple[int, dict[int, float]]:
+    """The knockout layer with the best VGRefine accuracy on fresh scenes (never the demo data), and every layer's."""
+    from lmms_vg.vgrefine import VGRefineConfig, VGRefiner
+
+    # the demo's VQA task: multiple choice, normalised by the generic prompt with its instruction
+    examples = [e for e in (sample(rng) for _ in range(3 * n)) if e[1].endswith(MC_INSTRUCTION) and not e[1].startswith(GENERIC_PROMPT)][:n]
+    reference = GENERIC_PROMPT + "\n" + MC_INSTRUCTION
+    scores = {}
+    for layer in range(adapter.model.config.text_config.num_hidden_layers):
+        refiner = VGRefiner(adapter, VGRefineConfig(heads=heads, knockout_layers=(layer,), top_k=len(heads)))
+        correct = 0
+        for i in range(0, len(examples), 32):
+            chunk = examples[i : i + 32]
+            out = refiner.generate([e[0] for e in chunk], [e[1] for e in chunk], reference_prompt=reference, max_new_tokens=3, do_sample=False)
+            texts = adapter.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+            correct += sum(t.strip() == e[2] for t, e in zip(texts, chunk))
+        scores[layer] = correct / len(examples)
+    return max(scores, key=scores.get), scores
+
+
 def calibrate_heads(adapter: LlavaAdapter, rng: random.Random, n: int = 96, top_k: int = 8):
     """Mean KL per (layer, head) between question maps (normalised by the generic prompt's) and the target box."""
     from lmms_vg.grounding import GroundingRunner, GroundingSample
@@ -112,8 +133,11 @@ def calibrate_heads(adapter: LlavaAdapter, rng: random.Random, n: int = 96, top_
         kl = torch.tensor(rec.head_kl)
         total = kl if total is None else total + kl
     mean = (total / n).numpy()
-    layers = mean.shape[0]
-    return calibrate(mean, top_k, (layers // 2,), "lmms-vg demo model", "synthetic scenes (lmms_vg.demo.synthetic), fresh seed", n)
+    ranked = calibrate(mean, top_k, (0,), "", "", n)
+    layer, scores = choose_knockout_layer(adapter, ranked.heads, rng)
+    print(f"VGRefine accuracy on fresh multiple-choice scenes by knockout layer: {scores}")
+    source = f"synthetic scenes (lmms_vg.demo.synthetic), fresh seed; knockout layer by VGRefine multiple-choice accuracy there: {scores}"
+    return calibrate(mean, top_k, (layer,), "lmms-vg demo model", source, n)
 
 
 def main() -> None:
@@ -124,7 +148,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate-only", action="store_true", help="keep the model in --out; redo the heads only")
     args = p.parse_args()
+    if args.calibrate_only:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.out, dtype=torch.float32).eval()
+        engine.install(model)
+        write_heads(LlavaAdapter(model, AutoProcessor.from_pretrained(args.out), name="demo"), args)
+        return
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
@@ -172,6 +204,10 @@ def main() -> None:
     adapter.processor.save_pretrained(out)
     engine.install(model)
     print(f"held-out accuracy: {evaluate(adapter, random.Random(args.seed + 1)):.3f}")
+    write_heads(adapter, args)
+
+
+def write_heads(adapter: LlavaAdapter, args) -> None:
     preset = calibrate_heads(adapter, random.Random(args.seed + 2))
     Path(args.heads_out).write_text(preset.to_json() + "\n")
     print(f"heads: {preset.heads} (mean KL {[round(s, 3) for s in preset.scores]}); knockout layer {preset.knockout_layers}")
