@@ -137,10 +137,14 @@ class GroundingRunner:
             return self._full_prompt_maps(images, questions)
         prompts = self.adapter.split_prompts(images, questions)
         state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
-        question, reference = question_and_reference(self.adapter, state, prompts.suffix, images, image_keys, self.reference_prompt, self.cache)
+        question, reference = question_and_reference(
+            self.adapter, state, prompts.suffix, images, image_keys, self.reference_prompt, self.cache
+        )
         if self.refiner is not None:  # the same question, now with VGRefine's triage and knockout in place
             knockout = self.refiner.knockout(state, prompts.suffix, self.refiner.triage(question, reference))
-            question = inference.suffix_maps(self.adapter.model, state, [prompts.suffix], self.adapter.tokenizer.pad_token_id, knockout=knockout)[0]
+            question = inference.suffix_maps(
+                self.adapter.model, state, [prompts.suffix], self.adapter.tokenizer.pad_token_id, knockout=knockout
+            )[0]
         return question, reference
 
     def _full_prompt_maps(self, images, questions) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,9 +27,7 @@ def write(out: Path, n_images: int = 24, seed: int = 1234) -> None:
             q = synthetic.question(things, rng)
             grounding.append({"image": name, "question": q.question, "answer": q.answer, "kind": q.kind, "bbox": list(q.target.box)})
             q = synthetic.question(things, rng)
-            vqa.append(
-                {"image": name, "question": q.question, "options": synthetic.options_for(q), "answer": q.answer, "kind": q.kind}
-            )
+            vqa.append({"image": name, "question": q.question, "options": synthetic.options_for(q), "answer": q.answer, "kind": q.kind})
     for fname, rows in (("grounding.jsonl", grounding), ("vqa.jsonl", vqa)):
         with open(out / fname, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

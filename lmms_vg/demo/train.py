@@ -113,7 +113,9 @@ def choose_knockout_layer(adapter: LlavaAdapter, heads: tuple, rng: random.Rando
         correct = 0
         for i in range(0, len(examples), 32):
             chunk = examples[i : i + 32]
-            out = refiner.generate([e[0] for e in chunk], [e[1] for e in chunk], reference_prompt=reference, max_new_tokens=3, do_sample=False)
+            out = refiner.generate(
+                [e[0] for e in chunk], [e[1] for e in chunk], reference_prompt=reference, max_new_tokens=3, do_sample=False
+            )
             texts = adapter.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
             correct += sum(t.strip() == e[2] for t, e in zip(texts, chunk))
         scores[layer] = correct / len(examples)
