@@ -209,9 +209,12 @@ class GroundingRunner:
         if shrink < 1.0:
             thumb = thumb.resize((round(thumb.width * shrink), round(thumb.height * shrink)))
         boxes = [geometry.to_xyxy(b, sample.box_format) for b in sample.boxes]
+        # ratios to a near-zero reference overflow float16 (max 65504); every metric is scale-invariant per layer,
+        # so each layer is saved scaled to a maximum of 1
+        peak = layer_maps.amax(-1, keepdim=True).clamp_min(torch.finfo(layer_maps.dtype).tiny)
         np.savez_compressed(
             self.save_maps / f"{name}.npz",
-            maps=layer_maps.numpy().astype(np.float16),  # [layers, rows * cols]
+            maps=(layer_maps / peak).numpy().astype(np.float16),  # [layers, rows * cols], each layer's max = 1
             box=box,
             grid=np.array([transform.rows, transform.cols]),
             transform=np.array([transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y, transform.cell]),

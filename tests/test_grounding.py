@@ -79,8 +79,10 @@ def test_vgmed_tasks_through_lmms_eval_cli(tmp_path, llava_dir):
     assert len(saved) == 9
     import numpy as np
 
-    with np.load(saved[0]) as z:
-        assert z["maps"].dtype == np.float16 and z["maps"].shape == (n_layers, 64)
+    for path in saved:
+        with np.load(path) as z:
+            assert z["maps"].dtype == np.float16 and z["maps"].shape == (n_layers, 64)
+            assert np.isfinite(z["maps"]).all() and np.allclose(z["maps"].max(1), 1.0)
 
 
 def test_missing_image_root_names_the_variable(tmp_path, llava_dir):
