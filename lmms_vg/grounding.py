@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import engine, geometry, inference, metrics
+from . import geometry, inference, metrics
 from .adapters import LlavaAdapter
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,8 @@ class GroundingRunner:
             cfg = self.refiner.config
             keep = self.refiner.triage(question, reference)
             batch = self.adapter.encode(images, questions)
-            cols = engine.image_token_positions(batch["input_ids"], self.adapter.image_token_id, self.adapter.name)
-            cap = engine.Capture(rows=torch.full((len(images), 1), batch["input_ids"].shape[1] - 1, device=cols.device), cols=cols)
             knockout = inference.full_prompt_knockout(self.adapter, batch, keep, cfg.knockout_layers, cfg.mode)
-            with torch.no_grad(), engine.arm(self.adapter.model, capture=cap, knockout=knockout):
-                self.adapter.model(**batch, logits_to_keep=1)
-            question = cap.last_row_maps()
+            question = inference.last_row_maps(self.adapter, batch, knockout=knockout)
         return question, reference
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:

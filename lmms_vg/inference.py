@@ -121,12 +121,19 @@ def suffix_generate(
     ids, mask = pad_suffixes(suffixes, pad_id, model.device)
     full_ids = torch.cat([state.prefix_ids, ids], dim=1)
     full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
+    return generate_new_tokens(
+        model, {"input_ids": full_ids, "attention_mask": full_mask, "past_key_values": state.cache}, knockout, **generate_kwargs
+    )
+
+
+def generate_new_tokens(
+    model, inputs: dict, knockout: engine.Knockout | None = None, **generate_kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``generate()`` under an optional knockout: the new tokens ``[B, new]`` and, with ``output_logits=True``, the first step's logits."""
     with torch.no_grad(), engine.arm(model, knockout=knockout):
-        out = model.generate(
-            input_ids=full_ids, attention_mask=full_mask, past_key_values=state.cache, return_dict_in_generate=True, **generate_kwargs
-        )
+        out = model.generate(**inputs, return_dict_in_generate=True, **generate_kwargs)
     first = out.logits[0] if getattr(out, "logits", None) else None
-    return out.sequences[:, full_ids.shape[1] :], first
+    return out.sequences[:, inputs["input_ids"].shape[1] :], first
 
 
 def suffix_rows(state: PrefixState, suffixes: list[list[int]]) -> torch.Tensor:
@@ -145,16 +152,24 @@ def full_prompt_maps(adapter, images, text_sets: list[list[str]], layers: frozen
     """
     k = len(text_sets)
     batch = adapter.encode([img for img in images for _ in range(k)], [text_sets[j][b] for b in range(len(images)) for j in range(k)])
+    maps = last_row_maps(adapter, batch, layers)
+    return [maps[j::k] for j in range(k)]
+
+
+def last_row_maps(adapter, batch: dict, layers: frozenset[int] | None = None, knockout: engine.Knockout | None = None) -> torch.Tensor:
+    """Last-token attention to the image tokens of an encoded left-padded batch: ``[B, layers, heads, N]`` fp32.
+
+    With ``layers`` given, the forward stops after the deepest of them; a ``knockout`` is applied while capturing.
+    """
     cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id, adapter.name)
     last = torch.full((cols.shape[0], 1), batch["input_ids"].shape[1] - 1, device=cols.device)
     cap = engine.Capture(rows=last, cols=cols, layers=layers, stop_early=layers is not None)
     try:
-        with torch.no_grad(), engine.arm(adapter.model, capture=cap):
+        with torch.no_grad(), engine.arm(adapter.model, capture=cap, knockout=knockout):
             adapter.model(**batch, logits_to_keep=1)
     except engine.CaptureComplete:
         pass
-    maps = cap.last_row_maps()
-    return [maps[j::k] for j in range(k)]
+    return cap.last_row_maps()
 
 
 def full_prompt_knockout(adapter, batch: dict, keep: torch.Tensor, layers: tuple[int, ...], mode: str) -> engine.Knockout:

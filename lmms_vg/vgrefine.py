@@ -165,13 +165,13 @@ class VGRefiner:
     def generate(self, images, texts, image_keys=None, reference_prompt: str | None = None, **generate_kwargs) -> RefineOutcome:
         """VGRefine answers; ``reference_prompt`` overrides the configured generic prompt (when normalisation is on)."""
         cfg, adapter, model = self.config, self.adapter, self.adapter.model
+        prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         if not adapter.shares_prefix:
-            return self._generate_full_prompts(images, texts, reference_prompt, **generate_kwargs)
+            return self._generate_full_prompts(images, texts, prompt, **generate_kwargs)
         image_keys = image_keys or [None] * len(images)
         pad = adapter.tokenizer.pad_token_id
         prompts = adapter.split_prompts(images, texts)
         state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
-        prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         question, reference = question_and_reference(adapter, state, prompts.suffix, images, image_keys, prompt, self.cache, cfg.map_layers)
         keep = self.triage(question, reference)  # [B, N]
         knockout = self.knockout(state, prompts.suffix, keep)
@@ -179,19 +179,15 @@ class VGRefiner:
         fraction = (~keep).float().mean(1).tolist()
         return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
 
-    def _generate_full_prompts(self, images, texts, reference_prompt, **generate_kwargs) -> RefineOutcome:
+    def _generate_full_prompts(self, images, texts, prompt: str | None, **generate_kwargs) -> RefineOutcome:
         """The three passes on full prompts (maps for the questions and the generic prompt in one batch, then generation)."""
         cfg, adapter = self.config, self.adapter
-        prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         sets = [list(texts)] + ([[prompt] * len(images)] if prompt else [])
         maps = inference.full_prompt_maps(adapter, images, sets, layers=cfg.map_layers)
         keep = self.triage(maps[0], maps[1] if prompt else None)
         batch = adapter.encode(images, texts)
         knockout = inference.full_prompt_knockout(adapter, batch, keep, cfg.knockout_layers, cfg.mode)
-        with torch.no_grad(), engine.arm(adapter.model, knockout=knockout):
-            out = adapter.model.generate(**batch, return_dict_in_generate=True, **generate_kwargs)
-        first = out.logits[0] if getattr(out, "logits", None) else None
-        tokens = out.sequences[:, batch["input_ids"].shape[1] :]
+        tokens, first = inference.generate_new_tokens(adapter.model, batch, knockout, **generate_kwargs)
         return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first)
 
     def triage(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:

@@ -261,15 +261,8 @@ class LlavaVG(lmms):
     def _generate(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
         """Answers for a batch; a sample whose image cannot be read gets an error record and the rest go on."""
         kwargs, until = self._generation_kwargs(dict(gen_kwargs))
-        outputs: list[str | None] = [None] * len(args_list)
-        images, keep = [], []
-        for j, a in enumerate(args_list):
-            try:
-                images.append(self._visual(a[2], a[4], a[5], a[3]))
-                keep.append(j)
-            except (OSError, ValueError) as err:
-                logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
-                outputs[j] = json.dumps({"lmms_vg_error": str(err)})
+        images, keep, errors = self._load_images(args_list)
+        outputs: list[str | None] = [json.dumps({"lmms_vg_error": errors[j]}) if j in errors else None for j in range(len(args_list))]
         if not keep:
             return outputs
         texts = [args_list[j][0] for j in keep]
@@ -277,7 +270,7 @@ class LlavaVG(lmms):
         if self.refiner is not None:
             tokens, fractions = [None] * len(keep), [0.0] * len(keep)
             for group in self._same_grid(images):  # the engine takes one image-token count per batch
-                keys = [f"{args_list[keep[n]][4]}/{self._image_key(args_list[keep[n]])}" for n in group]
+                keys = [self._image_key(args_list[keep[n]]) for n in group]
                 outcome = self.refiner.generate(
                     [images[n] for n in group],
                     [texts[n] for n in group],
@@ -305,8 +298,21 @@ class LlavaVG(lmms):
         return outputs
 
     def _image_key(self, args) -> str:
+        """``task/image``: the key of the per-image reference cache."""
         doc = self._doc(args[4], args[5], args[3])
-        return str(doc.get("vg_image_key") or doc.get("image_id") or args[3])
+        return f"{args[4]}/{doc.get('vg_image_key') or doc.get('image_id') or args[3]}"
+
+    def _load_images(self, args_list) -> tuple[list, list[int], dict[int, str]]:
+        """Each request's image: (images, indices of the requests that have one, index -> why the others have none)."""
+        images, keep, errors = [], [], {}
+        for j, a in enumerate(args_list):
+            try:
+                images.append(self._visual(a[2], a[4], a[5], a[3]))
+                keep.append(j)
+            except (OSError, ValueError) as err:
+                logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
+                errors[j] = str(err)
+        return images, keep, errors
 
     def _ground(self, args_list, vg: dict) -> list[str]:
         reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None
@@ -320,25 +326,19 @@ class LlavaVG(lmms):
                 save_maps=self.save_maps,
                 refiner=self.refiner,  # a _vgrefine model measures its attention with the knockout in place
             )
-        samples, records, todo = [], [None] * len(args_list), []
-        for j, a in enumerate(args_list):
-            doc = self._doc(a[4], a[5], a[3])
-            try:
-                image = self._visual(a[2], a[4], a[5], a[3])
-            except (OSError, ValueError) as err:
-                records[j] = GroundingRecord(skipped=f"image unreadable: {err}")
-                continue
-            samples.append(
-                GroundingSample(
-                    image=image,
-                    question=a[0],
-                    boxes=doc["vg_boxes"],
-                    box_format="xyxy",
-                    image_key=f"{a[4]}/{doc.get('vg_image_key') or a[3]}",
-                    sample_id=f"{a[4]}_{a[3]}",
-                )
+        images, todo, errors = self._load_images(args_list)
+        records = [GroundingRecord(skipped=f"image unreadable: {errors[j]}") if j in errors else None for j in range(len(args_list))]
+        samples = [
+            GroundingSample(
+                image=image,
+                question=args_list[j][0],
+                boxes=self._doc(args_list[j][4], args_list[j][5], args_list[j][3])["vg_boxes"],
+                box_format="xyxy",
+                image_key=self._image_key(args_list[j]),
+                sample_id=f"{args_list[j][4]}_{args_list[j][3]}",
             )
-            todo.append(j)
+            for j, image in zip(todo, images)
+        ]
         for group in self._same_grid([s.image for s in samples]):
             for n, record in zip(group, runner.score([samples[n] for n in group])):
                 records[todo[n]] = record
