@@ -25,15 +25,21 @@ class Prompts:
 
 
 class LlavaAdapter:
-    """LLaVA-1.5 family: one ``<image>`` placeholder expanded by the processor to a fixed token grid."""
+    """LLaVA-1.5 family: one ``<image>`` placeholder expanded by the processor to a fixed token grid.
+
+    ``pad_to_square``: pad each image to a square with the processor's mean colour before the
+    processor sees it (LLaVA-1.5's ``expand2square``), whatever processor class the checkpoint
+    ships (a ``CLIPImageProcessor`` ignores ``do_pad``); None keeps the processor's own ``do_pad``.
+    """
 
     shares_prefix = True  # the image tokens' positions do not depend on the text: one prefix serves every prompt
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model"):
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
+        self.pad_to_square = take_over_padding(processor.image_processor, pad_to_square)
         if chat_template:
             self.tokenizer.chat_template = chat_template
         if not self.tokenizer.chat_template:
@@ -50,18 +56,28 @@ class LlavaAdapter:
     def device(self) -> torch.device:
         return self.model.device
 
-    def prompt(self, text: str) -> str:
-        """The chat-formatted prompt with the image placeholder before the text."""
-        message = [{"role": "user", "content": f"<image>\n{text}"}]
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        """The chat-formatted prompt with one image placeholder per image before the text (HuatuoGPT-Vision's order)."""
+        message = [{"role": "user", "content": "<image>\n" * n_images + text}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """The image as the processor receives it: 8-bit RGB, padded to square where the model pads."""
+        return prepare_image(image, self.processor.image_processor, self.pad_to_square)
+
     def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        pixels = self.processor.image_processor(images=[rgb(img) for img in images], return_tensors="pt")["pixel_values"]
+        pixels = self.processor.image_processor(images=[self.model_image(img) for img in images], return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(self.device, self.model.dtype)}
 
-    def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded batch of full prompts with their images."""
-        batch = self.processor(images=[rgb(img) for img in images], text=[self.prompt(t) for t in texts], return_tensors="pt", padding=True)
+    def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch of full prompts with their images (one, or a list per prompt for multi-image items)."""
+        per_prompt = image_lists(images)
+        batch = self.processor(
+            images=[self.model_image(img) for imgs in per_prompt for img in imgs],
+            text=[self.prompt(t, len(imgs)) for t, imgs in zip(texts, per_prompt)],
+            return_tensors="pt",
+            padding=True,
+        )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         return batch
@@ -83,7 +99,7 @@ class LlavaAdapter:
     def image_tokens(self, image: Image.Image) -> int:
         """How many tokens the processor expands the placeholder to for this image (fixed grid for LLaVA-1.5)."""
         if self._n_image_tokens is None:
-            ids = self.processor(images=[rgb(image)], text=["<image>"], return_tensors="pt")["input_ids"][0]
+            ids = self.processor(images=[self.model_image(image)], text=["<image>"], return_tensors="pt")["input_ids"][0]
             self._n_image_tokens = int((ids == self.image_token_id).sum())
         return self._n_image_tokens
 
@@ -97,11 +113,40 @@ class LlavaAdapter:
         return geometry.llava_transform(
             image.width,
             image.height,
-            pad_to_square=bool(getattr(ip, "do_pad", False)),
+            pad_to_square=self.pad_to_square,
             shortest_edge=size["shortest_edge"],
             crop=(crop["height"], crop["width"]) if crop else None,
             patch=self.processor.patch_size,
         )
+
+
+def image_lists(images: list) -> list[list[Image.Image]]:
+    """Each prompt's images as a list: a single image becomes a list of one."""
+    return [[item] if isinstance(item, Image.Image) else list(item) for item in images]
+
+
+def take_over_padding(image_processor, pad_to_square: bool | None) -> bool:
+    """Whether images are padded to square: the asked setting, else the processor's ``do_pad``.
+
+    The padding is then done by :func:`prepare_image` and the processor's own turned off, so it
+    happens for real whatever the processor class, and exactly once.
+    """
+    pad = bool(getattr(image_processor, "do_pad", False)) if pad_to_square is None else bool(pad_to_square)
+    if hasattr(image_processor, "do_pad"):
+        image_processor.do_pad = False
+    return pad
+
+
+def prepare_image(image: Image.Image, image_processor, pad_to_square: bool) -> Image.Image:
+    """8-bit RGB; with ``pad_to_square``, centred on a max-side square of the processor's mean colour (LLaVA's expand2square)."""
+    image = rgb(image)
+    if not pad_to_square or image.width == image.height:
+        return image
+    side = max(image.size)
+    colour = tuple(int(x * 255) for x in (getattr(image_processor, "image_mean", None) or (0.0, 0.0, 0.0)))
+    square = Image.new("RGB", (side, side), colour)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -133,12 +178,13 @@ class Qwen2VLAdapter:
 
     shares_prefix = False
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model"):
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.processor = processor
         self.name = name
+        self.pad_to_square = take_over_padding(self.image_processor, pad_to_square)
         if chat_template:
             self.tokenizer.chat_template = chat_template
         if self.tokenizer.pad_token is None:
@@ -151,24 +197,32 @@ class Qwen2VLAdapter:
     def device(self) -> torch.device:
         return self.model.device
 
-    def prompt(self, text: str) -> str:
-        """The chat template with one image placeholder (vision start, image pad, vision end) before the text."""
-        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        """The chat template with one image placeholder (vision start, image pad, vision end) per image before the text."""
+        message = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """The image as the processor receives it: 8-bit RGB, padded to square only when asked."""
+        return prepare_image(image, self.image_processor, self.pad_to_square)
+
     def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        out = self.image_processor(images=[rgb(img) for img in images], return_tensors="pt")
+        out = self.image_processor(images=[self.model_image(img) for img in images], return_tensors="pt")
         return {
             "pixel_values": out["pixel_values"].to(self.device, self.model.dtype),
             "image_grid_thw": out["image_grid_thw"].to(self.device),
         }
 
-    def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded batch; the placeholder expanded to each image's token count (needs no torchvision)."""
-        pixels = self.pixel_inputs(images)
-        counts = (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+    def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch (one image, or a list per prompt); each placeholder expanded to its image's token count (needs no torchvision)."""
+        per_prompt = image_lists(images)
+        pixels = self.pixel_inputs([img for imgs in per_prompt for img in imgs])
+        counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist())
         pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        prompts = [self.prompt(t).replace(pad, pad * int(n), 1) for t, n in zip(texts, counts)]
+        prompts = []
+        for text, imgs in zip(texts, per_prompt):
+            head, *parts = self.prompt(text, len(imgs)).split(pad)  # one pad per image, in order
+            prompts.append(head + "".join(pad * int(next(counts)) + part for part in parts))
         batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts, return_tensors="pt", padding=True).items()}
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
         return {**batch, **pixels}
@@ -178,5 +232,11 @@ class Qwen2VLAdapter:
         min_pixels = ip.min_pixels if getattr(ip, "min_pixels", None) else ip.size["shortest_edge"]
         max_pixels = ip.max_pixels if getattr(ip, "max_pixels", None) else ip.size["longest_edge"]
         return geometry.qwen2_vl_transform(
-            image.width, image.height, patch=ip.patch_size, merge=self.merge, min_pixels=min_pixels, max_pixels=max_pixels
+            image.width,
+            image.height,
+            patch=ip.patch_size,
+            merge=self.merge,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            pad_to_square=self.pad_to_square,
         )

@@ -60,6 +60,8 @@ def to_xyxy(box: Sequence[float], fmt: BoxFormat) -> tuple[float, float, float, 
     if len(box) != 4:
         raise ValueError(f"a box needs 4 numbers, got {list(box)!r}")
     x0, y0, a, b = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, a, b)):
+        raise ValueError(f"box {list(box)!r} has a coordinate that is not a finite number")
     if fmt == "xywh":
         return x0, y0, x0 + a, y0 + b
     if fmt == "xyxy":
@@ -77,12 +79,7 @@ def llava_transform(
     patch: int,
 ) -> ImageTransform:
     """LLaVA-family preprocessing: optional expand2square, shortest-edge resize, optional centre crop."""
-    t = ImageTransform(1.0, 1.0, 0.0, 0.0, 0, 0, float(patch), width, height)
-    w, h = width, height
-    if pad_to_square:  # image pasted at the centre of a max-side square (LLaVA-1.5 expand2square)
-        side = max(w, h)
-        t = t.then(1.0, 1.0, (side - w) // 2, (side - h) // 2)
-        w = h = side
+    t, w, h = _padded(width, height, pad_to_square, float(patch))
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = shortest_edge, int(shortest_edge * long / short)  # transformers' rounding
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
@@ -94,13 +91,26 @@ def llava_transform(
     return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // patch, new_w // patch, float(patch), width, height)
 
 
-def qwen2_vl_transform(width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int) -> ImageTransform:
-    """Qwen2-VL: smart resize to multiples of patch*merge; one token per merged 2x2 patch block."""
+def _padded(width: int, height: int, pad_to_square: bool, cell: float) -> tuple[ImageTransform, int, int]:
+    """The identity, or the image pasted at the centre of a max-side square (LLaVA-1.5 expand2square); with the new size."""
+    t = ImageTransform(1.0, 1.0, 0.0, 0.0, 0, 0, cell, width, height)
+    if not pad_to_square:
+        return t, width, height
+    side = max(width, height)
+    return t.then(1.0, 1.0, (side - width) // 2, (side - height) // 2), side, side
+
+
+def qwen2_vl_transform(
+    width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int, pad_to_square: bool = False
+) -> ImageTransform:
+    """Qwen2-VL: optional pad to square, smart resize to multiples of patch*merge; one token per merged 2x2 patch block."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision needed
 
     factor = patch * merge
-    new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return ImageTransform(new_w / width, new_h / height, 0.0, 0.0, new_h // factor, new_w // factor, float(factor), width, height)
+    t, w, h = _padded(width, height, pad_to_square, float(factor))
+    new_h, new_w = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    t = t.then(new_w / w, new_h / h, 0.0, 0.0)
+    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // factor, new_w // factor, float(factor), width, height)
 
 
 def authors_transform(width: int, height: int, *, size: int = 336, patch: int = 14) -> ImageTransform:

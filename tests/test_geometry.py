@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from markers import landed_cells, marker_image
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -10,22 +10,6 @@ from lmms_vg import geometry
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def marker_image(width, height, box_xyxy):
-    """Black image with a white rectangle; the processor then shows where that rectangle lands."""
-    arr = np.zeros((height, width, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = box_xyxy
-    arr[y0:y1, x0:x1] = 255
-    return Image.fromarray(arr)
-
-
-def landed_cells(pixels: np.ndarray, cell: int) -> np.ndarray:
-    """Cells whose processed pixels are clearly the marker's white (independent of lmms_vg.geometry)."""
-    white = (pixels[0] > 1.5).astype(float)  # normalised white ~1.93, black/grey pad < 0.1
-    h, w = white.shape
-    grid = white[: h // cell * cell, : w // cell * cell].reshape(h // cell, cell, w // cell, cell).max(axis=(1, 3))
-    return grid.reshape(-1) > 0
 
 
 @pytest.mark.parametrize("size", [(200, 120), (120, 200), (150, 150)])
