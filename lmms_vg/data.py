@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import geometry
 
 log = logging.getLogger(__name__)
 
-VGMED_ROOT = "LMMS_VG_VGMED_ROOT"  # folder with VGMED_*_questions.jsonl and SLAKE's imgs/
-COCO_ROOT = "LMMS_VG_COCO_ROOT"  # folder with COCO_*_questions.jsonl and val2014/
+VGMED_ROOT = "LMMS_VG_VGMED_ROOT"  # folder with the VGMED question files and their images (either layout)
+COCO_ROOT = "LMMS_VG_COCO_ROOT"  # folder with the COCO question files and images (val2014/ in v1)
+COCO_ANNOTATIONS = "LMMS_VG_COCO_ANNOTATIONS"  # current layout: COCO_{kind}.jsonl kept apart from the images (optional)
+VGMED_LAYOUT = "LMMS_VG_VGMED_LAYOUT"  # current or v1: which published layout to read (default: the first found)
 VGMED_SOURCE = "LMMS_VG_VGMED_SOURCE"  # v1 (default, local JSONL) or v2 (HF dataset guimeng-liu/VGMED)
 SKIP_MISSING = "LMMS_VG_SKIP_MISSING_IMAGES"  # 1: keep going past missing images, counted as skipped
 VGMED_V2_ID = "guimeng-liu/VGMED"
@@ -23,6 +30,10 @@ VGMED_V2_ID = "guimeng-liu/VGMED"
 
 class DataError(FileNotFoundError):
     """Data that is not where the settings say; the message names the setting."""
+
+
+class ImageError(OSError):
+    """An image that cannot be used (corrupt, truncated, too large); the message names the file."""
 
 
 def env_path(var: str, what: str) -> Path:
@@ -47,39 +58,123 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def xywh_to_xyxy(box) -> list[float]:
-    x, y, w, h = (float(v) for v in box)
-    return [x, y, x + w, y + h]
+@dataclass(frozen=True)
+class VgmedLayout:
+    """One published layout of the VGMED (or COCO control) question files."""
+
+    name: str
+    files: tuple[str, ...]  # file name patterns ({kind}: localization / attribute), first found is read
+    image_path: Callable[[Path, str], Path]  # (root, the row's image field) -> image file
+    box_format: Callable[[str], geometry.BoxFormat]  # the row's image field -> format of its boxes
+
+
+# The authors' current code (measure_attention.py): VGMED_{kind}.jsonl beside the images, boxes xyxy
+# except on images whose names start with "Slake" (xywh); COCO boxes are always xywh.
+VGMED_LAYOUTS = (
+    VgmedLayout(
+        "current", ("VGMED_{kind}.jsonl",), lambda root, image: root / image, lambda image: "xywh" if image.startswith("Slake") else "xyxy"
+    ),
+    # v1 (public, SLAKE-based), published under both names: imgs/<SLAKE id>/source.jpg, boxes xywh
+    VgmedLayout(
+        "v1",
+        ("VGMED_{kind}_questions.jsonl", "SLAKE_{kind}_questions.jsonl"),
+        lambda root, image: root / "imgs" / image / "source.jpg",
+        lambda _: "xywh",
+    ),
+)
+COCO_LAYOUTS = (
+    VgmedLayout("current", ("COCO_{kind}.jsonl",), lambda root, image: root / image, lambda _: "xywh"),
+    VgmedLayout("v1", ("COCO_{kind}_questions.jsonl",), lambda root, image: root / "val2014" / _coco_name(image), lambda _: "xywh"),
+)
 
 
 def vgmed_docs(kind: str, natural: bool = False) -> list[dict]:
-    """VGMED grounding questions: ``kind`` is 'localization' or 'attribute'; ``natural`` picks the COCO control."""
+    """VGMED grounding questions: ``kind`` is 'localization' or 'attribute'; ``natural`` picks the COCO control.
+
+    The question file is looked up in the layouts of :data:`VGMED_LAYOUTS` (or ``COCO_LAYOUTS``),
+    first found first; ``LMMS_VG_VGMED_LAYOUT`` (``current`` or ``v1``) insists on one. Rows that
+    cannot be scored (no question, no or malformed boxes) keep a ``vg_error`` naming the file and line.
+    """
     source = os.environ.get(VGMED_SOURCE, "v1")
     if source == "v2" and not natural:
         return _vgmed_v2_docs(kind)
     if source not in ("v1", "v2"):
-        raise DataError(f"{VGMED_SOURCE}={source!r}: use v1 (local JSONL) or v2 (HF dataset {VGMED_V2_ID})")
+        raise DataError(f"{VGMED_SOURCE}={source!r}: use v1 (local files, either published layout) or v2 (HF dataset {VGMED_V2_ID})")
     var, prefix = (COCO_ROOT, "COCO") if natural else (VGMED_ROOT, "VGMED")
     root = env_path(var, f"{prefix} {kind} questions")
-    questions = root / f"{prefix}_{kind}_questions.jsonl"
-    if not questions.exists():
-        raise DataError(f"{questions} not found: {var} must point at the folder holding {questions.name}")
+    folders = [root]
+    if natural and os.environ.get(COCO_ANNOTATIONS):  # the authors' code keeps COCO's question files apart from the images
+        folders.insert(0, Path(os.environ[COCO_ANNOTATIONS]).expanduser())
+    layout, questions = _find_layout(folders, kind, COCO_LAYOUTS if natural else VGMED_LAYOUTS, var)
+    rows = read_jsonl(questions)
+    if not rows:
+        raise DataError(f"{questions} has no rows; download it again, or point {var} at the right folder")
+    log.info("%s %s: %d questions from %s (layout '%s')", prefix, kind, len(rows), questions, layout.name)
     docs = []
-    for i, row in enumerate(read_jsonl(questions)):
-        image = str(row["image"])
-        path = root / ("val2014" if natural else "imgs") / (_coco_name(image) if natural else f"{image}/source.jpg")
+    for n, row in enumerate(rows, 1):
+        image = str(row.get("image", ""))
+        boxes, error = read_boxes(row, layout.box_format(image))
+        if not row.get("question"):
+            error = "row has no 'question'"
+        if not image:
+            error = "row has no 'image'"
         docs.append(
             {
-                "id": f"{prefix.lower()}_{kind}_{i}",
-                "question": str(row["question"]),
-                "vg_image_path": str(path),
+                "id": f"{prefix.lower()}_{kind}_{n - 1}",
+                "question": str(row.get("question", "")),
+                "vg_image_path": str(layout.image_path(root, image)) if image else "",
                 "vg_image_key": image,
-                "vg_boxes": [xywh_to_xyxy(b) for b in row.get("bbox") or []],
+                "vg_boxes": boxes,
+                "vg_error": f"{questions.name}:{n}: {error}" if error else "",
                 "modality": str(row.get("modality", "natural" if natural else "")),
                 "label": str(row.get("label", "")),
             }
         )
     return check_images(docs, var)
+
+
+def _find_layout(folders: list[Path], kind: str, layouts, var: str) -> tuple[VgmedLayout, Path]:
+    """The first layout (``LMMS_VG_VGMED_LAYOUT`` if set) whose question file is in one of ``folders``, and that file."""
+    wanted = os.environ.get(VGMED_LAYOUT, "").strip()
+    if wanted and wanted not in {lay.name for lay in layouts}:
+        raise DataError(f"{VGMED_LAYOUT}={wanted!r}: use one of {[lay.name for lay in layouts]}, or leave it unset to take the first found")
+    searched = []
+    for layout in layouts:
+        if wanted and layout.name != wanted:
+            continue
+        for pattern in layout.files:
+            for folder in folders:
+                path = folder / pattern.format(kind=kind)
+                searched.append(path.name)
+                if path.exists():
+                    return layout, path
+    where = " or ".join(str(f) for f in folders)
+    raise DataError(
+        f"none of {sorted(set(searched))} found in {where}: {var} must point at the folder holding the question files (README 'Tasks')"
+    )
+
+
+def read_boxes(row: dict, box_format: geometry.BoxFormat) -> tuple[list[list[float]], str]:
+    """A row's boxes (``bbox``, else ``original_bboxes``: a list of boxes) as xyxy in original pixels, or why they cannot be used."""
+    raw = row.get("bbox", row.get("original_bboxes"))
+    if raw is None:
+        return [], "row has no 'bbox' (or 'original_bboxes') field"
+    if not isinstance(raw, list) or not raw:
+        return [], f"'bbox' is {raw!r}: it must be a non-empty list of boxes"
+    if all(isinstance(v, (int, float)) for v in raw):
+        return [], f"'bbox' is a flat list {raw!r}: write a list of boxes, e.g. [{raw!r}]"
+    boxes = []
+    for k, box in enumerate(raw):
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            return [], f"box {k} is {box!r}: a box needs 4 numbers ({box_format})"
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            return [], f"box {k} is {box!r}: a box needs 4 numbers ({box_format})"
+        if not all(math.isfinite(v) for v in values):
+            return [], f"box {k} is {box!r}: every coordinate must be a finite number"
+        boxes.append(list(geometry.to_xyxy(values, box_format)))
+    return boxes, ""
 
 
 def _coco_name(image_id: str) -> str:
@@ -97,6 +192,7 @@ def _vgmed_v2_docs(kind: str) -> list[dict]:
     for i, row in enumerate(ds):
         if kind and str(row.get("question_type", kind)).lower()[:3] != kind[:3]:
             continue
+        boxes, error = read_boxes({"bbox": row.get("bbox") or row.get("bboxes")}, "xyxy")  # v2 boxes are xyxy
         docs.append(
             {
                 "id": f"vgmed2_{kind}_{i}",
@@ -104,7 +200,8 @@ def _vgmed_v2_docs(kind: str) -> list[dict]:
                 "vg_image_path": "",
                 "vg_image": row["image"],
                 "vg_image_key": str(row.get("image_id", i)),
-                "vg_boxes": [[float(v) for v in b] for b in (row.get("bbox") or row.get("bboxes") or [])],  # v2 boxes are xyxy
+                "vg_boxes": boxes,
+                "vg_error": f"{VGMED_V2_ID} row {i}: {error}" if error else "",
                 "modality": str(row.get("modality", "")),
                 "label": str(row.get("label", "")),
             }
@@ -126,17 +223,39 @@ def check_images(docs: list[dict], var: str) -> list[dict]:
 
 
 def open_image(path: str):
-    """Open an image file, with an error that names the path."""
+    """Open an image file, fully decoded; errors name the path and say what is wrong."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img.load()
-            return img.copy()
+            return decode_image(img, path)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image '{path}' not found") from err
+    except Image.DecompressionBombError as err:
+        raise ImageError(
+            f"image '{path}' is larger than PIL's decompression-bomb limit ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from err
     except OSError as err:
-        raise OSError(f"image '{path}' cannot be read ({err})") from err
+        raise ImageError(f"image '{path}' cannot be read ({err})") from err
+
+
+def decode_image(img, name: str):
+    """Decode every pixel of an opened image (a copy), failing on a truncated file.
+
+    lmms-eval turns PIL's ``LOAD_TRUNCATED_IMAGES`` on for the whole process, which would let a
+    half-written file decode as a partly grey image; it is turned off for this decode.
+    """
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+        return img.copy()
+    except OSError as err:
+        raise ImageError(f"image '{name}' is truncated or corrupt ({err}); re-download or re-extract it") from err
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def demo_dir() -> Path:
@@ -169,6 +288,7 @@ def demo_grounding_docs(random_boxes: bool = False) -> list[dict]:
                 "vg_image_path": str(root / row["image"]),
                 "vg_image_key": row["image"],
                 "vg_boxes": [[float(x0), float(y0), float(x1), float(y1)]],
+                "vg_error": "",
                 "modality": "synthetic",
                 "label": row["answer"],
             }

@@ -45,8 +45,12 @@ class GroundingRecord:
 
     @classmethod
     def from_json(cls, text: str) -> GroundingRecord:
+        """A record from a model's output; an lmms-vg error record keeps its reason as the skip reason."""
         try:
-            return cls(**json.loads(text))
+            data = json.loads(text)
+            if isinstance(data, dict) and "lmms_vg_error" in data:
+                return cls(skipped=str(data["lmms_vg_error"]))
+            return cls(**data)
         except (json.JSONDecodeError, TypeError) as err:
             return cls(skipped=f"model output is not a grounding record ({err}); run grounding tasks with an lmms-vg model")
 
@@ -165,12 +169,19 @@ class GroundingRunner:
         cells = []
         for i, s in enumerate(samples):
             transform = self.adapter.transform(s.image)
-            c = geometry.box_cells(s.boxes, s.box_format, transform)
+            try:
+                c = geometry.box_cells(s.boxes, s.box_format, transform)
+            except ValueError as err:  # a malformed box costs its own sample
+                cells.append(None)
+                records[i] = GroundingRecord(skipped=f"sample {s.sample_id}: {err}")
+                continue
             cells.append((c, transform))
             if c.n_clipped and not self._warned_clip:
                 log.warning("sample %s: a box reaches outside the image and was clipped (counted per sample as n_clipped)", s.sample_id)
                 self._warned_clip = True
-            if not c.mask.any():
+            if not c.n_boxes:
+                records[i] = GroundingRecord(skipped=f"sample {s.sample_id}: no box")
+            elif not c.mask.any():
                 records[i] = GroundingRecord(n_boxes=c.n_boxes, n_clipped=c.n_clipped, skipped="box has zero area inside the image")
         todo = [i for i, r in enumerate(records) if r is None]
         if todo:

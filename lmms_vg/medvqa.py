@@ -1,9 +1,11 @@
 """The six medical VQA benchmarks (SPEC section 4), each from its published schema, as uniform docs.
 
 Doc fields: ``id``, ``benchmark``, ``question``, ``options`` (closed items), ``answer`` (option text
-or open answer), ``category`` (breakdown key: modality, subject or question type), the image as
-``image`` (decoded), ``image_path`` (file) or ``image_zip`` + ``image_member``, and ``vg_error``
-(why an item cannot be scored; such items are reported and left out of the denominator).
+or open answer), ``category`` (breakdown key: modality, subject or question type), ``item_set`` (which
+item set the docs are: the paper's, or another), the images as ``image`` (one, decoded), ``images``
+(several, decoded), ``image_paths`` (files, in order) or ``image_zip`` + ``image_member``, and
+``vg_error`` (why an item cannot be scored). Items that cannot be scored from the data alone are
+left out before the model sees them (:func:`closed_docs`), counted per reason in :data:`LEFT_OUT`.
 
 Where each source lives (all optional but OmniMedVQA; a local folder or an HF dataset id):
 ``LMMS_VG_VQA_RAD``, ``LMMS_VG_SLAKE``, ``LMMS_VG_PATHVQA``, ``LMMS_VG_PMC_VQA``, ``LMMS_VG_MMMU``,
@@ -16,12 +18,18 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import logging
 import os
 import zipfile
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from .data import DataError, env_path
+from .data import DataError, decode_image, env_path
+from .scoring import ItemError, gold_letter
+from .vqa_results import PAPER_ITEM_SET, reason_key
+
+log = logging.getLogger(__name__)
 
 SOURCES = {
     "vqa_rad": ("LMMS_VG_VQA_RAD", "flaviagiammarino/vqa-rad"),
@@ -39,9 +47,25 @@ MMMU_SUBJECTS = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_
 YES_NO = ("yes", "no")
 
 
+# The paper's item sets are those of HuatuoGPT-Vision's evaluation bundle (closed items per benchmark).
+PAPER_ITEMS = {"vqa_rad": 251, "slake": 416, "pathvqa": 3362, "pmc_vqa": 2000, "omnimedvqa": 11124, "mmmu_med": 150}
+# The item set each benchmark's own source gives (LMMS_VG_MEDVQA_SOURCE=hf); none is the paper's set.
+HF_ITEM_SETS = {
+    "vqa_rad": "VQA-RAD test, closed yes/no items",
+    "slake": "SLAKE test, English closed yes/no items",
+    "pathvqa": "PathVQA test, closed yes/no items",
+    "pmc_vqa": "PMC-VQA test_clean",
+    "omnimedvqa": "OmniMedVQA open-access, every QA file",
+    "mmmu_med": "MMMU validation, Health & Medicine multiple-choice items with images",
+}
+BUNDLE_ITEM_SET = PAPER_ITEM_SET  # the bundle's items: the ones the paper reports
+# Items left out before the model runs, per benchmark: reason -> count (reported in the task's ``samples``).
+LEFT_OUT: dict[str, Counter] = {}
+
+
 def _doc(**kw) -> dict:
     """A uniform doc (the fields in this module's docstring); every key present, so datasets infers one schema."""
-    doc = {"options": [], "category": "", "image_path": "", "image_zip": "", "image_member": "", "vg_error": ""}
+    doc = {"options": [], "category": "", "item_set": "", "image_paths": [], "image_zip": "", "image_member": "", "vg_error": ""}
     doc.update(kw)
     return doc
 
@@ -94,7 +118,13 @@ def _plain_image_rows(benchmark: str, closed: bool):
         is_closed = str(row["answer"]).strip().lower() in YES_NO
         options, answer, error = closed_from_yes_no(row["answer"]) if closed else ([], str(row["answer"]), "")
         return _doc(
-            id=f"{benchmark}_{idx}", benchmark=benchmark, question=row["question"], options=options, answer=answer, vg_error=error
+            id=f"{benchmark}_{idx}",
+            benchmark=benchmark,
+            question=row["question"],
+            options=options,
+            answer=answer,
+            item_set=HF_ITEM_SETS[benchmark],
+            vg_error=error,
         ) | {"keep": is_closed == closed}
 
     ds = ds.map(convert, with_indices=True, remove_columns=[c for c in ds.column_names if c != "image"])
@@ -127,6 +157,7 @@ def slake(closed: bool = True) -> list[dict]:
                 options=options,
                 answer=answer,
                 category=str(row.get("content_type", "")),
+                item_set=HF_ITEM_SETS["slake"],
                 image_zip=archive,
                 image_member=f"imgs/{row['img_name']}",
                 vg_error=error,
@@ -154,6 +185,7 @@ def pmc_vqa() -> list[dict]:
                     question=row["Question"],
                     options=options,
                     answer=answer,
+                    item_set=HF_ITEM_SETS["pmc_vqa"],
                     image_zip=archive,
                     image_member=member,
                     vg_error="" if member else f"image '{row['Figure_path']}' not in {archive}",
@@ -194,63 +226,96 @@ def omnimedvqa() -> list[dict]:
                     options=options,
                     answer=row["gt_answer"],
                     category=str(row.get("modality_type", "")),
-                    image_path=str(root / row["image_path"]),
+                    item_set=HF_ITEM_SETS["omnimedvqa"],
+                    image_paths=[str(root / row["image_path"])],
                 )
             )
     return docs
 
 
 def mmmu_med():
-    """MMMU Health & Medicine, validation split: multiple-choice items with an image; category = subject."""
+    """MMMU Health & Medicine, validation split: multiple-choice items with an image; category = subject.
+
+    Every image of an item (``image_1`` .. ``image_7``) is kept, in order; ``<image k>`` in the text
+    stays as written, as in HuatuoGPT-Vision's evaluation (its images go first, one placeholder each).
+    """
     import datasets
 
     parts = []
     for subject in MMMU_SUBJECTS:
         ds = _load_split(source("mmmu_med"), "validation", subject)
         ds = ds.filter(lambda t, img: t == "multiple-choice" and img is not None, input_columns=["question_type", "image_1"])
+        image_columns = sorted((c for c in ds.column_names if c.startswith("image_")), key=lambda c: int(c.split("_")[1]))
 
-        def convert(row, subject=subject):
-            options = [str(o) for o in ast.literal_eval(row["options"])] if row["options"] else []
-            letter = str(row["answer"]).strip().upper()
-            ok = len(letter) == 1 and 0 <= ord(letter) - 65 < len(options)
-            question = row["question"].replace("<image 1>", "the image").strip()
+        def convert(row, subject=subject, image_columns=image_columns):
+            options, error = parse_options(row["options"])
+            letter = str(row["answer"]).strip()
+            ok = not error and len(letter) == 1 and 0 <= ord(letter) - 65 < len(options)
             return _doc(
                 id=row["id"],
                 benchmark="mmmu_med",
-                question=question,
+                question=row["question"],
                 options=options,
                 answer=options[ord(letter) - 65] if ok else letter,
                 category=subject,
-                vg_error="" if ok else f"answer '{row['answer']}' is not an option letter",
-            ) | {"image": row["image_1"]}
+                item_set=HF_ITEM_SETS["mmmu_med"],
+                vg_error=error or ("" if ok else f"answer '{row['answer']}' is not an option letter"),
+            ) | {"images": [row[c] for c in image_columns if row[c] is not None]}
 
         parts.append(ds.map(convert, remove_columns=ds.column_names))
     return datasets.concatenate_datasets(parts)
 
 
+def parse_options(value) -> tuple[list[str], str]:
+    """Options as published: a list, or a string holding a Python list (MMMU, some bundle rows); (options, error)."""
+    if isinstance(value, str):
+        if not value.strip():
+            return [], ""
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return [], f"options {value[:60]!r} are not a list"
+    if value is None:
+        return [], ""
+    if not isinstance(value, (list, tuple)):
+        return [], f"options of type {type(value).__name__} are not a list"
+    return [str(o) for o in value], ""
+
+
 def bundle(benchmark: str) -> list[dict]:
-    """HuatuoGPT-Vision's bundle: one JSON of closed items (``question``, ``options``, ``answer``, ``image``, ``dataset``)."""
+    """HuatuoGPT-Vision's bundle: one JSON of closed items, as its ``eval.py`` reads them.
+
+    Rows: ``question``, ``options`` (a list, or a string holding one), ``answer`` (option text; ``?``
+    where unknown), ``image`` (relative paths, several for multi-image items), ``dataset``
+    (``VQA-RAD_test``, ``OmniMedVQA``, ``MMMU_Medical_Validation``...), ``subset`` (OmniMedVQA's
+    modality, MMMU's ``validation_<Subject>``): the breakdown key.
+    """
     root = env_path(BUNDLE_VAR, f"HuatuoGPT-Vision's evaluation bundle ({BUNDLE_ID})")
-    rows = json.loads((root / BUNDLE_FILE).read_text(encoding="utf-8")) if (root / BUNDLE_FILE).exists() else None
-    if rows is None:
-        raise DataError(f"{root / BUNDLE_FILE} not found: {BUNDLE_VAR} must be the folder holding {BUNDLE_FILE} and its images")
+    path = root / BUNDLE_FILE
+    if not path.exists():
+        raise DataError(f"{path} not found: {BUNDLE_VAR} must be the folder holding {BUNDLE_FILE} and its images")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); download it again") from err
     docs = []
     for i, row in enumerate(rows):
         if bundle_benchmark(str(row.get("dataset", ""))) != benchmark:
             continue
-        image = row.get("image") or ""
-        image = image[0] if isinstance(image, list) and image else image
-        category = next((str(row[k]) for k in ("modality", "modality_type", "subject", "question_type") if row.get(k)), "")
+        images = row.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        options, error = parse_options(row.get("options"))
         docs.append(
             _doc(
                 id=f"{benchmark}_bundle_{i}",
                 benchmark=benchmark,
-                question=row["question"],
-                options=list(row.get("options") or []),
+                question=str(row.get("question", "")),
+                options=options,
                 answer=str(row.get("answer", "")),
-                category=category,
-                image_path=str(root / image) if image else "",
-                vg_error="" if image else "item has no image",
+                category=str(row.get("subset") or "").removeprefix("validation_"),
+                item_set=BUNDLE_ITEM_SET,
+                image_paths=[str(root / p) for p in images],
+                vg_error=error or ("" if images else "item has no image") or ("" if row.get("question") else "row has no question"),
             )
         )
     return docs
@@ -284,7 +349,8 @@ def demo() -> list[dict]:
             options=r["options"],
             answer=r["answer"],
             category=r["kind"],
-            image_path=str(root / r["image"]),
+            item_set="lmms-vg demo",
+            image_paths=[str(root / r["image"])],
         )
         for i, r in enumerate(read_jsonl(root / "vqa.jsonl"))
     ]
@@ -303,27 +369,55 @@ OPEN_LOADERS = {"vqa_rad": lambda: vqa_rad(False), "slake": lambda: slake(False)
 
 
 def closed_docs(benchmark: str):
-    """Closed-ended docs of one benchmark from the configured source (a Dataset or a list of docs)."""
+    """Closed-ended docs of one benchmark from the configured source, scorable ones only (a Dataset or a list).
+
+    Items that cannot be multiple choice or scored (no options, answer not among them, no image in
+    the source...) are left out here, before the model runs, and counted per reason in ``LEFT_OUT``.
+    """
     mode = os.environ.get(SOURCE_VAR, "hf")
     if benchmark == "demo":  # bundled with lmms-vg, whatever the source setting
-        return demo()
-    if mode == "bundle":
-        return bundle(benchmark)
-    if mode != "hf":
+        docs = demo()
+    elif mode == "bundle":
+        docs = bundle(benchmark)
+    elif mode != "hf":
         raise DataError(f"{SOURCE_VAR}={mode!r}: use 'hf' (each benchmark's own source) or 'bundle' ({BUNDLE_ID})")
-    return CLOSED_LOADERS[benchmark]()
+    else:
+        docs = CLOSED_LOADERS[benchmark]()
+    return _leave_out_unscorable(benchmark, docs)
+
+
+def _leave_out_unscorable(benchmark: str, docs):
+    """Drop the docs the data itself says cannot be scored; count them per reason (logged and reported)."""
+
+    def why(doc) -> str:
+        if doc["vg_error"]:
+            return doc["vg_error"]
+        try:
+            gold_letter(list(doc["options"]), doc["answer"])
+        except ItemError as err:
+            return str(err)
+        return ""
+
+    reasons = [why(d) for d in docs]
+    LEFT_OUT[benchmark] = Counter(reason_key(r) for r in reasons if r)
+    if LEFT_OUT[benchmark]:
+        log.warning("%s: %d item(s) left out before the run: %s", benchmark, sum(LEFT_OUT[benchmark].values()), dict(LEFT_OUT[benchmark]))
+    keep = [i for i, r in enumerate(reasons) if not r]
+    return docs.select(keep) if hasattr(docs, "select") else [docs[i] for i in keep]
 
 
 def open_docs(benchmark: str):
     return OPEN_LOADERS[benchmark]()
 
 
-def load_image(doc: dict):
-    """The doc's image from wherever its source keeps it; errors name the file."""
+def load_images(doc: dict) -> list:
+    """The doc's images, in order, from wherever its source keeps them; errors name the file."""
     from .data import open_image
 
+    if doc.get("images"):
+        return list(doc["images"])
     if doc.get("image") is not None:
-        return doc["image"]
+        return [doc["image"]]
     if doc.get("image_zip"):
         import io
 
@@ -331,9 +425,9 @@ def load_image(doc: dict):
 
         try:
             with zipfile.ZipFile(doc["image_zip"]) as zf, zf.open(doc["image_member"]) as fh:
-                return Image.open(io.BytesIO(fh.read())).copy()
+                return [decode_image(Image.open(io.BytesIO(fh.read())), f"{doc['image_zip']}:{doc['image_member']}")]
         except KeyError as err:
             raise FileNotFoundError(f"image '{doc['image_member']}' not found in {doc['image_zip']}") from err
-    if doc.get("image_path"):
-        return open_image(doc["image_path"])
+    if doc.get("image_paths"):
+        return [open_image(p) for p in doc["image_paths"]]
     raise FileNotFoundError(f"item {doc.get('id')}: no image in the source")

@@ -30,14 +30,23 @@ class ModelPreset:
     knockout_layers: tuple[int, ...] = ()
     note: str = ""
     family: str = "llava"  # llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
+    max_images: int | None = None  # images per item the original inference code keeps (first ones); None: all
 
 
 PRESETS: dict[str, ModelPreset] = {
     p.model_id: p
     for p in (
-        ModelPreset("huatuo", "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", HUATUO_TEMPLATE, True, "huatuo_7b", (16,)),
+        # HuatuoGPT-Vision's chatbot keeps at most 6 images per item (its max_image_num)
+        ModelPreset("huatuo", "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", HUATUO_TEMPLATE, True, "huatuo_7b", (16,), max_images=6),
         ModelPreset(
-            "huatuo_34b", "FreedomIntelligence/HuatuoGPT-Vision-34B-hf", HUATUO_TEMPLATE, True, None, (), "no published heads: calibrate"
+            "huatuo_34b",
+            "FreedomIntelligence/HuatuoGPT-Vision-34B-hf",
+            HUATUO_TEMPLATE,
+            True,
+            None,
+            (),
+            "no published heads: calibrate",
+            max_images=6,
         ),
         ModelPreset(
             "llava_med", "chaoyinshe/llava-med-v1.5-mistral-7b-hf", MISTRAL_INST_TEMPLATE, True, None, (), "no published heads: calibrate"

@@ -1,7 +1,9 @@
 """Medical VQA scoring under HuatuoGPT-Vision's protocol (SPEC section 4).
 
-Closed-ended: the option letter parsed from the output (HuatuoGPT-Vision's regex), falling back
-to the option text when no letter is found. Open-ended: BLEU-1, OpenRecall, and BERTScore where
+Closed-ended: the option letter parsed from the output (HuatuoGPT-Vision's regex), compared with
+the gold letter as written (the published scorer does not upper-case it: "b" is not "B"), falling
+back to the option text when no letter is found. An item whose published answer is ``?`` is scored
+wrong, as the published scorer does. Open-ended: BLEU-1, OpenRecall, and BERTScore where
 a scoring model is available locally.
 """
 
@@ -12,9 +14,13 @@ import os
 import re
 import string
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 LETTERS = "ABCDEFGHIJK"
+UNKNOWN_ANSWER = "answer is '?' in the source (scored wrong, as the published scorer does)"
+LETTER_CASE_VAR = "LMMS_VG_LETTER_CASE"  # strict (default: the published scorer) or lenient (b reads as B)
+# HuatuoGPT-Vision's chatbot removes these from every prompt text before inserting its image placeholders
+MODERATED = ("<image>", "<s>", "</s>")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # HuatuoGPT-Vision's pattern: a letter a-n standing alone, not the article "A "/"a ".
 LETTER_PATTERN = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([a-nA-N])(\W|$)")
@@ -25,10 +31,31 @@ class ItemError(ValueError):
 
 
 def mc_prompt(question: str, options: list[str]) -> str:
-    """``{question}\\n{A. opt}\\n...\\nAnswer with the option's letter from the given choices directly.``"""
+    """``{question}\\n{A. opt}\\n...\\nAnswer with the option's letter from the given choices directly.``
+
+    As HuatuoGPT-Vision's evaluation builds it: ``<image>``, ``<s>`` and ``</s>`` are removed from the
+    text (its ``input_moderation``); ``<image k>`` references stay as written.
+    """
     check_options(options)
-    lines = [question.strip()] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    lines = [moderate(question).strip()] + [f"{LETTERS[i]}. {moderate(opt)}" for i, opt in enumerate(options)]
     return "\n".join(lines + [MC_INSTRUCTION])
+
+
+def moderate(text: str) -> str:
+    """The text without the tokens HuatuoGPT-Vision's chatbot strips (a literal ``<image>`` would be read as a second image)."""
+    for token in MODERATED:
+        text = text.replace(token, "")
+    return text
+
+
+def letter_case() -> str:
+    """``strict`` (default, the published scorer) or ``lenient``, from LMMS_VG_LETTER_CASE; anything else is an error."""
+    import os
+
+    value = os.environ.get(LETTER_CASE_VAR, "strict").strip().lower()
+    if value not in ("strict", "lenient"):
+        raise ValueError(f"{LETTER_CASE_VAR}={value!r}: use 'strict' (the published scorer: 'b' is not 'B') or 'lenient'")
+    return value
 
 
 def check_options(options: list[str]) -> None:
@@ -38,8 +65,11 @@ def check_options(options: list[str]) -> None:
         raise ItemError(f"{len(options)} options; at most {len(LETTERS)} letters are defined")
 
 
-def gold_letter(options: list[str], answer: str) -> str:
+def gold_letter(options: list[str], answer: str) -> str | None:
+    """The answer's option letter; None for a published ``?`` answer (scored wrong)."""
     check_options(options)
+    if answer == "?":
+        return None
     if answer not in options:
         raise ItemError(f"answer {answer!r} is not among the options {options!r}")
     return LETTERS[options.index(answer)]
@@ -47,11 +77,8 @@ def gold_letter(options: list[str], answer: str) -> str:
 
 @dataclass
 class ParsedAnswer:
-    letter: str | None  # the predicted option letter, or None
+    letter: str | None  # the predicted option letter as written (case kept), or None
     how: str  # "letter", "option_text", "none"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _normalise(text: str) -> str:
@@ -60,11 +87,12 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def parse_answer(output: str, options: list[str]) -> ParsedAnswer:
-    """The option letter the output chose: first regex letter; else the one option whose text it contains."""
+def parse_answer(output: str, options: list[str], lenient: bool = False) -> ParsedAnswer:
+    """The option letter the output chose: first regex letter (as written; upper-cased when ``lenient``); else the one option whose text it contains."""
     match = LETTER_PATTERN.search(output)
     if match:
-        return ParsedAnswer(match.group(2).upper(), "letter")
+        letter = match.group(2)
+        return ParsedAnswer(letter.upper() if lenient else letter, "letter")
     text = _normalise(output)
     if not text:
         return ParsedAnswer(None, "none")

@@ -31,6 +31,11 @@ AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty":
 GROUNDING_KEY = "lmms_vg"
 
 
+def error_record(reason: str) -> str:
+    """What a sample that could not run returns in place of an answer: its reason, which the task reports and counts."""
+    return json.dumps({"lmms_vg_error": reason})
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says what to do."""
 
@@ -154,10 +159,10 @@ class LlavaVG(lmms):
         engine.install(model)
         if pad_to_square is None and preset is not None:
             pad_to_square = preset.pad_to_square
-        if pad_to_square is not None and hasattr(processor.image_processor, "do_pad"):
-            processor.image_processor.do_pad = bool(pad_to_square)
         self.name = pretrained
-        self.adapter = self.adapter_class(model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained)
+        self.adapter = self.adapter_class(
+            model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained, pad_to_square=pad_to_square
+        )
         self.batch_size_per_gpu = int(batch_size)
         self.sampling = sampling
         self.reference_cache = int(reference_cache)
@@ -216,11 +221,13 @@ class LlavaVG(lmms):
     def _doc(self, task, split, doc_id):
         return self.task_dict[task][split][doc_id]
 
-    def _visual(self, doc_to_visual, task, split, doc_id):
-        visuals = doc_to_visual(self._doc(task, split, doc_id))
+    def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        """The request's images, in order (at most the preset's ``max_images``, as the original chatbot caps them)."""
+        visuals = [v for v in doc_to_visual(self._doc(task, split, doc_id)) or [] if v is not None]
         if not visuals:
-            raise ValueError(f"{task} doc {doc_id}: no image; lmms-vg models need one image per sample")
-        return visuals[0]
+            raise ValueError(f"{task} doc {doc_id}: no image; lmms-vg models need at least one image per sample")
+        limit = self.preset.max_images if self.preset else None
+        return visuals[:limit] if limit else visuals
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         results: list[str | None] = [None] * len(requests)
@@ -230,22 +237,27 @@ class LlavaVG(lmms):
         pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="lmms-vg")
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1])
-            vg = gen_kwargs.pop(GROUNDING_KEY, None)
+            vg = gen_kwargs.pop(GROUNDING_KEY, None) or {}
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                try:
-                    if vg and vg.get("mode") == "grounding":
-                        outputs = self._ground([requests[i].args for i in chunk], vg)
-                    else:
-                        outputs = self._generate([requests[i].args for i in chunk], gen_kwargs, vg or {})
-                except (OSError, ValueError) as err:  # a bad sample: reported, counted by the task, the run goes on
-                    logger.error(f"lmms-vg: batch of {len(chunk)} failed: {err}")
-                    outputs = [json.dumps({"lmms_vg_error": str(err)})] * len(chunk)
-                for i, out in zip(chunk, outputs):
+                for i, out in zip(chunk, self._run_isolated([requests[i].args for i in chunk], gen_kwargs, vg)):
                     results[i] = out
                 pbar.update(len(chunk))
         pbar.close()
         return results
+
+    def _run_isolated(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
+        """One batch; if it fails, each sample alone, so that a bad sample costs itself only (its error record names why)."""
+        run = self._ground if vg.get("mode") == "grounding" else lambda a: self._generate(a, gen_kwargs, vg)
+        try:
+            return run(args_list)
+        except Exception as err:  # noqa: BLE001 - whatever one sample does, the others are scored
+            if len(args_list) == 1:
+                task, doc_id = args_list[0][4], args_list[0][3]
+                logger.error(f"lmms-vg: {task} doc {doc_id} failed: {type(err).__name__}: {err}")
+                return [error_record(f"{task} doc {doc_id}: {type(err).__name__}: {err}")]
+            logger.warning(f"lmms-vg: a batch of {len(args_list)} failed ({type(err).__name__}: {err}); running its samples one by one")
+            return [out for a in args_list for out in self._run_isolated([a], gen_kwargs, vg)]
 
     def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         until = gen_kwargs.pop("until", None) or []
@@ -259,42 +271,46 @@ class LlavaVG(lmms):
         return kwargs, until
 
     def _generate(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
-        """Answers for a batch; a sample whose image cannot be read gets an error record and the rest go on."""
+        """Answers for a batch; a sample whose images cannot be read gets an error record and the rest go on.
+
+        Under VGRefine, an item with several images (MMMU) is answered without the knockout, which
+        is defined for one image; its log says so (``vgrefine``).
+        """
         kwargs, until = self._generation_kwargs(dict(gen_kwargs))
-        images, keep, errors = self._load_images(args_list)
-        outputs: list[str | None] = [json.dumps({"lmms_vg_error": errors[j]}) if j in errors else None for j in range(len(args_list))]
-        if not keep:
-            return outputs
+        visuals, keep, errors = self._load_visuals(args_list)
+        outputs: list[str | None] = [error_record(errors[j]) if j in errors else None for j in range(len(args_list))]
         texts = [args_list[j][0] for j in keep]
-        fractions = None
-        if self.refiner is not None:
-            tokens, fractions = [None] * len(keep), [0.0] * len(keep)
-            for group in self._same_grid(images):  # the engine takes one image-token count per batch
-                keys = [self._image_key(args_list[keep[n]]) for n in group]
-                outcome = self.refiner.generate(
-                    [images[n] for n in group],
-                    [texts[n] for n in group],
-                    image_keys=keys,
-                    reference_prompt=vg.get("reference_prompt"),
-                    **kwargs,
-                )
-                for n, row, frac in zip(group, outcome.tokens, outcome.knocked_fraction):
-                    tokens[n], fractions[n] = row, frac
-        else:
-            batch = self.adapter.encode(images, texts)
+        refine = [n for n, v in enumerate(visuals) if len(v) == 1] if self.refiner is not None else []
+        plain = [n for n in range(len(keep)) if n not in set(refine)]
+        tokens: list = [None] * len(keep)
+        extras: list[dict | None] = [None] * len(keep)
+        for group in self._same_grid([visuals[n][0] for n in refine]):  # the engine takes one image-token count per batch
+            members = [refine[g] for g in group]
+            outcome = self.refiner.generate(
+                [visuals[n][0] for n in members],
+                [texts[n] for n in members],
+                image_keys=[self._image_key(args_list[keep[n]]) for n in members],
+                reference_prompt=vg.get("reference_prompt"),
+                **kwargs,
+            )
+            for n, row, frac in zip(members, outcome.tokens, outcome.knocked_fraction):
+                tokens[n] = row
+                extras[n] = {"knocked_fraction": round(frac, 6), "knockout_layers": list(self.refiner.config.knockout_layers)}
+        if plain:
+            batch = self.adapter.encode([visuals[n] for n in plain], [texts[n] for n in plain])
             with torch.no_grad():
-                tokens = self.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
-        for n, (j, row) in enumerate(zip(keep, tokens)):
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
+                rows = self.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+            for n, row in zip(plain, rows):
+                tokens[n] = row
+                if self.refiner is not None:
+                    extras[n] = {"vgrefine": f"not applied: {len(visuals[n])} images (the knockout is defined for one)"}
+        for n, j in enumerate(keep):
+            text = self.tokenizer.decode(tokens[n], skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
             text = text.strip()
-            if fractions is not None:  # per-sample log fields (issue: fraction knocked out, layers used)
-                text = json.dumps(
-                    {"text": text, "knocked_fraction": round(fractions[n], 6), "knockout_layers": list(self.refiner.config.knockout_layers)}
-                )
-            outputs[j] = text
+            outputs[j] = json.dumps({"text": text, **extras[n]}) if extras[n] is not None else text
         return outputs
 
     def _image_key(self, args) -> str:
@@ -302,17 +318,17 @@ class LlavaVG(lmms):
         doc = self._doc(args[4], args[5], args[3])
         return f"{args[4]}/{doc.get('vg_image_key') or doc.get('image_id') or args[3]}"
 
-    def _load_images(self, args_list) -> tuple[list, list[int], dict[int, str]]:
-        """Each request's image: (images, indices of the requests that have one, index -> why the others have none)."""
-        images, keep, errors = [], [], {}
+    def _load_visuals(self, args_list) -> tuple[list[list], list[int], dict[int, str]]:
+        """Each request's images: (image lists, indices of the requests that have them, index -> why the others have none)."""
+        visuals, keep, errors = [], [], {}
         for j, a in enumerate(args_list):
             try:
-                images.append(self._visual(a[2], a[4], a[5], a[3]))
+                visuals.append(self._visuals(a[2], a[4], a[5], a[3]))
                 keep.append(j)
             except (OSError, ValueError) as err:
                 logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
-                errors[j] = str(err)
-        return images, keep, errors
+                errors[j] = f"{a[4]} doc {a[3]}: {err}"
+        return visuals, keep, errors
 
     def _ground(self, args_list, vg: dict) -> list[str]:
         reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None
@@ -326,22 +342,34 @@ class LlavaVG(lmms):
                 save_maps=self.save_maps,
                 refiner=self.refiner,  # a _vgrefine model measures its attention with the knockout in place
             )
-        images, todo, errors = self._load_images(args_list)
-        records = [GroundingRecord(skipped=f"image unreadable: {errors[j]}") if j in errors else None for j in range(len(args_list))]
-        samples = [
-            GroundingSample(
-                image=image,
-                question=args_list[j][0],
-                boxes=self._doc(args_list[j][4], args_list[j][5], args_list[j][3])["vg_boxes"],
-                box_format="xyxy",
-                image_key=self._image_key(args_list[j]),
-                sample_id=f"{args_list[j][4]}_{args_list[j][3]}",
+        visuals, todo, errors = self._load_visuals(args_list)
+        records = [GroundingRecord(skipped=errors[j]) if j in errors else None for j in range(len(args_list))]
+        samples = []
+        for j, images in zip(todo, visuals):
+            a = args_list[j]
+            doc = self._doc(a[4], a[5], a[3])
+            if doc.get("vg_error"):  # the data says why this row cannot be scored (file and line)
+                records[j] = GroundingRecord(skipped=doc["vg_error"])
+                continue
+            if len(images) != 1:
+                records[j] = GroundingRecord(skipped=f"{len(images)} images: grounding maps one image per sample")
+                continue
+            samples.append(
+                (
+                    j,
+                    GroundingSample(
+                        image=images[0],
+                        question=a[0],
+                        boxes=doc["vg_boxes"],
+                        box_format="xyxy",
+                        image_key=self._image_key(a),
+                        sample_id=f"{a[4]}_{a[3]}",
+                    ),
+                )
             )
-            for j, image in zip(todo, images)
-        ]
-        for group in self._same_grid([s.image for s in samples]):
-            for n, record in zip(group, runner.score([samples[n] for n in group])):
-                records[todo[n]] = record
+        for group in self._same_grid([s.image for _, s in samples]):
+            for n, record in zip(group, runner.score([samples[n][1] for n in group])):
+                records[samples[n][0]] = record
         return [r.to_json() for r in records]
 
     def _same_grid(self, images) -> list[list[int]]:
@@ -356,8 +384,7 @@ class LlavaVG(lmms):
         results = []
         for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-            image = self._visual(doc_to_visual, task, split, doc_id)
-            batch = self.adapter.encode([image], [context])
+            batch = self.adapter.encode([self._visuals(doc_to_visual, task, split, doc_id)], [context])
             cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
             ids = torch.cat([batch["input_ids"], cont], 1)
             mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], 1)

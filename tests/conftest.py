@@ -1,8 +1,12 @@
 """Shared fixtures: tiny random-weight checkpoints built from configs, saved once per session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a fresh datasets cache per run: offline, datasets keys a local folder's cache by its name, so a fixture
+# rewritten under the same folder name would otherwise come back as last run's rows
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lmms_vg_datasets_")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

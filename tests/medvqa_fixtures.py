@@ -224,7 +224,7 @@ MMMU_README = (
 )
 
 
-def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/validation-*.parquet
+def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/validation-*.parquet, image_1..image_7
     root.mkdir(parents=True, exist_ok=True)
     (root / "README.md").write_text(MMMU_README)
     features = datasets.Features(
@@ -233,8 +233,7 @@ def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/va
             "question": datasets.Value("string"),
             "options": datasets.Value("string"),
             "explanation": datasets.Value("string"),
-            "image_1": datasets.Image(),
-            "image_2": datasets.Image(),
+            **{f"image_{k}": datasets.Image() for k in range(1, 8)},
             "img_type": datasets.Value("string"),
             "answer": datasets.Value("string"),
             "topic_difficulty": datasets.Value("string"),
@@ -245,13 +244,18 @@ def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/va
     for k, subject in enumerate(
         ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
     ):
+        two_images = subject == "Clinical_Medicine"  # its first item shows two images, referred to in the text
         rows = {
             "id": [f"validation_{subject}_1", f"validation_{subject}_2"],
-            "question": ["<image 1> Which structure is shown?", "What is the dose?"],
+            "question": [
+                "Compare <image 1> with <image 2>. Which structure changed?" if two_images else "<image 1> Which structure is shown?",
+                "What is the dose?",
+            ],
             "options": ["['Heart', 'Liver', 'Kidney']", "[]"],
             "explanation": ["", ""],
             "image_1": [img(50 + k), None],
-            "image_2": [None, None],
+            "image_2": [img(70 + k, size=(40, 30)) if two_images else None, None],
+            **{f"image_{j}": [None, None] for j in range(3, 8)},
             "img_type": ["['Photos']", "[]"],
             "answer": ["B", "5 mg"],
             "topic_difficulty": ["Easy", "Medium"],
@@ -263,25 +267,66 @@ def mmmu(root: Path) -> Path:  # MMMU/MMMU: one config per subject, <Subject>/va
     return root
 
 
-def bundle(root: Path) -> Path:  # HuatuoGPT-Vision's Medical_Multimodal_Evaluation_Data
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    img(60).save(root / "images" / "a.jpg")
+def bundle(root: Path) -> Path:
+    """HuatuoGPT-Vision's Medical_Multimodal_Evaluation_Data as its eval.py reads it.
+
+    One JSON list; rows have ``question``, ``options`` (a list, or a string holding one: eval.py runs
+    ``ast.literal_eval`` on strings), ``answer`` (the option text, ``?`` where unknown), ``image`` (paths
+    relative to the JSON's folder, several for multi-image items), ``dataset`` and ``subset``.
+    """
+    (root / "images" / "mmmu").mkdir(parents=True, exist_ok=True)
+    for name, seed in (("vqarad_1.jpg", 60), ("omni_1.png", 61), ("omni_2.png", 62), ("slake_1.jpg", 63)):
+        img(seed).save(root / "images" / name)
+    img(64, size=(40, 30)).save(root / "images" / "mmmu" / "a_1.png")
+    img(65, size=(30, 40)).save(root / "images" / "mmmu" / "a_2.png")
     rows = [
-        {"question": "Is there a fracture?", "options": ["yes", "no"], "answer": "yes", "image": ["images/a.jpg"], "dataset": "VQA-RAD"},
+        {
+            "question": "Is there a fracture?",
+            "options": ["yes", "no"],
+            "answer": "yes",
+            "image": ["images/vqarad_1.jpg"],
+            "dataset": "VQA-RAD_test",
+            "subset": "",
+        },
         {
             "question": "Which organ?",
             "options": ["Liver", "Lung", "Heart"],
             "answer": "Lung",
-            "image": ["images/a.jpg"],
-            "dataset": "SLAKE",
+            "image": ["images/slake_1.jpg"],
+            "dataset": "SLAKE_test",
+            "subset": "",
         },
         {
-            "question": "Which modality?",
-            "options": ["CT", "MRI"],
-            "answer": "MRI",
-            "image": ["images/a.jpg"],
+            "question": "Is it normal?",
+            "options": ["yes", "no"],
+            "answer": "?",
+            "image": ["images/slake_1.jpg"],
+            "dataset": "SLAKE_test",
+            "subset": "",
+        },
+        {
+            "question": "Which modality is this?",
+            "options": ["CT", "MRI", "OCT", "X-ray"],
+            "answer": "OCT",
+            "image": ["images/omni_1.png"],
             "dataset": "OmniMedVQA",
-            "modality": "MR",
+            "subset": "Optical Coherence Tomography",
+        },
+        {
+            "question": "What is shown?",
+            "options": "['Retina', 'Lung', 'Liver']",
+            "answer": "Retina",
+            "image": ["images/omni_2.png"],
+            "dataset": "OmniMedVQA",
+            "subset": "Fundus Photography",
+        },
+        {
+            "question": "<image 1> and <image 2> show the same patient. What changed?",
+            "options": "['The lesion grew', 'Nothing', 'The lesion shrank']",
+            "answer": "The lesion grew",
+            "image": ["images/mmmu/a_1.png", "images/mmmu/a_2.png"],
+            "dataset": "MMMU_Medical_Validation",
+            "subset": "validation_Clinical_Medicine",
         },
     ]
     (root / "medical_multimodel_evaluation_data.json").write_text(json.dumps(rows))

@@ -5,6 +5,7 @@ import math
 
 import medvqa_fixtures as fx
 import pytest
+import torch
 from cli import run_lmms_eval
 
 from lmms_vg import medvqa, vqa_results
@@ -25,17 +26,18 @@ def as_list(docs):
 def test_vqa_rad_and_pathvqa_parquet(sources):
     closed = as_list(medvqa.closed_docs("vqa_rad"))
     assert [d["answer"] for d in closed] == ["yes", "no", "yes"] and all(d["options"] == ["yes", "no"] for d in closed)
-    assert medvqa.load_image(closed[0]).size == (64, 48)
+    assert [im.size for im in medvqa.load_images(closed[0])] == [(64, 48)]
     assert [d["answer"] for d in as_list(medvqa.open_docs("vqa_rad"))] == ["left lobe"]
     assert len(as_list(medvqa.closed_docs("pathvqa"))) == 2 and len(as_list(medvqa.open_docs("pathvqa"))) == 1
 
 
 def test_slake_json_and_zip(sources):
     closed = medvqa.closed_docs("slake")
-    assert [d["id"] for d in closed] == ["slake_11", "slake_12", "slake_13"]  # English closed only
+    # English closed only; "Left" (qid 12) cannot be multiple choice from this source: left out before the model sees it
+    assert [d["id"] for d in closed] == ["slake_11", "slake_13"]
     assert closed[0]["options"] == ["yes", "no"] and closed[0]["answer"] == "no" and closed[0]["category"] == "Abnormality"
-    assert "without options" in closed[1]["vg_error"]  # "Left": closed but no options in this source
-    assert medvqa.load_image(closed[2]).size == (64, 48)  # from inside imgs.zip
+    assert medvqa.LEFT_OUT["slake"] == {"closed item without options in this source": 1}
+    assert [im.size for im in medvqa.load_images(closed[1])] == [(64, 48)]  # from inside imgs.zip
     assert [d["answer"] for d in medvqa.open_docs("slake")] == ["Liver"]
 
 
@@ -43,7 +45,7 @@ def test_pmc_vqa_csv_and_zip(sources):
     docs = medvqa.pmc_vqa()
     assert docs[0]["options"] == ["MRI", "CT", "X-ray", "Ultrasound"] and docs[0]["answer"] == "CT"
     assert docs[1]["answer"] == "Left kidney"
-    assert medvqa.load_image(docs[0]).size == (64, 48)
+    assert [im.size for im in medvqa.load_images(docs[0])] == [(64, 48)]
     assert "not in" in docs[2]["vg_error"]
 
 
@@ -59,19 +61,38 @@ def test_omnimedvqa_missing_root_names_the_setting(monkeypatch):
         medvqa.omnimedvqa()
 
 
-def test_mmmu_configs(sources):
+def test_mmmu_configs_every_image_in_order(sources):
     docs = as_list(medvqa.closed_docs("mmmu_med"))
     assert len(docs) == 5  # one multiple-choice item with an image per subject; open items dropped
     assert docs[0]["options"] == ["Heart", "Liver", "Kidney"] and docs[0]["answer"] == "Liver"
-    assert "<image 1>" not in docs[0]["question"] and {d["category"] for d in docs} == set(medvqa.MMMU_SUBJECTS)
+    assert {d["category"] for d in docs} == set(medvqa.MMMU_SUBJECTS)
+    two = next(d for d in docs if d["category"] == "Clinical_Medicine")
+    # both images, image_1 first; the text keeps its <image k> references, as HuatuoGPT-Vision's eval sends them
+    assert [im.size for im in medvqa.load_images(two)] == [(64, 48), (40, 30)]
+    assert two["question"] == "Compare <image 1> with <image 2>. Which structure changed?"
+    assert "<image 1>" in docs[0]["question"]
 
 
-def test_bundle_source(tmp_path, monkeypatch):
+def test_bundle_in_its_published_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("LMMS_VG_MEDVQA_SOURCE", "bundle")
     monkeypatch.setenv("LMMS_VG_MEDVQA_BUNDLE", str(fx.bundle(tmp_path / "bundle")))
-    assert [d["answer"] for d in medvqa.closed_docs("slake")] == ["Lung"]
+    assert [d["answer"] for d in medvqa.closed_docs("vqa_rad")] == ["yes"]
+    slake = medvqa.closed_docs("slake")
+    assert [d["answer"] for d in slake] == ["Lung", "?"]  # '?' stays: the published scorer counts it wrong
     omni = medvqa.closed_docs("omnimedvqa")
-    assert omni[0]["category"] == "MR" and medvqa.load_image(omni[0]).size == (64, 48)
+    assert [d["category"] for d in omni] == ["Optical Coherence Tomography", "Fundus Photography"]  # from `subset`
+    assert omni[1]["options"] == ["Retina", "Lung", "Liver"]  # a string holding a list is parsed, not split into characters
+    mmmu = medvqa.closed_docs("mmmu_med")
+    assert mmmu[0]["category"] == "Clinical_Medicine" and mmmu[0]["answer"] == "The lesion grew"
+    assert [im.size for im in medvqa.load_images(mmmu[0])] == [(40, 30), (30, 40)]
+    assert {d["item_set"] for d in slake + omni + mmmu} == {"paper"}
+
+
+def test_options_strings():
+    assert medvqa.parse_options("['a', 'b, c']") == (["a", "b, c"], "")
+    assert medvqa.parse_options(["a", 1]) == (["a", "1"], "")
+    options, error = medvqa.parse_options("A, B")
+    assert options == [] and "not a list" in error
 
 
 def test_outcomes_report_and_exclude_bad_items():
@@ -96,7 +117,7 @@ def test_medvqa_group_through_cli(tmp_path, llava_dir):
     results, folder = run_lmms_eval(tmp_path, "huatuo", f"pretrained={llava_dir},device=cpu", "medvqa,medvqa_open", env)
     r = results["results"]
     expected_scored = {"vqa_rad": 3, "slake_closed": 2, "pathvqa": 2, "pmc_vqa": 2, "omnimedvqa": 2, "mmmu_med": 5}
-    weighted, total = 0.0, 0
+    weighted, total, by_docs, docs = 0.0, 0, 0.0, 0
     for task, n in expected_scored.items():
         counts = r[task]["samples,none"]
         assert counts["scored"] == n, (task, counts)
@@ -106,11 +127,52 @@ def test_medvqa_group_through_cli(tmp_path, llava_dir):
         logged = [s["accuracy"] for s in samples]
         assert acc == pytest.approx(100 * sum(o["correct"] for o in logged if o["correct"] is not None) / n)
         assert all("pred" in o and "gold" in o and "match" in o for o in logged if o["correct"] is not None)
-        weighted += acc * len(samples)
-        total += len(samples)
-    assert r["omnimedvqa"]["samples,none"]["excluded"] == 3  # answer not among options, missing image, no options
+        weighted, total = weighted + acc * n, total + n
+        by_docs, docs = by_docs + acc * len(samples), docs + len(samples)
+        assert counts["item_set"] == medvqa.HF_ITEM_SETS[task.removesuffix("_closed")]
+        assert results["configs"][task]["generation_kwargs"]["max_new_tokens"] == 256  # HuatuoGPT-Vision's eval: no answer cut short
+    omni = r["omnimedvqa"]["samples,none"]
+    # answer not among the options and no options: left out before the run; the missing image: sent, excluded, reported
+    assert (omni["total"], omni["excluded"], omni["left_out_before_run"]) == (3, 1, 2)
+    assert r["slake_closed"]["samples,none"]["left_out_reasons"] == {"closed item without options in this source": 1}
     assert set(r["omnimedvqa"]["breakdown,none"]) == {"CT(Computed Tomography)", "Fundus Photography"}
     assert set(r["mmmu_med"]["breakdown,none"]) == set(medvqa.MMMU_SUBJECTS)
     assert set(r["slake_closed"]["breakdown,none"]) == {"Abnormality", "Organ"}
-    assert r["medvqa"]["accuracy,none"] == pytest.approx(weighted / total)  # sample-weighted average
+    # the paper's Avg.: weighted by the items each benchmark scored, not by its docs
+    assert r["medvqa"]["accuracy,none"] == pytest.approx(weighted / total)
+    if weighted / total != pytest.approx(by_docs / docs):  # the two weightings differ on these fixtures unless all accuracies agree
+        assert r["medvqa"]["accuracy,none"] != pytest.approx(by_docs / docs)
     assert math.isfinite(r["vqa_rad_open"]["bleu1,none"]) and "unavailable" in r["vqa_rad_open"]["bertscore,none"]
+
+
+def test_wrapper_sends_every_image_in_order(llava_dir, monkeypatch):
+    """A two-image item: two placeholders before the text (HuatuoGPT-Vision's order), both images' pixels, in order."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {"batch_size": 2})
+    first, second = fx.img(1, (90, 60)), fx.img(2, (50, 80))
+    wrapper.task_dict = {"t": {"test": [{"images": [first, second]}, {"images": [second]}]}}
+    seen = {}
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return kwargs["input_ids"][:, :1].repeat(1, kwargs["input_ids"].shape[1] + 1)
+
+    monkeypatch.setattr(wrapper.model, "generate", spy)
+    text = "Compare <image 1> with <image 2>."
+    reqs = [
+        Instance(
+            "generate_until", (q, {"max_new_tokens": 1}, lambda d: d["images"], i, "t", "test"), i, {"task": "t", "doc_id": i, "repeats": 1}
+        )
+        for i, q in enumerate([text, "One image."])
+    ]
+    wrapper.generate_until(reqs)
+    adapter = wrapper.adapter
+    per_image = adapter.image_tokens(first)
+    ids = seen["input_ids"]
+    assert [int((row == adapter.image_token_id).sum()) for row in ids] == [2 * per_image, per_image]
+    expected = adapter.pixel_inputs([first, second, second])["pixel_values"]
+    assert torch.equal(seen["pixel_values"], expected)  # item 0's two images in order, then item 1's
+    decoded = adapter.tokenizer.decode(ids[0][ids[0] != adapter.image_token_id], skip_special_tokens=False)
+    assert "<image 1>" in decoded and "<image 2>" in decoded  # references stay text, as in the original eval

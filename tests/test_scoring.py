@@ -16,8 +16,8 @@ OPTS = ["left lung", "right lung", "liver", "heart"]
         ("(B)", "B", "letter"),
         ("Answer: C", "C", "letter"),
         ("The answer is D.", "D", "letter"),
-        ("b", "B", "letter"),
-        ("c.", "C", "letter"),
+        ("b", "b", "letter"),  # kept as written: the published scorer compares it with the gold "B" and finds it wrong
+        ("c.", "c", "letter"),
         ("A lesion is seen, so the answer is B.", "B", "letter"),  # "A " is the article, not option A
         ("it is a mass in the right lung", "B", "option_text"),  # no letter: the one option whose text is present
         ("B or C", "B", "letter"),  # two letters: the first
@@ -30,6 +30,41 @@ OPTS = ["left lung", "right lung", "liver", "heart"]
 def test_parse_answer(output, letter, how):
     parsed = scoring.parse_answer(output, OPTS)
     assert (parsed.letter, parsed.how) == (letter, how)
+
+
+def test_letters_compare_as_written_unless_lenient(monkeypatch):
+    """The published scorer: ``match.group(2) == gold`` with the gold letter upper case, so "b" is wrong for "B"."""
+    from lmms_vg import vqa_results
+
+    doc = {"id": "1", "benchmark": "b", "options": ["x", "y"], "answer": "y", "vg_error": "", "item_set": "paper"}
+    strict = vqa_results.closed_outcome(doc, "b")
+    assert (strict["pred"], strict["gold"], strict["correct"], strict["letter_case"]) == ("b", "B", False, "strict")
+    assert vqa_results.closed_outcome(doc, "B")["correct"] is True
+    monkeypatch.setenv("LMMS_VG_LETTER_CASE", "lenient")
+    lenient = vqa_results.closed_outcome(doc, "b")
+    assert (lenient["pred"], lenient["correct"], lenient["letter_case"]) == ("B", True, "lenient")
+    assert vqa_results.counts([lenient])["letter_case"] == "lenient"
+    monkeypatch.setenv("LMMS_VG_LETTER_CASE", "loose")
+    with pytest.raises(ValueError, match="LMMS_VG_LETTER_CASE"):
+        vqa_results.closed_outcome(doc, "b")
+
+
+def test_unknown_answer_is_scored_wrong_as_published():
+    """The published scorer sets ``is_correct = False`` for an answer ``?`` and keeps it in the denominator."""
+    from lmms_vg import vqa_results
+
+    doc = {"id": "1", "benchmark": "b", "options": ["x", "y"], "answer": "?", "vg_error": ""}
+    out = vqa_results.closed_outcome(doc, "A")
+    good = vqa_results.closed_outcome({**doc, "answer": "x"}, "A")
+    assert out["correct"] is False and out["gold"] is None
+    assert vqa_results.accuracy([out, good]) == 50.0
+    assert vqa_results.counts([out, good])["unknown_answer_scored_wrong"] == 1
+
+
+def test_prompt_strips_image_tokens_and_keeps_image_references():
+    """HuatuoGPT-Vision's input_moderation removes '<image>', '<s>', '</s>'; '<image 2>' is text and stays."""
+    prompt = scoring.mc_prompt("<image>Compare <image 1> and <image 2></s>", ["a", "b<s>"])
+    assert prompt.splitlines()[:3] == ["Compare <image 1> and <image 2>", "A. a", "B. b"]
 
 
 def test_option_inside_another_option_yields_to_the_longer():

@@ -1,6 +1,7 @@
 """Medical VQA tasks: docs from lmms_vg.medvqa, scoring from lmms_vg.scoring / vqa_results."""
 
 import os
+from collections import Counter
 
 import datasets
 
@@ -25,7 +26,7 @@ open_vqa_rad, open_slake, open_pathvqa = _open("vqa_rad"), _open("slake"), _open
 
 
 def doc_to_visual(doc):
-    return [medvqa.load_image(doc)]
+    return medvqa.load_images(doc)
 
 
 def closed_doc_to_text(doc, lmms_eval_specific_kwargs=None):
@@ -58,7 +59,14 @@ def agg_breakdown(outcomes):
 
 
 def agg_counts(outcomes):
-    return vqa_results.counts(outcomes)
+    benchmarks = {o["benchmark"] for o in outcomes}
+    left_out = sum((medvqa.LEFT_OUT.get(b, Counter()) for b in benchmarks), Counter())
+    return vqa_results.counts(outcomes, left_out)
+
+
+def agg_group_accuracy(values, sizes, weight_by_size=True):
+    """The group's "Avg.": weighted by the items each benchmark scored (the paper's), not by its docs."""
+    return vqa_results.weighted_average(values, sizes, weight_by_size)
 
 
 def agg_bleu1(outcomes):

@@ -2,7 +2,7 @@
 
 import datasets
 
-from lmms_vg import aggregate, data
+from lmms_vg import aggregate, data, scoring
 from lmms_vg.grounding import GroundingRecord
 
 
@@ -17,12 +17,14 @@ docs_coco_attr = _docs("attribute", True)
 
 
 def doc_to_visual(doc):
+    if doc.get("vg_error"):  # the row itself cannot be scored: say why rather than look for its image
+        raise ValueError(doc["vg_error"])
     return [doc["vg_image"] if doc.get("vg_image") is not None else data.open_image(doc["vg_image_path"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     post = (lmms_eval_specific_kwargs or {}).get("post_prompt", "")
-    return f"{doc['question'].strip()}{post}"
+    return f"{scoring.moderate(doc['question']).strip()}{post}"
 
 
 def process_results(doc, results):
