@@ -7,6 +7,7 @@ how an image's pixels reach its token grid. The LLaVA adapter serves every
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,16 +37,15 @@ class LlavaAdapter:
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model
-        self.processor = processor
+        self.processor, self.pad_to_square = take_over_padding(processor, pad_to_square)
         self.tokenizer = processor.tokenizer
         self.name = name
-        self.pad_to_square = take_over_padding(processor.image_processor, pad_to_square)
         if chat_template:
             self.tokenizer.chat_template = chat_template
         if not self.tokenizer.chat_template:
             raise EngineError(f"{name}: the tokenizer has no chat template; give one in the model preset or chat_template=")
-        if getattr(processor, "patch_size", None) is None:  # some -hf conversions ship without it
-            processor.patch_size = model.config.vision_config.patch_size
+        if getattr(self.processor, "patch_size", None) is None:  # some -hf conversions ship without it
+            self.processor.patch_size = model.config.vision_config.patch_size
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
@@ -125,16 +125,20 @@ def image_lists(images: list) -> list[list[Image.Image]]:
     return [[item] if isinstance(item, Image.Image) else list(item) for item in images]
 
 
-def take_over_padding(image_processor, pad_to_square: bool | None) -> bool:
-    """Whether images are padded to square: the asked setting, else the processor's ``do_pad``.
+def take_over_padding(processor, pad_to_square: bool | None) -> tuple[object, bool]:
+    """A copy of ``processor`` whose image processor never pads, and whether images are padded to square.
 
-    The padding is then done by :func:`prepare_image` and the processor's own turned off, so it
-    happens for real whatever the processor class, and exactly once.
+    Padding is the asked setting, else the processor's own ``do_pad``; :func:`prepare_image` then
+    does it, so it happens for real whatever the processor class, and exactly once. The caller's
+    processor is left as it was.
     """
+    image_processor = processor.image_processor
     pad = bool(getattr(image_processor, "do_pad", False)) if pad_to_square is None else bool(pad_to_square)
-    if hasattr(image_processor, "do_pad"):
-        image_processor.do_pad = False
-    return pad
+    own = copy.copy(processor)
+    own.image_processor = copy.deepcopy(image_processor)
+    if hasattr(own.image_processor, "do_pad"):
+        own.image_processor.do_pad = False
+    return own, pad
 
 
 def prepare_image(image: Image.Image, image_processor, pad_to_square: bool) -> Image.Image:
@@ -180,11 +184,10 @@ class Qwen2VLAdapter:
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model
+        self.processor, self.pad_to_square = take_over_padding(processor, pad_to_square)
         self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
-        self.processor = processor
+        self.image_processor = self.processor.image_processor
         self.name = name
-        self.pad_to_square = take_over_padding(self.image_processor, pad_to_square)
         if chat_template:
             self.tokenizer.chat_template = chat_template
         if self.tokenizer.pad_token is None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import report
+from . import report, settings
 
 
 def cmd_leaderboard(args) -> list[Path]:
@@ -64,7 +64,11 @@ def cmd_calibrate(args) -> list[Path]:
     head_kl = run.results[args.task].get("head_kl,none")
     if not head_kl:
         raise report.ReportError(f"{run.path}: task '{args.task}' has no head-level KL; rerun it with --model_args ...,head_level=true")
-    layers = tuple(int(x) for x in args.knockout_layers.replace(",", " ").split())
+    if args.top_k < 1:
+        raise report.ReportError(f"--top-k {args.top_k}: a preset needs at least one head")
+    layers = settings.as_layers("--knockout-layers", args.knockout_layers)
+    if not layers:
+        raise report.ReportError("--knockout-layers is empty: name at least one layer, e.g. '16'")
     samples = run.results[args.task].get("samples,none", {}).get("scored")
     source = f"{args.task} ({run.path.name})"
     preset = calibrate(head_kl, args.top_k, layers, run.base, source, samples)

@@ -71,10 +71,24 @@ def load_heads(name_or_path: str) -> HeadPreset:
                 f"no head preset named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path"
             )
         text = shipped.read_text()
-    data = json.loads(text)
+        path = Path(str(shipped))
+    try:
+        data = json.loads(text)
+        heads = tuple((int(layer), int(head)) for layer, head in data["heads"])
+        knockout_layers = tuple(int(x) for x in data.get("knockout_layers", ()))
+    except json.JSONDecodeError as err:
+        raise VGRefineConfigError(f"heads file '{path}' is not valid JSON ({err}); rewrite it with `lmms-vg calibrate`") from err
+    except KeyError as err:
+        raise VGRefineConfigError(f"heads file '{path}' has no {err} list; rewrite it with `lmms-vg calibrate`") from err
+    except (TypeError, ValueError, AttributeError) as err:
+        raise VGRefineConfigError(f"heads file '{path}': 'heads' must be a list of [layer, head] pairs ({err})") from err
+    if not heads:
+        raise VGRefineConfigError(f"heads file '{path}' lists no heads; calibrate with --top-k of 1 or more")
+    if any(layer < 0 or head < 0 for layer, head in heads) or any(x < 0 for x in knockout_layers):
+        raise VGRefineConfigError(f"heads file '{path}' has a negative layer or head index")
     return HeadPreset(
-        heads=tuple((int(l), int(h)) for l, h in data["heads"]),
-        knockout_layers=tuple(int(x) for x in data.get("knockout_layers", ())),
+        heads=heads,
+        knockout_layers=knockout_layers,
         model=data.get("model", ""),
         source=data.get("source", ""),
         samples=data.get("samples"),

@@ -21,12 +21,13 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_vg import engine
+from lmms_vg import engine, settings
 from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
 
+FAILURE_STREAK_LIMIT = 16  # samples failing in a row (no success between) before a run is judged broken and stopped
 AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
 GROUNDING_KEY = "lmms_vg"
 
@@ -40,13 +41,18 @@ class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says what to do."""
 
 
-def parse_layers(value) -> tuple[int, ...]:
-    """``16``, ``"14;15;16"`` or ``"14 15"`` -> (14, 15, 16). lmms-eval's model_args split on commas."""
-    if value is None or value == "":
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in str(value).replace(";", " ").replace("/", " ").split())
+def maps_folder(value) -> Path | None:
+    """The ``save_maps`` folder, created now: a file in its place or an unwritable path fails before any sample."""
+    if not value:
+        return None
+    folder = Path(str(value)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_maps={value!r} is a file, not a folder: give a folder for the saved maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"save_maps={value!r}: cannot create the folder ({err})") from err
+    return folder
 
 
 def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_map, revision: str, trust_remote_code: bool):
@@ -131,6 +137,8 @@ class LlavaVG(lmms):
         reference_cache: int = 64,
         head_level: bool = False,
         save_maps: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -144,16 +152,37 @@ class LlavaVG(lmms):
             raise ValueError(
                 f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)"
             )
-        self.reference_prompt = bool(reference_prompt)
-        use_vgrefine = self.vgrefine_default if vgrefine is None else bool(vgrefine)
-        # settings that need no model fail here, before a (possibly long) checkpoint load
+        # every setting is parsed and checked here, before a (possibly long) checkpoint load and before any sample
+        trust_remote_code = settings.as_bool("trust_remote_code", trust_remote_code)
+        self.reference_prompt = settings.as_bool("reference_prompt", reference_prompt)
+        use_vgrefine = self.vgrefine_default if vgrefine is None else settings.as_bool("vgrefine", vgrefine)
+        pad_to_square = None if pad_to_square is None else settings.as_bool("pad_to_square", pad_to_square)
+        self.batch_size_per_gpu = settings.as_int("batch_size", batch_size, minimum=1)
+        self.reference_cache = settings.as_int("reference_cache", reference_cache, minimum=0)
+        self.head_level = settings.as_bool("head_level", head_level)
+        self.save_maps = maps_folder(save_maps)
+        pixels = {k: settings.as_int(k, v, minimum=1) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pixels and self.adapter_class is not Qwen2VLAdapter:
+            raise ValueError(f"{', '.join(pixels)} apply to Qwen2-VL-family models only; this model's geometry is fixed by its processor")
         refine_config = self._refine_config(pretrained, heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
         accelerator = Accelerator()
         if device is None or device == "cuda" and not torch.cuda.is_available():
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model, processor = load_checkpoint(pretrained, self.model_types, torch_dtype, device_map or None, revision, bool(trust_remote_code))
+        model, processor = load_checkpoint(pretrained, self.model_types, torch_dtype, device_map or None, revision, trust_remote_code)
+        if pixels:  # e.g. the authors' Qwen grounding runs: max_pixels=50176, min_pixels=784
+            size = dict(processor.image_processor.size)
+            size.update(
+                {
+                    "shortest_edge": pixels.get("min_pixels", size.get("shortest_edge")),
+                    "longest_edge": pixels.get("max_pixels", size.get("longest_edge")),
+                }
+            )
+            processor.image_processor.size = size
+            for key, value in pixels.items():  # a stale attribute would override the size at call time
+                if getattr(processor.image_processor, key, None) is not None:
+                    setattr(processor.image_processor, key, value)
         if not device_map:
             model.to(self._device)
         engine.install(model)
@@ -163,11 +192,8 @@ class LlavaVG(lmms):
         self.adapter = self.adapter_class(
             model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained, pad_to_square=pad_to_square
         )
-        self.batch_size_per_gpu = int(batch_size)
         self.sampling = sampling
-        self.reference_cache = int(reference_cache)
-        self.head_level = bool(head_level)
-        self.save_maps = save_maps
+        self._failure_streak = 0
         self._grounding: dict[str | None, GroundingRunner] = {}
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
@@ -176,6 +202,15 @@ class LlavaVG(lmms):
         # heads and layers are checked against the model here, still before any sample
         self.refiner = VGRefiner(self.adapter, refine_config, self.reference_cache) if refine_config else None
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lmms-eval's constructor; ``batch_size`` or ``device`` in ``--model_args`` win over the CLI's (which always passes its own)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args and k != "max_batch_size"}
+        return cls(**args, **extra)
+
     def _refine_config(self, name, heads, top_k, percentile, knockout_layers, mode) -> VGRefineConfig:
         heads = heads or (self.preset.heads if self.preset else None)
         if not heads:
@@ -183,12 +218,13 @@ class LlavaVG(lmms):
                 f"{name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
             )
         preset = load_heads(str(heads))
-        layers = parse_layers(knockout_layers) or preset.knockout_layers or (self.preset.knockout_layers if self.preset else ())
+        layers = settings.as_layers("knockout_layers", knockout_layers) or preset.knockout_layers
+        layers = layers or (self.preset.knockout_layers if self.preset else ())
         return VGRefineConfig(
             heads=preset.heads,
             knockout_layers=layers,
-            top_k=int(top_k) if top_k is not None else min(20, len(preset.heads)),  # paper: K=20
-            percentile=float(percentile),
+            top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(preset.heads)),  # paper: K=20
+            percentile=settings.as_float("percentile", percentile),  # its range is checked by VGRefineConfig
             mode=str(mode),
             reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
         )
@@ -247,17 +283,28 @@ class LlavaVG(lmms):
         return results
 
     def _run_isolated(self, args_list, gen_kwargs: dict, vg: dict) -> list[str]:
-        """One batch; if it fails, each sample alone, so that a bad sample costs itself only (its error record names why)."""
-        run = self._ground if vg.get("mode") == "grounding" else lambda a: self._generate(a, gen_kwargs, vg)
+        """One batch; if it fails, each sample alone, so that a bad sample costs itself only (its error record names why).
+
+        Samples failing one after another without a success in between look like a broken setup rather
+        than bad samples: after ``FAILURE_STREAK_LIMIT`` of them the run stops with the last error.
+        """
         try:
-            return run(args_list)
-        except Exception as err:  # noqa: BLE001 - whatever one sample does, the others are scored
-            if len(args_list) == 1:
-                task, doc_id = args_list[0][4], args_list[0][3]
-                logger.error(f"lmms-vg: {task} doc {doc_id} failed: {type(err).__name__}: {err}")
-                return [error_record(f"{task} doc {doc_id}: {type(err).__name__}: {err}")]
-            logger.warning(f"lmms-vg: a batch of {len(args_list)} failed ({type(err).__name__}: {err}); running its samples one by one")
-            return [out for a in args_list for out in self._run_isolated([a], gen_kwargs, vg)]
+            outputs = self._ground(args_list, vg) if vg.get("mode") == "grounding" else self._generate(args_list, gen_kwargs, vg)
+        except Exception as err:
+            if len(args_list) > 1:
+                logger.warning(f"lmms-vg: a batch of {len(args_list)} failed ({type(err).__name__}: {err}); running its samples one by one")
+                return [out for a in args_list for out in self._run_isolated([a], gen_kwargs, vg)]
+            task, doc_id = args_list[0][4], args_list[0][3]
+            self._failure_streak += 1
+            if self._failure_streak >= FAILURE_STREAK_LIMIT:
+                raise RuntimeError(
+                    f"lmms-vg: {self._failure_streak} samples in a row failed, the last ({task} doc {doc_id}) with "
+                    f"{type(err).__name__}: {err}. This looks like a setup problem, not bad samples; the run stops."
+                ) from err
+            logger.error(f"lmms-vg: {task} doc {doc_id} failed: {type(err).__name__}: {err}")
+            return [error_record(f"{task} doc {doc_id}: {type(err).__name__}: {err}")]
+        self._failure_streak = 0
+        return outputs
 
     def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         until = gen_kwargs.pop("until", None) or []
