@@ -121,3 +121,44 @@ def write_coco(root: Path) -> Path:
         with open(root / f"COCO_{kind}_questions.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
     return root
+
+
+def write_vgmed_current(root: Path) -> Path:
+    """VGMED as the authors' current code reads it (measure_attention.py): ``VGMED_{kind}.jsonl`` beside the images.
+
+    ``image`` is a file name under the folder; boxes sit in ``bbox`` (or ``original_bboxes``), xyxy,
+    except on images whose names start with ``Slake`` (xywh).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    _image(root / "Slake_xmlab101.jpg", 120, 120, 0)
+    _image(root / "BraTS2021_00012_slice77.png", 160, 100, 1)
+    _image(root / "KiTS19_case3_slice40.png", 90, 140, 2)
+    rows = {
+        "localization": [
+            {"image": "Slake_xmlab101.jpg", "question": "Where is the liver?", "label": "liver", "bbox": [[10, 20, 30, 40]]},
+            {"image": "BraTS2021_00012_slice77.png", "question": "Where is the tumour?", "label": "tumor", "bbox": [[40, 10, 100, 60]]},
+            {
+                "image": "KiTS19_case3_slice40.png",
+                "question": "Where is the kidney?",
+                "label": "kidney",
+                "original_bboxes": [[5, 50, 45, 90], [50, 60, 80, 120]],
+            },
+        ],
+        "attribute": [
+            {"image": "BraTS2021_00012_slice77.png", "question": "Is the tumour enhancing?", "label": "yes", "bbox": [[40, 10, 100, 60]]},
+        ],
+    }
+    for kind, items in rows.items():
+        with open(root / f"VGMED_{kind}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in items)
+    return root
+
+
+def write_coco_current(images: Path, annotations: Path) -> tuple[Path, Path]:
+    """The COCO control as the authors' current code reads it: ``COCO_{kind}.jsonl`` in its own folder, images by file name, xywh."""
+    annotations.mkdir(parents=True, exist_ok=True)
+    _image(images / "COCO_val2014_000000000139.jpg", 140, 110, 10)
+    for kind in ("localization", "attribute"):
+        row = {"image": "COCO_val2014_000000000139.jpg", "question": "Where is the dog?", "label": "dog", "bbox": [[5, 5, 40, 50]]}
+        (annotations / f"COCO_{kind}.jsonl").write_text(json.dumps(row) + "\n")
+    return images, annotations
