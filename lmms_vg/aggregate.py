@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .grounding import GroundingRecord
+from .reasons import reason_key
 
 
 def scored(records: list[dict]) -> list[GroundingRecord]:
@@ -40,8 +41,8 @@ def counts(records: list[dict]) -> dict:
     recs = [GroundingRecord(**x) for x in records]
     skipped = [r.skipped for r in recs if r.skipped is not None]
     reasons: dict[str, int] = {}
-    for s in skipped:
-        key = s.split(":")[0]
+    for s in skipped:  # per kind; each sample's log keeps its whole reason
+        key = reason_key(s)
         reasons[key] = reasons.get(key, 0) + 1
     return {
         "scored": len(recs) - len(skipped),

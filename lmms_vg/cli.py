@@ -11,28 +11,24 @@ from . import report, settings
 
 
 def cmd_leaderboard(args) -> list[Path]:
-    runs = report.load_runs(args.results)
-    written = write_leaderboards(runs, Path(args.out))
+    runs = load_runs(args)
+    written = report.write_leaderboards(runs, Path(args.out))
     if not written:
         raise report.ReportError("neither accuracy nor grounding results found under the given folders")
     return written
 
 
-def write_leaderboards(runs, out: Path) -> list[Path]:
-    written = []
-    for build, stem in ((report.leaderboard, "leaderboard"), (report.grounding_table, "grounding")):
-        try:
-            header, rows = build(runs)
-        except report.ReportError:
-            continue
-        if rows:
-            written += report.write_table(header, rows, out, stem)
-            print(report.markdown(header, rows))
-    return written
+def load_runs(args) -> report.Runs:
+    """The runs under the command's folders; files that could not be read are named now and fail the command at its end."""
+    runs = report.load_runs(args.results)
+    for path, why in runs.unreadable:
+        print(f"lmms-vg {args.command}: cannot read {path} ({why}); reporting the other files", file=sys.stderr)
+    args.unreadable = runs.unreadable
+    return runs
 
 
 def cmd_curves(args) -> list[Path]:
-    return report.layer_curves(report.load_runs(args.results), Path(args.out))
+    return report.layer_curves(load_runs(args), Path(args.out))
 
 
 def cmd_heatmaps(args) -> list[Path]:
@@ -43,9 +39,9 @@ def cmd_heatmaps(args) -> list[Path]:
 
 
 def cmd_report(args) -> list[Path]:
-    runs = report.load_runs(args.results)
+    runs = load_runs(args)
     out = Path(args.out)
-    written = write_leaderboards(runs, out)
+    written = report.write_leaderboards(runs, out)
     try:
         written += report.layer_curves(runs, out)
     except report.ReportError as err:
@@ -57,18 +53,18 @@ def cmd_calibrate(args) -> list[Path]:
     """Rank heads by mean KL from a head-level grounding run into a VGRefine preset."""
     from .vgrefine import calibrate
 
-    runs = [r for r in report.load_runs(args.results) if args.task in r.results]
+    if args.top_k < 1:
+        raise report.ReportError(f"--top-k {args.top_k}: a preset needs at least one head")
+    layers = settings.as_layers("--knockout-layers", args.knockout_layers)
+    if not layers:
+        raise report.ReportError("--knockout-layers is empty: name at least one layer, e.g. '16'")
+    runs = [r for r in load_runs(args) if args.task in r.results]
     if not runs:
         raise report.ReportError(f"no results for task '{args.task}' under {args.results}")
     run = runs[-1]
     head_kl = run.results[args.task].get("head_kl,none")
     if not head_kl:
         raise report.ReportError(f"{run.path}: task '{args.task}' has no head-level KL; rerun it with --model_args ...,head_level=true")
-    if args.top_k < 1:
-        raise report.ReportError(f"--top-k {args.top_k}: a preset needs at least one head")
-    layers = settings.as_layers("--knockout-layers", args.knockout_layers)
-    if not layers:
-        raise report.ReportError("--knockout-layers is empty: name at least one layer, e.g. '16'")
     samples = run.results[args.task].get("samples,none", {}).get("scored")
     source = f"{args.task} ({run.path.name})"
     preset = calibrate(head_kl, args.top_k, layers, run.base, source, samples)
@@ -76,6 +72,27 @@ def cmd_calibrate(args) -> list[Path]:
     out.write_text(preset.to_json() + "\n")
     print(f"{len(preset.heads)} heads from {samples} samples of {args.task} ({run.base}) -> {out}")
     return [out]
+
+
+def cmd_check(args) -> list[Path]:
+    """Exit non-zero unless every named task has results with at least one scored sample (lmms-eval itself exits 0 on failure)."""
+    runs = load_runs(args)
+    wanted = [t for t in args.tasks.replace(",", " ").split() if t]
+    problems = []
+    for task in wanted:
+        found = [r for r in runs if task in r.results]
+        if not found:
+            problems.append(f"{task}: no results (the run failed or did not include it; read its log)")
+            continue
+        for run in found:
+            counts = run.results[task].get("samples,none", {})
+            scored = counts.get("scored") if isinstance(counts, dict) else None
+            print(f"{run.label} · {task}: {scored if scored is not None else '?'} scored ({run.sources.get(task, run.path)})")
+            if scored == 0:
+                problems.append(f"{run.label} · {task}: no sample was scored ({counts})")
+    if problems:
+        raise report.ReportError("; ".join(problems))
+    return []
 
 
 def cmd_convert(args) -> list[Path]:
@@ -110,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--knockout-layers", required=True, help="e.g. '16' or '14 15 16'")
     s.set_defaults(out="heads.json")
 
+    s = results_command("check", cmd_check, "exit non-zero unless each task has results with scored samples (for scripts)")
+    s.add_argument("--tasks", required=True, help="e.g. 'vqa_rad,vgmed_loc'")
+
     s = sub.add_parser("heatmaps", help="attention over the image with the box (PNG, SVG), baseline vs VGRefine")
     s.add_argument("--baseline", required=True, help="save_maps folder of the baseline run")
     s.add_argument("--vgrefine", help="save_maps folder of the VGRefine run")
@@ -135,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         written = args.fn(args)
-    except (report.ReportError, FileNotFoundError, ValueError) as err:
+    except (report.ReportError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lmms-vg {args.command}: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"written": [str(w) for w in written]}, indent=1))
+    unreadable = getattr(args, "unreadable", [])
+    if unreadable:  # what was reported is written, but it is not all there was
+        print(f"lmms-vg {args.command}: {len(unreadable)} results file(s) could not be read (named above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import geometry
+from .reasons import located
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ def vgmed_docs(kind: str, natural: bool = False) -> list[dict]:
         image = str(row.get("image", ""))
         boxes, error = read_boxes(row, layout.box_format(image))
         if not row.get("question"):
-            error = "row has no 'question'"
+            error = "no question: the row has no 'question'"
         if not image:
-            error = "row has no 'image'"
+            error = "no image: the row has no 'image'"
         docs.append(
             {
                 "id": f"{prefix.lower()}_{kind}_{n - 1}",
@@ -125,7 +126,7 @@ def vgmed_docs(kind: str, natural: bool = False) -> list[dict]:
                 "vg_image_path": str(layout.image_path(root, image)) if image else "",
                 "vg_image_key": image,
                 "vg_boxes": boxes,
-                "vg_error": f"{questions.name}:{n}: {error}" if error else "",
+                "vg_error": located(error, f"{questions.name}:{n}") if error else "",
                 "modality": str(row.get("modality", "natural" if natural else "")),
                 "label": str(row.get("label", "")),
             }
@@ -158,21 +159,21 @@ def read_boxes(row: dict, box_format: geometry.BoxFormat) -> tuple[list[list[flo
     """A row's boxes (``bbox``, else ``original_bboxes``: a list of boxes) as xyxy in original pixels, or why they cannot be used."""
     raw = row.get("bbox", row.get("original_bboxes"))
     if raw is None:
-        return [], "row has no 'bbox' (or 'original_bboxes') field"
+        return [], "no box: the row has no 'bbox' (or 'original_bboxes') field"
     if not isinstance(raw, list) or not raw:
-        return [], f"'bbox' is {raw!r}: it must be a non-empty list of boxes"
+        return [], f"no box: 'bbox' is {raw!r}, not a non-empty list of boxes"
     if all(isinstance(v, (int, float)) for v in raw):
-        return [], f"'bbox' is a flat list {raw!r}: write a list of boxes, e.g. [{raw!r}]"
+        return [], f"flat box: 'bbox' is {raw!r}; write a list of boxes, e.g. [{raw!r}]"
     boxes = []
     for k, box in enumerate(raw):
-        if not isinstance(box, (list, tuple)) or len(box) != 4:
-            return [], f"box {k} is {box!r}: a box needs 4 numbers ({box_format})"
         try:
-            values = [float(v) for v in box]
+            values = [float(v) for v in box] if isinstance(box, (list, tuple)) and len(box) == 4 else None
         except (TypeError, ValueError):
-            return [], f"box {k} is {box!r}: a box needs 4 numbers ({box_format})"
+            values = None
+        if values is None:
+            return [], f"malformed box: box {k} is {box!r}; a box is 4 numbers ({box_format})"
         if not all(math.isfinite(v) for v in values):
-            return [], f"box {k} is {box!r}: every coordinate must be a finite number"
+            return [], f"non-finite box: box {k} is {box!r}; every coordinate must be a finite number"
         boxes.append(list(geometry.to_xyxy(values, box_format)))
     return boxes, ""
 
@@ -201,7 +202,7 @@ def _vgmed_v2_docs(kind: str) -> list[dict]:
                 "vg_image": row["image"],
                 "vg_image_key": str(row.get("image_id", i)),
                 "vg_boxes": boxes,
-                "vg_error": f"{VGMED_V2_ID} row {i}: {error}" if error else "",
+                "vg_error": located(error, f"{VGMED_V2_ID} row {i}") if error else "",
                 "modality": str(row.get("modality", "")),
                 "label": str(row.get("label", "")),
             }
@@ -230,13 +231,15 @@ def open_image(path: str):
         with Image.open(path) as img:
             return decode_image(img, path)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image '{path}' not found") from err
+        raise FileNotFoundError(f"image not found: '{path}'") from err
     except Image.DecompressionBombError as err:
         raise ImageError(
-            f"image '{path}' is larger than PIL's decompression-bomb limit ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+            f"image too large: '{path}' is over PIL's decompression-bomb limit ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
         ) from err
+    except ImageError:
+        raise
     except OSError as err:
-        raise ImageError(f"image '{path}' cannot be read ({err})") from err
+        raise ImageError(f"image unreadable: '{path}' ({err})") from err
 
 
 def decode_image(img, name: str):
@@ -253,7 +256,7 @@ def decode_image(img, name: str):
         img.load()
         return img.copy()
     except OSError as err:
-        raise ImageError(f"image '{name}' is truncated or corrupt ({err}); re-download or re-extract it") from err
+        raise ImageError(f"image truncated or corrupt: '{name}' ({err}); re-download or re-extract it") from err
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import geometry, inference, metrics
 from .adapters import LlavaAdapter
+from .reasons import located
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class GroundingRecord:
                 return cls(skipped=str(data["lmms_vg_error"]))
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as err:
-            return cls(skipped=f"model output is not a grounding record ({err}); run grounding tasks with an lmms-vg model")
+            return cls(skipped=f"not a grounding record: the model's output ({err}); run grounding tasks with an lmms-vg model")
 
 
 @dataclass
@@ -173,14 +174,14 @@ class GroundingRunner:
                 c = geometry.box_cells(s.boxes, s.box_format, transform)
             except ValueError as err:  # a malformed box costs its own sample
                 cells.append(None)
-                records[i] = GroundingRecord(skipped=f"sample {s.sample_id}: {err}")
+                records[i] = GroundingRecord(skipped=located(f"malformed box: {err}", s.sample_id))
                 continue
             cells.append((c, transform))
             if c.n_clipped and not self._warned_clip:
                 log.warning("sample %s: a box reaches outside the image and was clipped (counted per sample as n_clipped)", s.sample_id)
                 self._warned_clip = True
             if not c.n_boxes:
-                records[i] = GroundingRecord(skipped=f"sample {s.sample_id}: no box")
+                records[i] = GroundingRecord(skipped=located("no box", s.sample_id))
             elif not c.mask.any():
                 records[i] = GroundingRecord(n_boxes=c.n_boxes, n_clipped=c.n_clipped, skipped="box has zero area inside the image")
         todo = [i for i, r in enumerate(records) if r is None]

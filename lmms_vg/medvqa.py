@@ -26,8 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from .data import DataError, decode_image, env_path
+from .reasons import located, reason_key
 from .scoring import ItemError, gold_letter
-from .vqa_results import PAPER_ITEM_SET, reason_key
+from .vqa_results import PAPER_ITEM_SET
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def pmc_vqa() -> list[dict]:
                     item_set=HF_ITEM_SETS["pmc_vqa"],
                     image_zip=archive,
                     image_member=member,
-                    vg_error="" if member else f"image '{row['Figure_path']}' not in {archive}",
+                    vg_error="" if member else f"image not in the archive: '{row['Figure_path']}' is not in {archive}",
                 )
             )
     return docs
@@ -259,7 +260,7 @@ def mmmu_med():
                 answer=options[ord(letter) - 65] if ok else letter,
                 category=subject,
                 item_set=HF_ITEM_SETS["mmmu_med"],
-                vg_error=error or ("" if ok else f"answer '{row['answer']}' is not an option letter"),
+                vg_error=error or ("" if ok else f"answer is not an option letter: '{row['answer']}'"),
             ) | {"images": [row[c] for c in image_columns if row[c] is not None]}
 
         parts.append(ds.map(convert, remove_columns=ds.column_names))
@@ -274,11 +275,11 @@ def parse_options(value) -> tuple[list[str], str]:
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            return [], f"options {value[:60]!r} are not a list"
+            return [], f"options not a list: {value[:60]!r}"
     if value is None:
         return [], ""
     if not isinstance(value, (list, tuple)):
-        return [], f"options of type {type(value).__name__} are not a list"
+        return [], f"options not a list: a {type(value).__name__}"
     return [str(o) for o in value], ""
 
 
@@ -315,7 +316,9 @@ def bundle(benchmark: str) -> list[dict]:
                 category=str(row.get("subset") or "").removeprefix("validation_"),
                 item_set=BUNDLE_ITEM_SET,
                 image_paths=[str(root / p) for p in images],
-                vg_error=error or ("" if images else "item has no image") or ("" if row.get("question") else "row has no question"),
+                vg_error=error
+                or ("" if images else "no image: the item lists none")
+                or ("" if row.get("question") else "no question: the row has none"),
             )
         )
     return docs
@@ -427,7 +430,7 @@ def load_images(doc: dict) -> list:
             with zipfile.ZipFile(doc["image_zip"]) as zf, zf.open(doc["image_member"]) as fh:
                 return [decode_image(Image.open(io.BytesIO(fh.read())), f"{doc['image_zip']}:{doc['image_member']}")]
         except KeyError as err:
-            raise FileNotFoundError(f"image '{doc['image_member']}' not found in {doc['image_zip']}") from err
+            raise FileNotFoundError(f"image not found: '{doc['image_member']}' is not in {doc['image_zip']}") from err
     if doc.get("image_paths"):
         return [open_image(p) for p in doc["image_paths"]]
-    raise FileNotFoundError(f"item {doc.get('id')}: no image in the source")
+    raise FileNotFoundError(located("no image: the source gives none", str(doc.get("id"))))

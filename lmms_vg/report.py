@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import settings
 
 # the paper's column order; any other accuracy task found is appended after these
 VQA_TASKS = ("vqa_rad", "slake_closed", "pathvqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
@@ -30,39 +32,66 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
-    """One lmms-eval results file."""
+    """One model's results, merged from every lmms-eval results file found for it (newest per task)."""
 
     model: str  # the model id as given to --model
     base: str  # the model without its VGRefine switch
     vgrefine: bool
-    results: dict
-    samples: dict[str, int]
-    path: Path
+    results: dict  # task -> metrics
+    samples: dict[str, int]  # task -> docs evaluated
+    path: Path  # the newest file that contributed
+    sources: dict[str, Path] = field(default_factory=dict)  # task -> the file its results came from
 
     @property
     def label(self) -> str:
         return f"{self.base} + VGRefine" if self.vgrefine else self.base
 
 
-def load_runs(folders: list[str | Path]) -> list[Run]:
-    """Every ``*_results.json`` below the folders; for the same model label the newest file wins."""
+class Runs(list):
+    """The runs found (a list of :class:`Run`), plus the files that could not be read, each with why."""
+
+    def __init__(self, runs: list[Run], unreadable: list[tuple[Path, str]] = ()):
+        super().__init__(runs)
+        self.unreadable = list(unreadable)
+
+
+def load_runs(folders: list[str | Path]) -> Runs:
+    """Every ``*_results.json`` below the folders, merged per model label: for each task, the newest file's results.
+
+    A file that cannot be read is skipped and listed in ``unreadable``; the others are still used.
+    """
     runs: dict[str, Run] = {}
-    files = sorted((p for f in folders for p in Path(f).rglob("*_results.json")), key=lambda p: p.name)
-    for path in files:
-        data = json.loads(path.read_text())
-        config = data.get("config", {})
+    unreadable: list[tuple[Path, str]] = []
+    missing = [str(f) for f in folders if not Path(f).exists()]
+    if missing:
+        raise ReportError(f"results folder(s) not found: {', '.join(missing)}")
+    files = sorted((p for f in folders for p in Path(f).rglob("*_results.json")), key=lambda p: (p.name, p.stat().st_mtime))
+    for path in files:  # oldest first: a newer file's task replaces an older one's
+        try:
+            data = json.loads(path.read_text())
+            config = data.get("config", {})
+            results = data["results"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            unreadable.append((path, f"{type(err).__name__}: {err}"))
+            continue
         model = str(config.get("model", "model"))
-        args = str(config.get("model_args", ""))
-        vgrefine = model.endswith("_vgrefine") or "vgrefine=true" in args.lower().replace(" ", "")
+        args = str(config.get("model_args", "")).lower().replace(" ", "")
+        vgrefine = model.endswith("_vgrefine") or any(f"vgrefine={w}" in args for w in settings.TRUE_WORDS)
         base = model.removesuffix("_vgrefine")
         if base.startswith("lmms_vg_llava"):  # the generic id: name the run by its checkpoint folder or id
             base = str(data.get("model_name") or base).rstrip("/").split("/")[-1]
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
-        run = Run(model, base, vgrefine, data.get("results", {}), samples, path)
-        runs[run.label] = run
+        label = Run(model, base, vgrefine, {}, {}, path).label
+        run = runs.setdefault(label, Run(model, base, vgrefine, {}, {}, path))
+        run.results.update(results)
+        run.samples.update(samples)
+        run.sources.update({task: path for task in results})
+        run.path = path
     if not runs:
-        raise ReportError(f"no lmms-eval results (*_results.json) under {', '.join(map(str, folders))}")
-    return list(runs.values())
+        where = ", ".join(map(str, folders))
+        named = "; ".join(f"{p}: {why}" for p, why in unreadable)
+        raise ReportError(f"no lmms-eval results (*_results.json) readable under {where}" + (f" (unreadable: {named})" if named else ""))
+    return Runs(list(runs.values()), unreadable)
 
 
 def _value(run: Run, task: str, metric: str):
@@ -75,16 +104,33 @@ def accuracy_tasks(runs: list[Run]) -> list[str]:
     return [t for t in VQA_TASKS if t in found] + sorted(found - set(VQA_TASKS))
 
 
+def item_set(run: Run, task: str) -> str:
+    """The item set a task's accuracy was computed on, as its results name it ('' for results that do not)."""
+    return str(run.results.get(task, {}).get("samples,none", {}).get("item_set", ""))
+
+
+def scored_items(run: Run, task: str) -> int:
+    """The items a task scored (its doc count for results that do not say)."""
+    counts = run.results.get(task, {}).get("samples,none", {})
+    return int(counts.get("scored", run.samples.get(task, 0))) if isinstance(counts, dict) else run.samples.get(task, 0)
+
+
 def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Models x benchmarks (closed-ended accuracy, %), the sample-weighted Avg., and VGRefine - baseline rows."""
+    """Models x benchmarks (closed-ended accuracy, %), the Avg. weighted by items scored, and VGRefine - baseline rows.
+
+    The Avg. column is the paper's only when every benchmark was scored on the paper's item set;
+    otherwise it is headed "Avg. (not the paper's item sets)" and :func:`item_set_notes` says which.
+    """
     tasks = accuracy_tasks(runs)
     if not tasks:
         raise ReportError("no closed-ended accuracy in these results: run the VQA tasks (e.g. --tasks medvqa)")
-    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg."]
+    sets = {item_set(r, t) for r in runs for t in tasks if _value(r, t, "accuracy") is not None}
+    paper = sets == {"paper"}
+    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg." if paper or not sets - {""} else "Avg. (not the paper's item sets)"]
     rows, values = [], {}
     for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
         accs = [_value(run, t, "accuracy") for t in tasks]
-        weights = [run.samples.get(t, 0) for t in tasks]
+        weights = [scored_items(run, t) for t in tasks]
         pairs = [(a, w) for a, w in zip(accs, weights) if a is not None and w > 0]
         avg = sum(a * w for a, w in pairs) / sum(w for _, w in pairs) if pairs else None
         values[run.label] = accs + [avg]
@@ -98,6 +144,16 @@ def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(with_vg, without)]
             )
     return header, rows
+
+
+def item_set_notes(runs: list[Run]) -> list[str]:
+    """One line per benchmark: the item set(s) and items scored per model, so that a reader knows what the numbers cover."""
+    notes = []
+    for task in accuracy_tasks(runs):
+        seen = sorted({(item_set(r, t), scored_items(r, t)) for r in runs for t in [task] if _value(r, task, "accuracy") is not None})
+        described = "; ".join(f"{name or 'unnamed item set'}, {n:,} items scored" for name, n in seen)
+        notes.append(f"{VQA_NAMES.get(task, task)}: {described}")
+    return notes
 
 
 def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -128,15 +184,33 @@ def _fmt(value, digits: int = 1, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown(header: list[str], rows: list[list[str]], notes: list[str] = ()) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if notes:
+        lines += ["", "Item sets:", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
 
 
-def write_table(header, rows, out: Path, stem: str) -> list[Path]:
+def write_leaderboards(runs: list[Run], out: Path) -> list[Path]:
+    """The accuracy leaderboard (with its item-set notes) and the grounding table, whichever the runs hold; each printed too."""
+    written = []
+    for build, stem in ((leaderboard, "leaderboard"), (grounding_table, "grounding")):
+        try:
+            header, rows = build(runs)
+        except ReportError:
+            continue
+        if rows:
+            notes = item_set_notes(runs) if stem == "leaderboard" else []
+            written += write_table(header, rows, out, stem, notes)
+            print(markdown(header, rows, notes))
+    return written
+
+
+def write_table(header, rows, out: Path, stem: str, notes: list[str] = ()) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
-    md.write_text(markdown(header, rows))
+    md.write_text(markdown(header, rows, notes))
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)

@@ -60,9 +60,9 @@ def letter_case() -> str:
 
 def check_options(options: list[str]) -> None:
     if not options:
-        raise ItemError("empty options list")
+        raise ItemError("no options: empty options list")
     if len(options) > len(LETTERS):
-        raise ItemError(f"{len(options)} options; at most {len(LETTERS)} letters are defined")
+        raise ItemError(f"too many options: {len(options)}; at most {len(LETTERS)} letters are defined")
 
 
 def gold_letter(options: list[str], answer: str) -> str | None:
@@ -71,7 +71,7 @@ def gold_letter(options: list[str], answer: str) -> str | None:
     if answer == "?":
         return None
     if answer not in options:
-        raise ItemError(f"answer {answer!r} is not among the options {options!r}")
+        raise ItemError(f"answer not among the options: {answer!r} is not in {options!r}")
     return LETTERS[options.index(answer)]
 
 

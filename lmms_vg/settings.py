@@ -30,6 +30,8 @@ def as_bool(name: str, value) -> bool:
 
 def as_int(name: str, value, minimum: int | None = None) -> int:
     """A whole number (``8``, ``"8"``), at least ``minimum``."""
+    if isinstance(value, float) and value.is_integer():  # lmms-eval reads some numbers in --model_args as floats
+        value = int(value)
     try:
         number = int(str(value).strip()) if not isinstance(value, bool) else None
     except ValueError:
@@ -58,5 +60,7 @@ def as_layers(name: str, value) -> tuple[int, ...]:
     """``16``, ``"14;15;16"`` or ``"14 15"`` -> (14, 15, 16): layer indices, 0 or more (``;`` since lmms-eval splits on commas)."""
     if value is None or value == "":
         return ()
+    if isinstance(value, (int, float)):
+        return (as_int(name, value, minimum=0),)
     words = str(value).replace(";", " ").replace(",", " ").replace("/", " ").split()
     return tuple(as_int(name, word, minimum=0) for word in words)

@@ -8,6 +8,7 @@ import math
 from collections import Counter, defaultdict
 
 from . import scoring
+from .reasons import reason_key
 
 log = logging.getLogger(__name__)
 PAPER_ITEM_SET = "paper"  # medvqa.BUNDLE_ITEM_SET: the items HuatuoGPT-Vision's bundle holds, those the paper reports
@@ -132,13 +133,6 @@ def counts(outcomes: list[dict], left_out: Counter | None = None) -> dict:
     if cases:
         result["letter_case"] = ", ".join(sorted(cases))
     return result
-
-
-def reason_key(reason: str) -> str:
-    """A reason without its per-item details (file names, values), so that counts group by kind."""
-    for marker in (": ", " '", ' "', " {", " [", " ("):
-        reason = reason.split(marker)[0]
-    return reason.strip()[:80]
 
 
 def mean_of(outcomes: list[dict], key: str) -> float:

@@ -25,6 +25,7 @@ from lmms_vg import engine, settings
 from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
+from lmms_vg.reasons import located
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
 
 FAILURE_STREAK_LIMIT = 16  # samples failing in a row (no success between) before a run is judged broken and stopped
@@ -302,7 +303,7 @@ class LlavaVG(lmms):
                     f"{type(err).__name__}: {err}. This looks like a setup problem, not bad samples; the run stops."
                 ) from err
             logger.error(f"lmms-vg: {task} doc {doc_id} failed: {type(err).__name__}: {err}")
-            return [error_record(f"{task} doc {doc_id}: {type(err).__name__}: {err}")]
+            return [error_record(located(f"sample failed: {type(err).__name__}: {err}", f"{task} doc {doc_id}"))]
         self._failure_streak = 0
         return outputs
 
@@ -374,7 +375,7 @@ class LlavaVG(lmms):
                 keep.append(j)
             except (OSError, ValueError) as err:
                 logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
-                errors[j] = f"{a[4]} doc {a[3]}: {err}"
+                errors[j] = located(str(err), f"{a[4]} doc {a[3]}")
         return visuals, keep, errors
 
     def _ground(self, args_list, vg: dict) -> list[str]:
@@ -399,7 +400,7 @@ class LlavaVG(lmms):
                 records[j] = GroundingRecord(skipped=doc["vg_error"])
                 continue
             if len(images) != 1:
-                records[j] = GroundingRecord(skipped=f"{len(images)} images: grounding maps one image per sample")
+                records[j] = GroundingRecord(skipped=f"several images: grounding maps one image per sample, this one has {len(images)}")
                 continue
             samples.append(
                 (

@@ -51,3 +51,16 @@ def test_grounding_metrics_tell_grounded_from_ungrounded(demo):
     accuracy = run.results["medvqa_demo"]["accuracy,none"]
     print(f"demo VQA accuracy: {accuracy:.1f}%")
     assert json.dumps(run.results["medvqa_demo"]["samples,none"])
+
+
+def test_a_failed_rerun_into_the_same_folder_fails_and_reports_nothing_stale(demo, tmp_path, monkeypatch, capsys):
+    """Run again into the finished demo's folder with its tasks hidden: the command fails, and the old results are gone."""
+    import shutil
+
+    out, _ = demo
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    monkeypatch.setenv("LMMS_VG_AUTO_TASKS", "0")  # lmms-eval no longer finds the demo tasks: its run fails (and exits 0)
+    assert cli.main(["demo", "--out", str(again)]) == 2
+    assert "wrote no results for lmms_vg_demo" in capsys.readouterr().err
+    assert not list((again / "results" / "lmms_vg_demo").rglob("*_results.json"))

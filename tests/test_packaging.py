@@ -1,5 +1,6 @@
 """The wheel: lmms-vg's own top-level packages only, with the task YAMLs and bundled data; entry point and task path."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,8 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(out)]
+    """A wheel built from a copy of the checkout after README's main command ran in it (its lmms_vg_demo/ folder left behind).
+
+    Built from a copy, as a release build from the source distribution is: an in-place build would
+    leave build/ in the checkout, whose stale files setuptools packs into the next wheel.
+    """
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__"))
+    (src / "lmms_vg_demo" / "report").mkdir(parents=True, exist_ok=True)  # what `lmms-vg demo --out lmms_vg_demo` leaves
+    (src / "lmms_vg_demo" / "report" / "leaderboard.md").write_text("| Model |\n")
+    (src / "lmms_vg_demo" / "work.py").write_text("x = 1\n")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, cwd=out)
     return zipfile.ZipFile(next(out.glob("lmms_vg-*.whl"))).namelist()
 

@@ -60,17 +60,19 @@ def test_leaderboard_tables(runs):
     out = tmp / "report"
     assert cli.main(["leaderboard", str(tmp / "base" / "results"), str(tmp / "vg" / "results"), "--out", str(out)]) == 0
     rows = list(csv.reader((out / "leaderboard.csv").read_text().splitlines()))
-    assert rows[0] == ["Model", "PMC-VQA", "OmniMedVQA", "MMMU H&M", "Avg."]
+    # each benchmark's own source, not the paper's item sets: the average says so
+    assert rows[0] == ["Model", "PMC-VQA", "OmniMedVQA", "MMMU H&M", "Avg. (not the paper's item sets)"]
     labels = [r[0] for r in rows[1:]]
     assert len(labels) == 3 and labels[1].endswith("+ VGRefine") and labels[2].endswith("VGRefine - baseline")
     base, vg, delta = ([float(v) for v in r[1:]] for r in rows[1:])
     assert delta == pytest.approx([b - a for a, b in zip(base, vg)], abs=0.11)
     results = json.loads(next((tmp / "base" / "results").rglob("*_results.json")).read_text())
-    n = {t: results["n-samples"][t]["effective"] for t in ("pmc_vqa", "omnimedvqa", "mmmu_med")}
+    n = {t: results["results"][t]["samples,none"]["scored"] for t in ("pmc_vqa", "omnimedvqa", "mmmu_med")}
     acc = {t: results["results"][t]["accuracy,none"] for t in n}
-    assert base[-1] == pytest.approx(sum(acc[t] * n[t] for t in n) / sum(n.values()), abs=0.051)  # sample-weighted
+    assert base[-1] == pytest.approx(sum(acc[t] * n[t] for t in n) / sum(n.values()), abs=0.051)  # weighted by items scored
     md = (out / "leaderboard.md").read_text().splitlines()
-    assert md[0].startswith("| Model |") and len(md) == 5
+    assert md[0].startswith("| Model |") and md[5:7] == ["", "Item sets:"]
+    assert md[8] == "- OmniMedVQA: OmniMedVQA open-access, every QA file, 2 items scored"
     grounding = list(csv.reader((out / "grounding.csv").read_text().splitlines()))
     assert grounding[0][:4] == ["Model", "Task", "Best layer", "AR"] and len(grounding) == 5
 
@@ -92,3 +94,36 @@ def test_layer_curves_and_heatmaps(runs):
 def test_report_errors_are_clear(tmp_path, capsys):
     assert cli.main(["leaderboard", str(tmp_path)]) == 2
     assert "no lmms-eval results" in capsys.readouterr().err
+
+
+def test_reports_merge_folders_and_name_unreadable_files(runs, capsys):
+    """Grounding from one folder and VQA from another make one model's row; a corrupt file is named, the rest reported, exit 1."""
+    tmp, _ = runs
+    original = json.loads(next((tmp / "base" / "results").rglob("*_results.json")).read_text())
+    for folder, keep in (("only_vqa", ("pmc_vqa", "omnimedvqa", "mmmu_med")), ("only_grounding", ("vgmed_loc", "vgmed_coco_loc"))):
+        part = {**original, "results": {t: r for t, r in original["results"].items() if t in keep}}
+        (tmp / folder / "m").mkdir(parents=True)
+        (tmp / folder / "m" / "20260101_000000_results.json").write_text(json.dumps(part))
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "20260102_000000_results.json").write_text('{"results": {"pmc_vqa": ')
+    out = tmp / "merged"
+    code = cli.main(["leaderboard", str(tmp / "only_vqa"), str(tmp / "only_grounding"), str(tmp / "broken"), "--out", str(out)])
+    assert code == 1 and "broken/20260102_000000_results.json" in capsys.readouterr().err
+    rows = list(csv.reader((out / "leaderboard.csv").read_text().splitlines()))
+    grounding = list(csv.reader((out / "grounding.csv").read_text().splitlines()))
+    assert len(rows) == 2 and len(grounding) == 3 and rows[1][0] == grounding[1][0]  # one model, both tables
+    assert float(rows[1][1]) == pytest.approx(original["results"]["pmc_vqa"]["accuracy,none"], abs=0.051)
+
+
+def test_newest_file_wins_per_task(tmp_path):
+    from lmms_vg import report
+
+    def write(name, task, acc):
+        data = {"config": {"model": "huatuo"}, "results": {task: {"accuracy,none": acc}}}
+        (tmp_path / name).write_text(json.dumps(data))
+
+    write("20260101_000000_results.json", "vqa_rad", 10.0)
+    write("20260102_000000_results.json", "vqa_rad", 20.0)
+    write("20260101_120000_results.json", "pathvqa", 30.0)
+    (run,) = report.load_runs([tmp_path])
+    assert run.results["vqa_rad"]["accuracy,none"] == 20.0 and run.results["pathvqa"]["accuracy,none"] == 30.0

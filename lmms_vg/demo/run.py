@@ -9,7 +9,9 @@ leaderboard, the grounding table, the layer curves and the heatmaps under ``<out
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,13 +46,19 @@ def run_lmms_eval(model: str, out: Path, device: str) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     workdir = out / "work"  # empty: lmms-eval reads --tasks X as a folder when ./X exists
     workdir.mkdir(parents=True, exist_ok=True)
+    for previous in (results, maps):  # a run again into the same folder must never report the last run's results
+        shutil.rmtree(previous, ignore_errors=True)
     log = out / f"{model}.log"
     with open(log, "w") as fh:
-        subprocess.run(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
     found = sorted(results.rglob("*_results.json"))
+    tail = log.read_text()[-3000:]
     if not found:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"lmms-eval wrote no results for {model}; its log ({log}) ends with:\n{tail}")
+        raise RuntimeError(f"lmms-eval wrote no results for {model} (exit {proc.returncode}); its log ({log}) ends with:\n{tail}")
+    done = json.loads(found[-1].read_text()).get("results", {})
+    missing = [t for t in TASKS.split(",") if t not in done]
+    if missing:
+        raise RuntimeError(f"lmms-eval's results for {model} lack {missing}; its log ({log}) ends with:\n{tail}")
     return found[-1]
 
 
@@ -62,11 +70,8 @@ def run_demo(out: Path, device: str = "cpu") -> list[Path]:
         print(f"{model}: {path} ({time.time() - t0:.0f}s)")
     runs = report.load_runs([out / "results"])
     target = out / "report"
-    written = []
-    for build, stem in ((report.leaderboard, "leaderboard"), (report.grounding_table, "grounding")):
-        header, rows = build(runs)
-        written += report.write_table(header, rows, target, stem)
-        print(report.markdown(header, rows))
+    shutil.rmtree(target, ignore_errors=True)
+    written = report.write_leaderboards(runs, target)
     written += report.layer_curves(runs, target)
     written += report.heatmaps(
         {"baseline": out / "maps" / MODELS[0], "VGRefine": out / "maps" / MODELS[1]}, target, pattern="vgmed_demo_[0-9]*"
