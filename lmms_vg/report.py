@@ -118,15 +118,15 @@ def scored_items(run: Run, task: str) -> int:
 def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Models x benchmarks (closed-ended accuracy, %), the Avg. weighted by items scored, and VGRefine - baseline rows.
 
-    The Avg. column is the paper's only when every benchmark was scored on the paper's item set;
-    otherwise it is headed "Avg. (not the paper's item sets)" and :func:`item_set_notes` says which.
+    When one of the paper's benchmarks was scored on another item set than the paper's, the Avg.
+    column is headed "Avg. (not the paper's item sets)"; :func:`item_set_notes` says which sets.
     """
     tasks = accuracy_tasks(runs)
     if not tasks:
         raise ReportError("no closed-ended accuracy in these results: run the VQA tasks (e.g. --tasks medvqa)")
-    sets = {item_set(r, t) for r in runs for t in tasks if _value(r, t, "accuracy") is not None}
-    paper = sets == {"paper"}
-    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg." if paper or not sets - {""} else "Avg. (not the paper's item sets)"]
+    # the question only arises for the paper's benchmarks: is each scored on the items the paper reports?
+    other_sets = {item_set(r, t) for r in runs for t in tasks if t in VQA_TASKS and _value(r, t, "accuracy") is not None} - {"paper", ""}
+    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg. (not the paper's item sets)" if other_sets else "Avg."]
     rows, values = [], {}
     for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
         accs = [_value(run, t, "accuracy") for t in tasks]

@@ -20,7 +20,9 @@ def wheel_names(tmp_path_factory):
     leave build/ in the checkout, whose stale files setuptools packs into the next wheel.
     """
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
-    shutil.copytree(ROOT, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        ROOT, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__")
+    )
     (src / "lmms_vg_demo" / "report").mkdir(parents=True, exist_ok=True)  # what `lmms-vg demo --out lmms_vg_demo` leaves
     (src / "lmms_vg_demo" / "report" / "leaderboard.md").write_text("| Model |\n")
     (src / "lmms_vg_demo" / "work.py").write_text("x = 1\n")

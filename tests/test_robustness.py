@@ -77,7 +77,14 @@ def write_bad_bundle(root: Path) -> Path:
     bundle = fx.bundle(root)
     truncated_jpeg(root / "images" / "cut.jpg", 7)
     bomb_png(root / "images" / "bomb.png")
-    good = {"question": "Is there a fracture?", "options": ["yes", "no"], "answer": "yes", "image": ["images/vqarad_1.jpg"], "dataset": "VQA-RAD_test", "subset": ""}
+    good = {
+        "question": "Is there a fracture?",
+        "options": ["yes", "no"],
+        "answer": "yes",
+        "image": ["images/vqarad_1.jpg"],
+        "dataset": "VQA-RAD_test",
+        "subset": "",
+    }
     rows = json.loads((bundle / "medical_multimodel_evaluation_data.json").read_text())
     rows += [
         {**good, "question": "Is <image> there a mass?"},
@@ -98,7 +105,9 @@ def test_bad_rows_cost_themselves_only_through_the_cli(tmp_path, llava_dir, mode
         "LMMS_VG_MEDVQA_BUNDLE": str(write_bad_bundle(tmp_path / "bundle")),
     }
     heads = ",heads=" + str(tiny_heads(tmp_path)) if model.endswith("vgrefine") else ""
-    results, folder = run_lmms_eval(tmp_path, model, f"pretrained={llava_dir},device=cpu{heads}", "vgmed_loc,vqa_rad", env, ["--batch_size", "4"])
+    results, folder = run_lmms_eval(
+        tmp_path, model, f"pretrained={llava_dir},device=cpu{heads}", "vgmed_loc,vqa_rad", env, ["--batch_size", "4"]
+    )
     loc = results["results"]["vgmed_loc"]["samples,none"]
     assert (loc["scored"], loc["skipped"]) == (3, 8), loc
     assert loc["skip_reasons"] == EXPECTED_GROUNDING_SKIPS
@@ -134,7 +143,9 @@ def test_settings_are_parsed_strictly_before_any_sample(llava_dir, tmp_path):
     assert make("huatuo", "batch_size=4").batch_size == 4  # --model_args wins over the CLI's --batch_size
     remote = tmp_path / "remote"
     remote.mkdir()
-    (remote / "config.json").write_text(json.dumps({"model_type": "my_remote_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    (remote / "config.json").write_text(
+        json.dumps({"model_type": "my_remote_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}})
+    )
     with pytest.raises(ModelLoadError, match="trust_remote_code=true"):  # 'no' means no: the checkpoint's code is not run
         get_model("lmms_vg_llava").create_from_arg_string(f"pretrained={remote},device=cpu,trust_remote_code=no", {})
     for args, match in (
@@ -165,7 +176,15 @@ def test_a_bad_setting_through_the_cli_names_itself_and_writes_nothing(tmp_path,
     import sys
 
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "huatuo", "--model_args", f"pretrained={llava_dir},device=cpu,trust_remote_code=maybe"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "huatuo",
+        "--model_args",
+        f"pretrained={llava_dir},device=cpu,trust_remote_code=maybe",
+    ]
     cmd += ["--tasks", "vgmed_demo", "--output_path", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "trust_remote_code='maybe' is not a boolean: use true or false" in proc.stdout + proc.stderr
@@ -177,7 +196,10 @@ def test_a_bad_setting_through_the_cli_names_itself_and_writes_nothing(tmp_path,
 def test_check_and_calibrate_refuse_what_would_look_like_success(tmp_path, capsys):
     results = tmp_path / "r"
     results.mkdir()
-    data = {"config": {"model": "huatuo"}, "results": {"vqa_rad": {"accuracy,none": float("nan"), "samples,none": {"scored": 0, "excluded": 4}}}}
+    data = {
+        "config": {"model": "huatuo"},
+        "results": {"vqa_rad": {"accuracy,none": float("nan"), "samples,none": {"scored": 0, "excluded": 4}}},
+    }
     (results / "20260101_000000_results.json").write_text(json.dumps(data))
     assert cli.main(["check", str(results), "--tasks", "vqa_rad"]) == 2  # every sample failed
     assert cli.main(["check", str(results), "--tasks", "vqa_rad,vgmed_loc"]) == 2  # one task missing
