@@ -71,6 +71,15 @@ PRESETS: dict[str, ModelPreset] = {
 }
 GENERIC_MODEL_ID = "lmms_vg_llava"  # any LLaVA checkpoint, pretrained= required
 
+# The paper's models that transformers cannot load natively: their ids fail at once, saying why.
+UNSUPPORTED = {
+    "vila_m3": "VILA-M3 (8B/13B) runs on the VILA codebase (SigLIP + its own LLaVA fork), which has no transformers-native class.",
+    "medrega": "MedRegA is an InternVL-based model loaded only with trust_remote_code and its own chat() API; "
+    "its attention does not go through transformers' AttentionInterface.",
+    "llava_tri": "LLaVA-Tri uses an S2 multi-scale CLIP encoder, which LlavaForConditionalGeneration does not implement.",
+    "huatuo_bio": "HuatuoGPT-V-Bio uses a BiomedCLIP (open_clip) encoder, which LlavaForConditionalGeneration does not implement.",
+}
+
 
 def resolve_checkpoint(checkpoint: str) -> str:
     """A checkpoint id or folder; ``lmms_vg:<path>`` names a folder shipped inside the package."""

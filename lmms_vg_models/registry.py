@@ -1,46 +1,46 @@
-"""The ``lmms_eval.models`` entry point: lmms-vg's model ids, and its task folder on lmms-eval's search path.
+"""The ``lmms_eval.models`` entry point: lmms-vg's model ids, from plain data.
 
-lmms-eval 0.7.3 indexes tasks only from its own folder and ``--include_path``. Loading this entry
-point (which lmms-eval does when it imports its model registry, before building a TaskManager)
-adds lmms-vg's task folder to every TaskManager's search path. Built-in tasks keep priority on a
-name clash. Set ``LMMS_VG_AUTO_TASKS=0`` to turn this off and pass ``--include_path`` yourself.
+lmms-eval loads this whenever it builds its model registry (``lmms-eval models`` included), so it
+imports neither torch, transformers nor lmms-eval's task machinery: the manifests name each
+model's class by path, and the class loads only when a run asks for that model. It also installs
+the hook that puts lmms-vg's task folder on every TaskManager's search path (:mod:`lmms_vg_tasks._hook`).
 """
 
 from __future__ import annotations
 
-import os
-from importlib import resources
+import sys
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-TASKS_DIR = str(resources.files("lmms_vg_tasks"))
+from lmms_vg.presets import UNSUPPORTED, class_name, model_ids
+from lmms_vg_tasks import _hook
+
+TASKS_DIR = _hook.TASKS_DIR
 
 
 def manifests() -> list[ModelManifest]:
-    """lmms-vg's models, and (unless LMMS_VG_AUTO_TASKS=0) its tasks on the search path."""
-    if os.environ.get("LMMS_VG_AUTO_TASKS", "1") != "0":
-        add_task_path()
-    from lmms_vg.presets import class_name, model_ids
-    from lmms_vg_models.unsupported import UNSUPPORTED
+    """lmms-vg's models (each with the class path lmms-eval imports when it is asked for), and its tasks on the search path.
 
-    found = [ModelManifest(model_id=mid, simple_class_path=f"lmms_vg_models.llava.{class_name(mid)}") for mid in model_ids()]
-    found += [ModelManifest(model_id=mid, simple_class_path=f"lmms_vg_models.unsupported.{cls}") for mid, cls in UNSUPPORTED.items()]
+    An id that lmms-eval already has is left to lmms-eval. Each id is also entered in the table
+    ``lmms-eval models`` prints (as lmms-eval's own plugin mechanism does), which reads only that table.
+    """
+    _hook.install()
+    paths = {mid: f"lmms_vg_models.llava.{class_name(mid)}" for mid in model_ids()}
+    paths |= {mid: f"lmms_vg_models.unsupported.{class_name(mid)}" for mid in UNSUPPORTED}
+    listed = sys.modules.get("lmms_eval.models")  # being initialised: it is loading this entry point
+    simple = getattr(listed, "AVAILABLE_SIMPLE_MODELS", {})
+    builtin = set(simple) | set(getattr(listed, "AVAILABLE_CHAT_TEMPLATE_MODELS", {}))
+    found = []
+    for mid, path in paths.items():
+        if mid in builtin:
+            continue
+        found.append(ModelManifest(model_id=mid, simple_class_path=path))
+        simple[mid] = path
     return found
 
 
 def add_task_path() -> None:
-    """Make every TaskManager also index lmms-vg's tasks (idempotent)."""
-    from lmms_eval.tasks import TaskManager
+    """Make every TaskManager also index lmms-vg's tasks now (idempotent)."""
+    import lmms_eval.tasks
 
-    original = TaskManager.initialize_tasks
-    if getattr(original, "_lmms_vg", False):
-        return
-
-    def initialize_tasks(self, include_path=None, include_defaults=True):
-        paths = [] if include_path is None else [include_path] if isinstance(include_path, str) else list(include_path)
-        if TASKS_DIR not in paths:
-            paths.append(TASKS_DIR)
-        return original(self, include_path=paths, include_defaults=include_defaults)
-
-    initialize_tasks._lmms_vg = True
-    TaskManager.initialize_tasks = initialize_tasks
+    _hook.patch(lmms_eval.tasks)

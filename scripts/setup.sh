@@ -20,6 +20,10 @@ pip() { "$PY" -m pip "$PIP_QUIET" --disable-pip-version-check "$@"; }
 pip install --no-deps "lmms-eval>=0.7.3,<0.8"
 pip install -r requirements-runtime.txt
 pip install --no-deps -e .
+# An editable install leaves out the wheel's lmms_vg_tasks.pth (the hook that shows lmms-vg's tasks in
+# listings that load no model plugin, e.g. `lmms-eval tasks list`): put it beside the packages.
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp lmms_vg_tasks.pth "$SITE/lmms_vg_tasks.pth"
 if ! "$PY" -c "import torchvision" 2>/dev/null && "$PY" -m pip show torchvision >/dev/null 2>&1; then
   echo "setup: removing a torchvision that does not match the installed torch" >&2
   "$PY" -m pip uninstall -q -y torchvision

@@ -1,5 +1,6 @@
 """The wheel: lmms-vg's own top-level packages only, with the task YAMLs and bundled data; entry point and task path."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def wheel_names(tmp_path_factory):
 
 def test_wheel_layout(wheel_names):
     top = Counter(n.split("/")[0] for n in wheel_names)
-    assert {t for t in top if not t.endswith(".dist-info")} == {"lmms_vg", "lmms_vg_models", "lmms_vg_tasks"}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"lmms_vg", "lmms_vg_models", "lmms_vg_tasks", "lmms_vg_tasks.pth"}
+    assert top["lmms_vg_tasks.pth"] == 1  # a file: the start-up hook that shows the tasks in every lmms-eval listing
     for task in (
         "vgmed/vgmed_loc.yaml",
         "vgmed/_default_template_yaml",
@@ -50,15 +52,81 @@ def test_wheel_layout(wheel_names):
     assert entry_points
 
 
-def test_task_path_is_added_once_and_can_be_turned_off():
+def run_python(code: str, **env) -> list[str]:
+    """``code`` in a fresh interpreter of this environment (with its lmms_vg_tasks.pth); its printed words."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=full_env).stdout.split()
+
+
+HEAVY = ("torch", "transformers", "datasets", "lmms_eval.tasks", "lmms_vg_models.llava")
+
+
+def test_entry_point_registers_from_plain_data_without_heavy_imports():
     code = (
-        "import lmms_eval.models; from lmms_eval.tasks import TaskManager; import lmms_vg_models.registry as r;"
-        "r.add_task_path(); r.add_task_path(); tm = TaskManager();"
-        "print('vgmed_loc' in tm.all_tasks, 'slake' in tm.all_tasks, tm.task_index['slake']['yaml_path'].startswith(r.TASKS_DIR))"
+        "import sys; import lmms_eval.models as m;"
+        f"print(*[name for name in {HEAVY!r} if name in sys.modules] or ['none']);"
+        "print('huatuo_vgrefine' in m.MODEL_REGISTRY_V2.list_model_names(), 'huatuo_vgrefine' in m.AVAILABLE_SIMPLE_MODELS);"
+        "print(m.MODEL_REGISTRY_V2.get_manifest('llava').simple_class_path.startswith('lmms_eval.'))"
     )
-    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert on == ["True", "True", "False"]  # ours found; the built-in slake stays lmms-eval's
-    off_code = "import lmms_eval.models; from lmms_eval.tasks import TaskManager; print('vgmed_loc' in TaskManager().all_tasks)"
-    env = {**__import__("os").environ, "LMMS_VG_AUTO_TASKS": "0"}
-    off = subprocess.run([sys.executable, "-c", off_code], capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert off == ["False"]
+    heavy, registered, listed, builtin_kept = run_python(code)
+    assert heavy == "none", f"loading lmms-vg's entry point imported {heavy}"
+    assert (registered, listed, builtin_kept) == ("True", "True", "True")
+    # the model still loads when asked for
+    loaded = run_python("from lmms_eval.models import get_model; print(get_model('huatuo').__name__, get_model('vila_m3').__name__)")
+    assert loaded == ["Huatuo", "VilaM3"]
+
+
+def test_lmms_eval_models_lists_lmms_vg_ids():
+    out = subprocess.run([sys.executable, "-m", "lmms_eval", "models"], capture_output=True, text=True, check=True).stdout
+    from lmms_vg.presets import UNSUPPORTED, model_ids
+
+    ours = [*model_ids(), *UNSUPPORTED]
+    listed = {line.split()[0] for line in out.splitlines() if line.strip() and not line.startswith((" ", "-", "Name", "Registered"))}
+    assert set(ours) <= listed
+    total = int(out.split("Registered Models (")[1].split()[0])
+    builtin = run_python(
+        "from lmms_eval.models import AVAILABLE_SIMPLE_MODELS as s, AVAILABLE_CHAT_TEMPLATE_MODELS as c; print(len(set(s) | set(c)))"
+    )
+    assert total == int(builtin[0])  # every id lmms-eval knows, ours among them, none lost
+
+
+def test_task_listings_show_lmms_vg_tasks_and_built_ins_keep_priority():
+    """`lmms-eval tasks ...` loads no model plugin: the start-up hook puts the tasks there; the built-in slake stays lmms-eval's."""
+    from lmms_vg_tasks._hook import TASKS_DIR
+
+    listing = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "tasks", "list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "vgmed_loc" in listing and "medvqa" in listing and listing.count("vgmed_loc") == 1
+    table = subprocess.run([sys.executable, "-m", "lmms_eval", "tasks", "subtasks"], capture_output=True, text=True, check=True).stdout
+    rows = [(cells[1].strip(), cells[2].strip()) for cells in (line.split("|") for line in table.splitlines()) if len(cells) > 3]
+    ours = {name for name, path in rows if path.startswith(TASKS_DIR)}
+    builtin = {name for name, path in rows if not path.startswith(TASKS_DIR)}
+    assert {"vgmed_loc", "slake_closed", "medvqa_demo"} <= ours and "slake_en" in builtin
+    assert "slake" in listing and "slake" not in ours  # lmms-eval's own slake group is untouched
+    assert len([name for name, _ in rows if name in ours]) == len(ours)  # no built-in task shares a name with ours
+
+
+class _FakeTaskManager:
+    """Stands in for lmms_eval.tasks.TaskManager: records what the patched method passes on."""
+
+    def initialize_tasks(self, include_path=None, include_defaults=True):
+        return include_path
+
+
+def test_task_hook_switches(monkeypatch):
+    """Added once; nothing with include_defaults=False (only what the caller asked for) or with LMMS_VG_AUTO_TASKS=0."""
+    from types import SimpleNamespace
+
+    from lmms_vg_tasks import _hook
+
+    module = SimpleNamespace(TaskManager=type("TM", (_FakeTaskManager,), {}))
+    _hook.patch(module)
+    _hook.patch(module)  # idempotent
+    tm = module.TaskManager()
+    assert tm.initialize_tasks() == [_hook.TASKS_DIR]
+    assert tm.initialize_tasks(include_path="/mine") == ["/mine", _hook.TASKS_DIR]
+    assert tm.initialize_tasks(include_path=["/mine", _hook.TASKS_DIR]) == ["/mine", _hook.TASKS_DIR]
+    assert tm.initialize_tasks(include_path="/mine", include_defaults=False) == "/mine"
+    monkeypatch.setenv("LMMS_VG_AUTO_TASKS", "0")
+    assert tm.initialize_tasks(include_path="/mine") == "/mine"

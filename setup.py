@@ -1,0 +1,25 @@
+"""Build hook only (the project is described in pyproject.toml): ship ``lmms_vg_tasks.pth`` at the top of the wheel.
+
+The .pth file makes every Python of the environment install lmms-vg's task hook at start (a few
+lines, no imports of lmms-eval), so that lmms-eval's listings that load no model plugin
+(``lmms-eval tasks list``) find lmms-vg's tasks too. See ``lmms_vg_tasks/_hook.py``.
+"""
+
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = "lmms_vg_tasks.pth"
+
+
+class BuildWithPth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(PTH, os.path.join(self.build_lib, PTH), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH)]
+
+
+setup(cmdclass={"build_py": BuildWithPth})
