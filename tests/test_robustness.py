@@ -77,15 +77,8 @@ def write_bad_bundle(root: Path) -> Path:
     bundle = fx.bundle(root)
     truncated_jpeg(root / "images" / "cut.jpg", 7)
     bomb_png(root / "images" / "bomb.png")
-    good = {
-        "question": "Is there a fracture?",
-        "options": ["yes", "no"],
-        "answer": "yes",
-        "image": ["images/vqarad_1.jpg"],
-        "dataset": "VQA-RAD_test",
-        "subset": "",
-    }
     rows = json.loads((bundle / "medical_multimodel_evaluation_data.json").read_text())
+    good = next(r for r in rows if r["dataset"] == "VQA-RAD_test")
     rows += [
         {**good, "question": "Is <image> there a mass?"},
         {**good, "image": ["images/cut.jpg"]},
