@@ -20,7 +20,11 @@ import importlib.metadata as md, runpy, sys
 if {hide!r}:
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "lmms_vg_tasks._hook"]
     _entry_points = md.entry_points
-    md.entry_points = lambda **kw: md.EntryPoints(ep for ep in _entry_points(**kw) if not ep.value.startswith("lmms_vg"))
+    def entry_points(**kw):
+        found = _entry_points(**kw)
+        found = [ep for group in found.values() for ep in group] if isinstance(found, dict) else found  # every group, flat
+        return md.EntryPoints(ep for ep in found if not ep.value.startswith("lmms_vg"))
+    md.entry_points = entry_points
 sys.argv = ["lmms_eval", *{args!r}]
 runpy.run_module("lmms_eval", run_name="__main__")
 """
