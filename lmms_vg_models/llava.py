@@ -329,7 +329,7 @@ class LlavaVG(lmms):
         outputs: list[str | None] = [error_record(errors[j]) if j in errors else None for j in range(len(args_list))]
         texts = [args_list[j][0] for j in keep]
         refine = [n for n, v in enumerate(visuals) if len(v) == 1] if self.refiner is not None else []
-        plain = [n for n in range(len(keep)) if n not in set(refine)]
+        plain = sorted(set(range(len(keep))) - set(refine))
         tokens: list = [None] * len(keep)
         extras: list[dict | None] = [None] * len(keep)
         for group in self._same_grid([visuals[n][0] for n in refine]):  # the engine takes one image-token count per batch

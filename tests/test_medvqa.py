@@ -176,3 +176,27 @@ def test_wrapper_sends_every_image_in_order(llava_dir, monkeypatch):
     assert torch.equal(seen["pixel_values"], expected)  # item 0's two images in order, then item 1's
     decoded = adapter.tokenizer.decode(ids[0][ids[0] != adapter.image_token_id], skip_special_tokens=False)
     assert "<image 1>" in decoded and "<image 2>" in decoded  # references stay text, as in the original eval
+
+
+def test_vgrefine_answers_a_multi_image_item_without_knockout_and_says_so(llava_dir, tmp_path):
+    """The knockout is defined for one image: a two-image item is answered plainly, its log saying so; a one-image item is refined."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[1, 0], [1, 2]], "knockout_layers": [2]}))
+    wrapper = get_model("lmms_vg_llava_vgrefine").create_from_arg_string(
+        f"pretrained={llava_dir},device=cpu,heads={heads}", {"batch_size": 2}
+    )
+    wrapper.task_dict = {"t": {"test": [{"images": [fx.img(1), fx.img(2)]}, {"images": [fx.img(3)]}]}}
+    reqs = [
+        Instance(
+            "generate_until", (q, {"max_new_tokens": 2}, lambda d: d["images"], i, "t", "test"), i, {"task": "t", "doc_id": i, "repeats": 1}
+        )
+        for i, q in enumerate(["Compare <image 1> with <image 2>.", "One image."])
+    ]
+    two, one = (json.loads(out) for out in wrapper.generate_until(reqs))
+    assert two["vgrefine"].startswith("not applied: 2 images") and "knocked_fraction" not in two
+    assert one["knockout_layers"] == [2] and 0 < one["knocked_fraction"] < 1
+    outcome = vqa_results.closed_outcome({"id": "x", "benchmark": "mmmu_med", "options": ["a", "b"], "answer": "a"}, json.dumps(two))
+    assert outcome["vgrefine"].startswith("not applied") and outcome["output"] == two["text"]  # kept in the per-sample log
