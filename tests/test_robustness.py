@@ -213,3 +213,48 @@ def test_truncated_image_is_reported_despite_lmms_evals_global_setting(tmp_path)
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # left as lmms-eval set it
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _requests(wrapper, texts):
+    from lmms_eval.api.instance import Instance
+
+    wrapper.task_dict = {"t": {"test": [{"images": [fx.img(i)]} for i in range(len(texts))]}}
+    return [
+        Instance(
+            "generate_until", (q, {"max_new_tokens": 2}, lambda d: d["images"], i, "t", "test"), i, {"task": "t", "doc_id": i, "repeats": 1}
+        )
+        for i, q in enumerate(texts)
+    ]
+
+
+@pytest.mark.parametrize("model", ["huatuo", "lmms_vg_llava_vgrefine"])
+def test_a_sample_that_breaks_the_model_costs_itself_only(llava_dir, tmp_path, monkeypatch, model):
+    """Whatever fails inside a batch of 4 (here: one prompt the model cannot take), the batch reruns one by one."""
+    from lmms_eval.models import get_model
+
+    heads = f",heads={tiny_heads(tmp_path)}" if model.endswith("vgrefine") else ""
+    wrapper = get_model(model).create_from_arg_string(f"pretrained={llava_dir},device=cpu{heads}", {"batch_size": 4})
+    original = wrapper.adapter.tokenizer.__class__.__call__
+
+    def tokenize(self, text, *args, **kwargs):  # a prompt this model cannot take, wherever it is tokenised
+        texts = [text] if isinstance(text, str) else text
+        if any("POISON" in t for t in texts):
+            raise RuntimeError("cannot tokenise this prompt")
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(wrapper.adapter.tokenizer.__class__, "__call__", tokenize)
+    outs = wrapper.generate_until(_requests(wrapper, ["Is it normal?", "POISON here", "Where?", "Which side?"]))
+    assert json.loads(outs[1])["lmms_vg_error"].startswith("sample failed: RuntimeError: cannot tokenise this prompt (t doc 1)")
+    assert all("lmms_vg_error" not in o for i, o in enumerate(outs) if i != 1)
+
+
+def test_samples_failing_in_a_row_stop_the_run(llava_dir, monkeypatch):
+    from lmms_eval.models import get_model
+
+    from lmms_vg_models import llava
+
+    monkeypatch.setattr(llava, "FAILURE_STREAK_LIMIT", 3)
+    wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {"batch_size": 2})
+    monkeypatch.setattr(wrapper.adapter, "encode", lambda *a, **k: (_ for _ in ()).throw(TypeError("a setup bug")))
+    with pytest.raises(RuntimeError, match="3 samples in a row failed.*a setup bug"):
+        wrapper.generate_until(_requests(wrapper, ["a", "b", "c", "d"]))
