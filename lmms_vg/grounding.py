@@ -7,11 +7,10 @@ memory grows with samples x layers, not samples x maps. Maps can be written to d
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +40,17 @@ class GroundingRecord:
     n_clipped: int = 0
     skipped: str | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
     @classmethod
-    def from_json(cls, text: str) -> GroundingRecord:
-        """A record from a model's output; an lmms-vg error record keeps its reason as the skip reason."""
-        try:
-            data = json.loads(text)
-            if isinstance(data, dict) and "lmms_vg_error" in data:
-                return cls(skipped=str(data["lmms_vg_error"]))
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError) as err:
-            return cls(skipped=f"not a grounding record: the model's output ({err}); run grounding tasks with an lmms-vg model")
+    def from_output(cls, text: str) -> GroundingRecord:
+        """The record a model output holds (:mod:`lmms_vg.outputs`); a sample error keeps its reason as the skip reason."""
+        from .outputs import SampleError, decode
+
+        value = decode(text)
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, SampleError):
+            return cls(skipped=value.reason)
+        return cls(skipped=f"not a grounding record: the model answered {value.text[:60]!r}; run grounding tasks with an lmms-vg model")
 
 
 @dataclass

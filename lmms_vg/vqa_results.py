@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter, defaultdict
 
-from . import scoring
+from . import outputs, scoring
 from .reasons import reason_key
 
 log = logging.getLogger(__name__)
 PAPER_ITEM_SET = "paper"  # medvqa.BUNDLE_ITEM_SET: the items HuatuoGPT-Vision's bundle holds, those the paper reports
 
 
-def model_error(output: str) -> str | None:
-    """The error an lmms-vg model reports in place of an answer for a sample it could not run."""
-    if output.startswith('{"lmms_vg_error"'):
-        try:
-            return json.loads(output)["lmms_vg_error"]
-        except (json.JSONDecodeError, KeyError):
-            return None
-    return None
-
-
-def unwrap(output: str) -> tuple[str, dict]:
-    """A VGRefine structured output ``{"text", ...}`` -> (text, extra fields); plain text passes through."""
-    if output.startswith('{"text"'):
-        try:
-            data = json.loads(output)
-            return str(data.pop("text")), data
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return output, {}
+def read_output(output: str) -> tuple[outputs.Answer | None, str | None]:
+    """A model output as (answer, None), or (None, why the sample could not run)."""
+    value = outputs.decode(output)
+    if isinstance(value, outputs.SampleError):
+        return None, value.reason
+    if isinstance(value, outputs.Answer):
+        return value, None
+    return None, "not an answer: the model returned a grounding record; run VQA tasks with a generating model"
 
 
 def closed_outcome(doc: dict, output: str) -> dict:
@@ -44,7 +32,8 @@ def closed_outcome(doc: dict, output: str) -> dict:
     case = scoring.letter_case()
     base = {"id": doc["id"], "benchmark": doc["benchmark"], "category": doc.get("category", ""), "output": output}
     base |= {"item_set": doc.get("item_set", ""), "letter_case": case}
-    reason = doc.get("vg_error") or model_error(output)
+    answer, reason = read_output(output)
+    reason = doc.get("vg_error") or reason
     gold = None
     if not reason:
         try:
@@ -53,24 +42,31 @@ def closed_outcome(doc: dict, output: str) -> dict:
             reason = str(err)
     if reason:
         return {**base, "correct": None, "excluded": reason}
-    text, extra = unwrap(output)
-    parsed = scoring.parse_answer(text, list(doc["options"]), lenient=case == "lenient")
+    parsed = scoring.parse_answer(answer.text, list(doc["options"]), lenient=case == "lenient")
     correct = gold is not None and parsed.letter == gold
-    return {**base, **extra, "output": text, "pred": parsed.letter, "gold": gold, "match": parsed.how, "correct": correct}
+    return {
+        **base,
+        **answer.log_fields(),
+        "output": answer.text,
+        "pred": parsed.letter,
+        "gold": gold,
+        "match": parsed.how,
+        "correct": correct,
+    }
 
 
 def open_outcome(doc: dict, output: str) -> dict:
     base = {"id": doc["id"], "benchmark": doc["benchmark"], "category": doc.get("category", ""), "output": output, "answer": doc["answer"]}
-    reason = doc.get("vg_error") or model_error(output)
+    answer, reason = read_output(output)
+    reason = doc.get("vg_error") or reason
     if reason:
         return {**base, "excluded": reason, "bleu1": None, "recall": None}
-    text, extra = unwrap(output)
     return {
         **base,
-        **extra,
-        "output": text,
-        "bleu1": scoring.bleu1(text, doc["answer"]),
-        "recall": scoring.open_recall(text, doc["answer"]),
+        **answer.log_fields(),
+        "output": answer.text,
+        "bleu1": scoring.bleu1(answer.text, doc["answer"]),
+        "recall": scoring.open_recall(answer.text, doc["answer"]),
     }
 
 

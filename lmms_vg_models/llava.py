@@ -21,7 +21,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_vg import engine, settings
+from lmms_vg import engine, outputs, settings
 from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
@@ -33,9 +33,15 @@ AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty":
 GROUNDING_KEY = "lmms_vg"
 
 
+def plain_text(output: str) -> str:
+    """An output as lmms-eval's own tasks expect it: the answer's text (an error keeps its encoded reason, visible in their logs)."""
+    value = outputs.decode(output)
+    return value.text if isinstance(value, outputs.Answer) else output
+
+
 def error_record(reason: str) -> str:
     """What a sample that could not run returns in place of an answer: its reason, which the task reports and counts."""
-    return json.dumps({"lmms_vg_error": reason})
+    return outputs.encode(outputs.SampleError(reason))
 
 
 class ModelLoadError(RuntimeError):
@@ -274,11 +280,12 @@ class LlavaVG(lmms):
         pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="lmms-vg")
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1])
+            ours = GROUNDING_KEY in gen_kwargs  # an lmms-vg task: typed outputs; lmms-eval's own tasks get plain text
             vg = gen_kwargs.pop(GROUNDING_KEY, None) or {}
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 for i, out in zip(chunk, self._run_isolated([requests[i].args for i in chunk], gen_kwargs, vg)):
-                    results[i] = out
+                    results[i] = out if ours else plain_text(out)
                 pbar.update(len(chunk))
         pbar.close()
         return results
@@ -290,7 +297,7 @@ class LlavaVG(lmms):
         than bad samples: after ``FAILURE_STREAK_LIMIT`` of them the run stops with the last error.
         """
         try:
-            outputs = self._ground(args_list, vg) if vg.get("mode") == "grounding" else self._generate(args_list, gen_kwargs, vg)
+            results = self._ground(args_list, vg) if vg.get("mode") == "grounding" else self._generate(args_list, gen_kwargs, vg)
         except Exception as err:
             if len(args_list) > 1:
                 logger.warning(f"lmms-vg: a batch of {len(args_list)} failed ({type(err).__name__}: {err}); running its samples one by one")
@@ -305,7 +312,7 @@ class LlavaVG(lmms):
             logger.error(f"lmms-vg: {task} doc {doc_id} failed: {type(err).__name__}: {err}")
             return [error_record(located(f"sample failed: {type(err).__name__}: {err}", f"{task} doc {doc_id}"))]
         self._failure_streak = 0
-        return outputs
+        return results
 
     def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         until = gen_kwargs.pop("until", None) or []
@@ -326,12 +333,12 @@ class LlavaVG(lmms):
         """
         kwargs, until = self._generation_kwargs(dict(gen_kwargs))
         visuals, keep, errors = self._load_visuals(args_list)
-        outputs: list[str | None] = [error_record(errors[j]) if j in errors else None for j in range(len(args_list))]
+        results: list[str | None] = [error_record(errors[j]) if j in errors else None for j in range(len(args_list))]
         texts = [args_list[j][0] for j in keep]
         refine = [n for n, v in enumerate(visuals) if len(v) == 1] if self.refiner is not None else []
         plain = sorted(set(range(len(keep))) - set(refine))
         tokens: list = [None] * len(keep)
-        extras: list[dict | None] = [None] * len(keep)
+        extras: list[dict] = [{} for _ in keep]
         for group in self._same_grid([visuals[n][0] for n in refine]):  # the engine takes one image-token count per batch
             members = [refine[g] for g in group]
             outcome = self.refiner.generate(
@@ -343,7 +350,7 @@ class LlavaVG(lmms):
             )
             for n, row, frac in zip(members, outcome.tokens, outcome.knocked_fraction):
                 tokens[n] = row
-                extras[n] = {"knocked_fraction": round(frac, 6), "knockout_layers": list(self.refiner.config.knockout_layers)}
+                extras[n] = {"knocked_fraction": round(frac, 6), "knockout_layers": tuple(self.refiner.config.knockout_layers)}
         if plain:
             batch = self.adapter.encode([visuals[n] for n in plain], [texts[n] for n in plain])
             with torch.no_grad():
@@ -358,8 +365,8 @@ class LlavaVG(lmms):
                 if stop and stop in text:
                     text = text.split(stop)[0]
             text = text.strip()
-            outputs[j] = json.dumps({"text": text, **extras[n]}) if extras[n] is not None else text
-        return outputs
+            results[j] = outputs.encode(outputs.Answer(text, **extras[n]))
+        return results
 
     def _image_key(self, args) -> str:
         """``task/image``: the key of the per-image reference cache."""
@@ -418,7 +425,7 @@ class LlavaVG(lmms):
         for group in self._same_grid([s.image for _, s in samples]):
             for n, record in zip(group, runner.score([samples[n][1] for n in group])):
                 records[samples[n][0]] = record
-        return [r.to_json() for r in records]
+        return [outputs.encode(r) for r in records]
 
     def _same_grid(self, images) -> list[list[int]]:
         """Indices of the images grouped by token grid (one group for LLaVA's fixed grid)."""

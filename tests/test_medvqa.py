@@ -8,7 +8,7 @@ import pytest
 import torch
 from cli import run_lmms_eval
 
-from lmms_vg import medvqa, vqa_results
+from lmms_vg import medvqa, outputs, vqa_results
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_outcomes_report_and_exclude_bad_items():
         vqa_results.closed_outcome(good, "B"),
         vqa_results.closed_outcome(bad_answer, "A"),
         vqa_results.closed_outcome(no_options, "A"),
-        vqa_results.closed_outcome(good, json.dumps({"lmms_vg_error": "image 'x.png' not found"})),
+        vqa_results.closed_outcome(good, outputs.encode(outputs.SampleError("image 'x.png' not found"))),
     ]
     assert outs[0]["correct"] is True and outs[0]["pred"] == "B" and outs[0]["gold"] == "B" and outs[0]["match"] == "letter"
     assert [o["correct"] for o in outs[1:]] == [None, None, None]
@@ -191,12 +191,15 @@ def test_vgrefine_answers_a_multi_image_item_without_knockout_and_says_so(llava_
     wrapper.task_dict = {"t": {"test": [{"images": [fx.img(1), fx.img(2)]}, {"images": [fx.img(3)]}]}}
     reqs = [
         Instance(
-            "generate_until", (q, {"max_new_tokens": 2}, lambda d: d["images"], i, "t", "test"), i, {"task": "t", "doc_id": i, "repeats": 1}
+            "generate_until",
+            (q, {"max_new_tokens": 2, "lmms_vg": {}}, lambda d: d["images"], i, "t", "test"),
+            i,
+            {"task": "t", "doc_id": i, "repeats": 1},
         )
         for i, q in enumerate(["Compare <image 1> with <image 2>.", "One image."])
     ]
     two, one = (json.loads(out) for out in wrapper.generate_until(reqs))
-    assert two["vgrefine"].startswith("not applied: 2 images") and "knocked_fraction" not in two
+    assert two["vgrefine"].startswith("not applied: 2 images") and two["knocked_fraction"] is None
     assert one["knockout_layers"] == [2] and 0 < one["knocked_fraction"] < 1
     outcome = vqa_results.closed_outcome({"id": "x", "benchmark": "mmmu_med", "options": ["a", "b"], "answer": "a"}, json.dumps(two))
     assert outcome["vgrefine"].startswith("not applied") and outcome["output"] == two["text"]  # kept in the per-sample log

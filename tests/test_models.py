@@ -53,7 +53,7 @@ def test_model_id_loads_generates_and_captures(model_id, checkpoints, images):
     records = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
     n_layers = wrapper.model.config.text_config.num_hidden_layers
     for raw in records:
-        rec = GroundingRecord.from_json(raw)
+        rec = GroundingRecord.from_output(raw)
         assert rec.skipped is None and len(rec.kl) == n_layers
     # the captured map covers the model's own token grid: 112 px / 14 = 8 x 8
     runner = next(iter(wrapper._grounding.values()))
@@ -120,7 +120,7 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3}))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     records = [
-        GroundingRecord.from_json(r)
+        GroundingRecord.from_output(r)
         for r in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
     ]
     assert all(r.skipped is None and len(r.kl) == 3 for r in records)
@@ -133,7 +133,8 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(
         f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2}
     )
-    outs = [json.loads(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3}))]
+    requests = make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}})  # an lmms-vg task: typed answers
+    outs = [json.loads(o) for o in refined.generate_until(requests)]
     assert all(o["knockout_layers"] == [1] and 0.3 <= o["knocked_fraction"] <= 0.7 for o in outs)
 
 

@@ -14,7 +14,7 @@ import pytest
 from cli import run_lmms_eval
 from fixtures import _image
 
-from lmms_vg import cli, data
+from lmms_vg import cli, data, outputs
 
 
 def truncated_jpeg(path: Path, seed: int) -> None:
@@ -221,7 +221,10 @@ def _requests(wrapper, texts):
     wrapper.task_dict = {"t": {"test": [{"images": [fx.img(i)]} for i in range(len(texts))]}}
     return [
         Instance(
-            "generate_until", (q, {"max_new_tokens": 2}, lambda d: d["images"], i, "t", "test"), i, {"task": "t", "doc_id": i, "repeats": 1}
+            "generate_until",
+            (q, {"max_new_tokens": 2, "lmms_vg": {}}, lambda d: d["images"], i, "t", "test"),
+            i,
+            {"task": "t", "doc_id": i, "repeats": 1},
         )
         for i, q in enumerate(texts)
     ]
@@ -244,8 +247,9 @@ def test_a_sample_that_breaks_the_model_costs_itself_only(llava_dir, tmp_path, m
 
     monkeypatch.setattr(wrapper.adapter.tokenizer.__class__, "__call__", tokenize)
     outs = wrapper.generate_until(_requests(wrapper, ["Is it normal?", "POISON here", "Where?", "Which side?"]))
-    assert json.loads(outs[1])["lmms_vg_error"].startswith("sample failed: RuntimeError: cannot tokenise this prompt (t doc 1)")
-    assert all("lmms_vg_error" not in o for i, o in enumerate(outs) if i != 1)
+    decoded = [outputs.decode(o) for o in outs]
+    assert decoded[1].reason.startswith("sample failed: RuntimeError: cannot tokenise this prompt (t doc 1)")
+    assert all(isinstance(d, outputs.Answer) for i, d in enumerate(decoded) if i != 1)
 
 
 def test_samples_failing_in_a_row_stop_the_run(llava_dir, monkeypatch):
@@ -258,3 +262,36 @@ def test_samples_failing_in_a_row_stop_the_run(llava_dir, monkeypatch):
     monkeypatch.setattr(wrapper.adapter, "encode", lambda *a, **k: (_ for _ in ()).throw(TypeError("a setup bug")))
     with pytest.raises(RuntimeError, match="3 samples in a row failed.*a setup bug"):
         wrapper.generate_until(_requests(wrapper, ["a", "b", "c", "d"]))
+
+
+def test_outputs_round_trip_and_lmms_evals_own_tasks_get_plain_text(llava_dir, tmp_path):
+    """One codec for what a wrapper hands a task; a task that is not lmms-vg's (no `lmms_vg` key) gets the answer's text."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from lmms_vg.grounding import GroundingRecord
+
+    for value in (
+        outputs.Answer("B", 0.5, (16,)),
+        outputs.SampleError("image too large: 'x' (t doc 3)"),
+        GroundingRecord(kl=[0.1], ar=[2.0]),
+    ):
+        assert outputs.decode(outputs.encode(value)) == value
+    assert outputs.decode('{"text": "not ours"}') == outputs.Answer('{"text": "not ours"}')  # a model may answer in JSON
+    assert GroundingRecord.from_output(outputs.encode(outputs.SampleError("no box (x)"))).skipped == "no box (x)"
+
+    wrapper = get_model("lmms_vg_llava_vgrefine").create_from_arg_string(
+        f"pretrained={llava_dir},device=cpu,heads={tiny_heads(tmp_path)}", {}
+    )
+    wrapper.task_dict = {"t": {"test": [{"images": [fx.img(0)]}]}}
+    builtin = Instance(
+        "generate_until", ("Q?", {"max_new_tokens": 2}, lambda d: d["images"], 0, "t", "test"), 0, {"task": "t", "doc_id": 0, "repeats": 1}
+    )
+    ours = Instance(
+        "generate_until",
+        ("Q?", {"max_new_tokens": 2, "lmms_vg": {}}, lambda d: d["images"], 0, "t", "test"),
+        0,
+        {"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    plain, typed = wrapper.generate_until([builtin]), wrapper.generate_until([ours])
+    assert plain[0] == outputs.decode(typed[0]).text and not plain[0].startswith("{")

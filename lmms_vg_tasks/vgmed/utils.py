@@ -28,7 +28,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    record = GroundingRecord.from_json(results[0]).__dict__
+    record = GroundingRecord.from_output(results[0]).__dict__
     return {key: record for key in ("ar_by_layer", "kl_by_layer", "js_by_layer", "iou_by_layer", "best_layer", "samples", "head_kl")}
 
 
