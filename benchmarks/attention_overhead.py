@@ -16,6 +16,7 @@ import torch
 from common import build, images, interleaved, parser, report
 
 from lmms_vg import engine
+from lmms_vg.prompts import SHORT_ANSWER
 
 
 def kept_bytes(layers=28, heads=28, n_image=576, tokens=700, attn_bytes=2) -> tuple[int, int]:
@@ -65,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     adapter = build(args.shape, args.device, args.dtype)
     model = adapter.model
-    batch = adapter.encode(images(1), ["Where is the lesion? Answer the question using a single word or phrase."])
+    batch = adapter.encode(images(1), [f"Where is the lesion?{SHORT_ANSWER}"])
     cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id)
     last = torch.full((1, 1), batch["input_ids"].shape[1] - 1, device=model.device)
     kept = {}

@@ -14,7 +14,8 @@ import torch
 from common import build, images, interleaved, parser, report
 
 from lmms_vg import engine
-from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRunner, GroundingSample
+from lmms_vg.grounding import GroundingRunner, GroundingSample
+from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 
 QUESTION = "Where is the liver in this image?" + SHORT_ANSWER
 

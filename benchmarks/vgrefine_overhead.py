@@ -13,11 +13,11 @@ import torch
 from common import build, images, interleaved, parser, report
 
 from lmms_vg import engine
-from lmms_vg.grounding import GENERIC_PROMPT
+from lmms_vg.prompts import GENERIC_PROMPT, MC_INSTRUCTION
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, triage_keep, triage_map
 
-QUESTION = "Is there a lesion in the left lung?\nA. yes\nB. no\nAnswer with the option's letter from the given choices directly."
-REFERENCE = GENERIC_PROMPT + "\nAnswer with the option's letter from the given choices directly."
+QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION}"
+REFERENCE = f"{GENERIC_PROMPT}\n{MC_INSTRUCTION}"
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
+from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
 
 TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
 TEMPLATES = {"llava_qwen2": HUATUO_TEMPLATE, "llava_mistral": MISTRAL_INST_TEMPLATE, "llava_llama": VICUNA_TEMPLATE}

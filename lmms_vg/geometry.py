@@ -113,11 +113,6 @@ def qwen2_vl_transform(
     return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // factor, new_w // factor, float(factor), width, height)
 
 
-def authors_transform(width: int, height: int, *, size: int = 336, patch: int = 14) -> ImageTransform:
-    """The authors' mapping: scale each axis to ``size`` with no pad offset (right only for square images)."""
-    return ImageTransform(size / width, size / height, 0.0, 0.0, size // patch, size // patch, float(patch), width, height)
-
-
 def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: ImageTransform) -> BoxCells:
     """Union of the cells overlapped by ``boxes`` (original pixels), clipped to the image first."""
     mask = np.zeros((transform.rows, transform.cols), dtype=bool)
@@ -140,11 +135,3 @@ def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: Image
             continue
         mask[r0:r1, c0:c1] = True
     return BoxCells(mask.reshape(-1), n, clipped, empty)
-
-
-def cells_from_tokens(tokens: Iterable[Sequence[int]], rows: int = 24, cols: int = 24) -> np.ndarray:
-    """VGMED v1 ``gt_tokens`` ([x, y] cells of a 24x24 grid) as a row-major bool mask."""
-    mask = np.zeros((rows, cols), dtype=bool)
-    for x, y in tokens:
-        mask[int(y), int(x)] = True
-    return mask.reshape(-1)

@@ -19,12 +19,10 @@ from PIL import Image
 
 from . import geometry, inference, metrics
 from .adapters import LlavaAdapter
+from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 from .reasons import located
 
 log = logging.getLogger(__name__)
-
-GENERIC_PROMPT = "Write a general description of the image."
-SHORT_ANSWER = " Answer the question using a single word or phrase."
 
 
 @dataclass

@@ -8,14 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HUATUO_TEMPLATE = "{% for message in messages %}<|user|>\n{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
-MISTRAL_INST_TEMPLATE = "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}"
-VICUNA_TEMPLATE = (
-    "{% for message in messages %}A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
-    "USER: {{ message['content'] }} ASSISTANT:{% endfor %}"
-)
-
+from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
 
 DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
 

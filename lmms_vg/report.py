@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import settings
+from . import metrics, settings
+from .prompts import INSTRUCTIONS
 
 # the paper's column order; any other accuracy task found is appended after these
 VQA_TASKS = ("vqa_rad", "slake_closed", "pathvqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
@@ -293,7 +294,7 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
     if layer is None:
         # the layer where the last run (e.g. VGRefine) puts the most attention in the boxes, at or after its knockout
         # layer when it has one (below it, baseline and VGRefine maps are the same by construction)
-        ar = np.mean([_box_ratio(np.asarray(last[s]["maps"], np.float64), last[s]["box"]) for s in common], axis=0)
+        ar = np.mean([box_ratio(last[s]["maps"], last[s]["box"]) for s in common], axis=0)
         knocked = last[common[0]].get("knockout_layers", np.array([], dtype=np.int64))
         start = int(knocked.min()) if knocked.size else 0
         layer = start + int(np.argmax(ar[start:]))
@@ -315,19 +316,18 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
     return paths
 
 
-def _box_ratio(maps: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """AR per layer of saved maps ``[layers, N]`` (share of attention in the box over the box's share of tokens)."""
-    return (maps[:, box].sum(1) / maps.sum(1)) / box.mean()
+def box_ratio(maps: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """AR per layer of saved maps ``[layers, N]`` and their box ``[N]`` (bool), by :func:`lmms_vg.metrics.attention_ratio`."""
+    import torch
+
+    return metrics.attention_ratio(torch.from_numpy(np.asarray(maps, np.float64)), torch.from_numpy(np.asarray(box, bool))).numpy()
 
 
 def question_label(question: str, width: int = 34) -> str:
     """The question without its answer instruction, wrapped for a figure."""
     import textwrap
 
-    for instruction in (
-        " Answer the question using a single word or phrase.",
-        "\nAnswer with the option's letter from the given choices directly.",
-    ):
+    for instruction in INSTRUCTIONS:
         question = question.replace(instruction, "")
     return "\n".join(textwrap.wrap(question.strip(), width)[:3])
 

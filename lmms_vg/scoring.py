@@ -16,12 +16,13 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
+from .prompts import MC_INSTRUCTION
+
 LETTERS = "ABCDEFGHIJK"
 UNKNOWN_ANSWER = "answer is '?' in the source (scored wrong, as the published scorer does)"
 LETTER_CASE_VAR = "LMMS_VG_LETTER_CASE"  # strict (default: the published scorer) or lenient (b reads as B)
 # HuatuoGPT-Vision's chatbot removes these from every prompt text before inserting its image placeholders
 MODERATED = ("<image>", "<s>", "</s>")
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # HuatuoGPT-Vision's pattern: a letter a-n standing alone, not the article "A "/"a ".
 LETTER_PATTERN = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([a-nA-N])(\W|$)")
 

@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-HUATUO_TEMPLATE = "{% for message in messages %}<|user|>\n{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
+from .prompts import HUATUO_TEMPLATE
+
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|endoftext|>", "<image>", "<|user|>", "<|assistant|>"]
 _CORPUS = (
     "What is the shape in the image? Where is the red circle? Which side is the lesion on? "

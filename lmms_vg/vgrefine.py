@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import engine, inference, metrics
-from .grounding import GENERIC_PROMPT, SHORT_ANSWER, ReferenceCache, question_and_reference
+from .grounding import ReferenceCache, question_and_reference
+from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
 HEADS_DIR = "heads"
 

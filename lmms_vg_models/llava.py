@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from lmms_vg import engine, outputs, settings
 from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
-from lmms_vg.grounding import GENERIC_PROMPT, SHORT_ANSWER, GroundingRecord, GroundingRunner, GroundingSample
+from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
+from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.reasons import located
 from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
 

@@ -7,7 +7,8 @@ from test_models import make_requests
 
 from lmms_vg import tiny
 from lmms_vg.adapters import LlavaAdapter
-from lmms_vg.presets import HUATUO_TEMPLATE, ModelPreset
+from lmms_vg.presets import ModelPreset
+from lmms_vg.prompts import HUATUO_TEMPLATE
 from lmms_vg_models.llava import LlavaVG, register_preset
 
 

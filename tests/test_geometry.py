@@ -8,6 +8,20 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from lmms_vg import geometry
 
+
+def authors_transform(width: int, height: int, *, size: int = 336, patch: int = 14) -> geometry.ImageTransform:
+    """The authors' mapping (measure_attention.py): each axis scaled to ``size``, no pad offset (right only for square images)."""
+    return geometry.ImageTransform(size / width, size / height, 0.0, 0.0, size // patch, size // patch, float(patch), width, height)
+
+
+def cells_from_tokens(tokens, rows: int = 24, cols: int = 24) -> np.ndarray:
+    """VGMED v1 ``gt_tokens`` ([x, y] cells of a 24x24 grid) as a row-major bool mask."""
+    mask = np.zeros((rows, cols), dtype=bool)
+    for x, y in tokens:
+        mask[int(y), int(x)] = True
+    return mask.reshape(-1)
+
+
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -56,7 +70,7 @@ def test_pad_offset_matters_on_non_square_images():
     right = geometry.box_cells(
         box, "xywh", geometry.llava_transform(w, h, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
     )
-    authors = geometry.box_cells(box, "xywh", geometry.authors_transform(w, h))
+    authors = geometry.box_cells(box, "xywh", authors_transform(w, h))
     right_rows = np.nonzero(right.mask.reshape(24, 24).any(1))[0]
     authors_rows = np.nonzero(authors.mask.reshape(24, 24).any(1))[0]
     assert right_rows.tolist() == list(range(6, 10))  # (0+84)/14 = 6 .. ceil((56+84)/14) = 10
@@ -64,7 +78,7 @@ def test_pad_offset_matters_on_non_square_images():
     # on a square image both agree
     sq = geometry.llava_transform(500, 500, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
     a = geometry.box_cells([[100, 200, 50, 60]], "xywh", sq).mask
-    b = geometry.box_cells([[100, 200, 50, 60]], "xywh", geometry.authors_transform(500, 500)).mask
+    b = geometry.box_cells([[100, 200, 50, 60]], "xywh", authors_transform(500, 500)).mask
     assert (a == b).all()
 
 
@@ -73,7 +87,7 @@ def test_vgmed_v1_gt_tokens_convention():
     t = geometry.llava_transform(512, 512, pad_to_square=True, shortest_edge=336, crop=(336, 336), patch=14)
     box_xywh = [128, 64, 64, 96]  # 336/512 scale: x 84..126 -> cells 6..9, y 42..105 -> cells 3..7 (ceil 7.5 = 8)
     gt_tokens = [[x, y] for y in range(3, 8) for x in range(6, 9)]
-    assert (geometry.box_cells([box_xywh], "xywh", t).mask == geometry.cells_from_tokens(gt_tokens)).all()
+    assert (geometry.box_cells([box_xywh], "xywh", t).mask == cells_from_tokens(gt_tokens)).all()
 
 
 def test_border_multiple_and_bad_boxes():

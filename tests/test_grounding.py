@@ -10,7 +10,8 @@ from test_engine import eager_attentions, llava_batch, load_llava
 
 from lmms_vg import geometry, metrics
 from lmms_vg.adapters import LlavaAdapter
-from lmms_vg.grounding import GENERIC_PROMPT, GroundingRunner, GroundingSample
+from lmms_vg.grounding import GroundingRunner, GroundingSample
+from lmms_vg.prompts import GENERIC_PROMPT
 
 QUESTIONS = ["Where is the liver?", "Which side of this image shows the largest round lesion?"]
 

@@ -112,3 +112,29 @@ def test_bertscore_unavailable_is_reported_not_raised():
     assert f1 is None and "LMMS_VG_BERTSCORE_MODEL" in reason
     f1, reason = scoring.bertscore_f1(["a"], ["a"], "/nonexistent/model")
     assert f1 is None and reason
+
+
+def test_task_yamls_carry_the_prompts_of_lmms_vg_prompts():
+    """The YAMLs hold their prompts as data; they must be the ones the code and the paper use."""
+    from pathlib import Path
+
+    import yaml
+
+    from lmms_vg import prompts
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    tasks = Path(__file__).resolve().parent.parent / "lmms_vg_tasks"
+
+    def read(name):
+        return yaml.load((tasks / name).read_text(), Loader=Loader)
+
+    grounding = read("vgmed/_default_template_yaml")
+    assert grounding["generation_kwargs"]["lmms_vg"]["reference_prompt"] == prompts.GENERIC_PROMPT + prompts.SHORT_ANSWER
+    assert grounding["lmms_eval_specific_kwargs"]["default"]["post_prompt"] == prompts.SHORT_ANSWER
+    closed = read("medvqa/_closed_yaml")["generation_kwargs"]["lmms_vg"]["reference_prompt"]
+    assert closed == f"{prompts.GENERIC_PROMPT}\n{prompts.MC_INSTRUCTION}"  # the instruction as mc_prompt places it
+    opened = read("medvqa/_open_yaml")["generation_kwargs"]["lmms_vg"]["reference_prompt"]
+    assert opened == prompts.open_question(prompts.GENERIC_PROMPT)  # the instruction as open_question places it

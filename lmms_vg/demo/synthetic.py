@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw
 SIZE = 112  # 8x8 patches of 14 px
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230)}
 SHAPES = ("square", "circle", "triangle")
-SHORT = " Answer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import datasets
 
-from lmms_vg import medvqa, scoring, vqa_results
+from lmms_vg import medvqa, prompts, scoring, vqa_results
 
 
 def _as_dataset(docs):
@@ -37,7 +37,7 @@ def closed_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def open_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return f"{doc['question'].strip()}\nAnswer the question using a single word or phrase."
+    return prompts.open_question(doc["question"])
 
 
 def closed_process_results(doc, results):

@@ -1,0 +1,27 @@
+"""Every prompt text and chat template lmms-vg uses, in one place (SPEC sections 1 and 4).
+
+The task YAMLs carry their own copies as data (a user may edit a task), and test that they match.
+"""
+
+# SPEC section 1: the generic prompt whose attention normalises the question's (ViCrop's relative attention)
+GENERIC_PROMPT = "Write a general description of the image."
+# the answer instruction of the grounding questions (the authors' ANSWER_INSTRUCTION), after a space
+SHORT_ANSWER = " Answer the question using a single word or phrase."
+# HuatuoGPT-Vision's multiple-choice instruction (its eval.py), on its own line after the options
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# the answer instructions a figure label drops from a question
+INSTRUCTIONS = (SHORT_ANSWER, "\n" + SHORT_ANSWER.strip(), "\n" + MC_INSTRUCTION)
+
+# chat templates of the presets (the messages hold the image placeholders and the text)
+HUATUO_TEMPLATE = "{% for message in messages %}<|user|>\n{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
+MISTRAL_INST_TEMPLATE = "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}"
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: {{ message['content'] }} ASSISTANT:{% endfor %}"
+)
+
+
+def open_question(question: str) -> str:
+    """An open-ended VQA prompt: the question, then the short-answer instruction on its own line."""
+    return f"{question.strip()}\n{SHORT_ANSWER.strip()}"
