@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_vg import engine, tiny
+from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.demo import tiny
 
 # text shapes: (layers, heads, kv_heads, hidden); the image grid is 24x24 (336 px, patch 14) in all
 SHAPES = {"small": (8, 8, 4, 512), "7b": (28, 28, 4, 3584)}

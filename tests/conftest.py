@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_vg import tiny
+from lmms_vg.demo import tiny
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from lmms_eval.models import MODEL_REGISTRY_V2, get_model
 from lmms_eval.models.registry_v2 import ModelManifest
 from test_models import make_requests
 
-from lmms_vg import tiny
 from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.demo import tiny
 from lmms_vg.presets import ModelPreset
 from lmms_vg.prompts import HUATUO_TEMPLATE
 from lmms_vg_models.llava import LlavaVG, register_preset

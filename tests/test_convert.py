@@ -8,8 +8,8 @@ from conftest import random_image
 from safetensors.torch import save_file
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
-from lmms_vg import tiny
 from lmms_vg.convert import ConversionError, convert
+from lmms_vg.demo import tiny
 
 
 def original_checkpoint(folder, tower_inside: bool, pickle: bool):

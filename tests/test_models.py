@@ -7,7 +7,7 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 
-from lmms_vg import tiny
+from lmms_vg.demo import tiny
 from lmms_vg.grounding import GroundingRecord
 from lmms_vg.vgrefine import VGRefineConfigError
 from lmms_vg_models.llava import ModelLoadError

@@ -9,8 +9,9 @@ from cli import run_lmms_eval
 from reference_attention import REFERENCE
 from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
 
-from lmms_vg import engine, tiny
+from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.demo import tiny
 from lmms_vg.vgrefine import HeadPreset, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
 
 HEADS = ((1, 0), (2, 3), (0, 1), (1, 2), (2, 0))

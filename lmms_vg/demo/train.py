@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lmms_vg import engine, tiny
+from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
-from lmms_vg.demo import synthetic
+from lmms_vg.demo import synthetic, tiny
 from lmms_vg.geometry import box_cells
 from lmms_vg.prompts import GENERIC_PROMPT
 from lmms_vg.scoring import LETTERS, MC_INSTRUCTION, mc_prompt

@@ -1,4 +1,4 @@
-"""Tiny random-weight models of the real architectures, built from configs and saved locally.
+"""Tiny random-weight models of the real architectures, built from configs and saved locally (tests, benchmarks, the demo).
 
 They load through the same ``from_pretrained`` code as the real checkpoints, so tests,
 benchmarks and the demo exercise the real loading path offline.
@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .prompts import HUATUO_TEMPLATE
+from ..prompts import HUATUO_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|endoftext|>", "<image>", "<|user|>", "<|assistant|>"]
 _CORPUS = (
