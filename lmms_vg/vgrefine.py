@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import engine, inference, metrics
+from . import engine, inference, metrics, settings
 from .grounding import ReferenceCache, question_and_reference
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
@@ -94,6 +94,38 @@ def load_heads(name_or_path: str) -> HeadPreset:
         source=data.get("source", ""),
         samples=data.get("samples"),
         scores=tuple(data.get("mean_kl", ())),
+    )
+
+
+def config_from_args(
+    model: str,
+    heads: str | None,
+    top_k,
+    percentile,
+    knockout_layers,
+    mode,
+    default_layers: tuple[int, ...] = (),
+    normalise: bool = True,
+) -> VGRefineConfig:
+    """The method's settings from user arguments (strings or numbers, as ``--model_args`` gives them), checked.
+
+    ``heads``: a shipped preset name or a calibration JSON; knockout layers from the arguments, else
+    the head preset's, else ``default_layers`` (the model preset's); K defaults to 20 (the paper's) or
+    to every head the preset ranks, if fewer.
+    """
+    if not heads:
+        raise ValueError(
+            f"{model}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
+        )
+    preset = load_heads(str(heads))
+    layers = settings.as_layers("knockout_layers", knockout_layers) or preset.knockout_layers or tuple(default_layers)
+    return VGRefineConfig(
+        heads=preset.heads,
+        knockout_layers=layers,
+        top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(preset.heads)),
+        percentile=settings.as_float("percentile", percentile),  # its range is checked by VGRefineConfig
+        mode=str(mode),
+        reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if normalise else None,
     )
 
 

@@ -27,7 +27,7 @@ from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
 from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.reasons import located
-from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, load_heads
+from lmms_vg.vgrefine import VGRefiner, config_from_args
 
 FAILURE_STREAK_LIMIT = 16  # samples failing in a row (no success between) before a run is judged broken and stopped
 AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
@@ -172,7 +172,20 @@ class LlavaVG(lmms):
         pixels = {k: settings.as_int(k, v, minimum=1) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         if pixels and self.adapter_class is not Qwen2VLAdapter:
             raise ValueError(f"{', '.join(pixels)} apply to Qwen2-VL-family models only; this model's geometry is fixed by its processor")
-        refine_config = self._refine_config(pretrained, heads, top_k, percentile, knockout_layers, knockout_mode) if use_vgrefine else None
+        refine_config = (
+            config_from_args(
+                pretrained,
+                heads or (preset.heads if preset else None),
+                top_k,
+                percentile,
+                knockout_layers,
+                knockout_mode,
+                default_layers=preset.knockout_layers if preset else (),
+                normalise=self.reference_prompt,
+            )
+            if use_vgrefine
+            else None
+        )
         accelerator = Accelerator()
         if device is None or device == "cuda" and not torch.cuda.is_available():
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
@@ -218,24 +231,6 @@ class LlavaVG(lmms):
         args = simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args and k != "max_batch_size"}
         return cls(**args, **extra)
-
-    def _refine_config(self, name, heads, top_k, percentile, knockout_layers, mode) -> VGRefineConfig:
-        heads = heads or (self.preset.heads if self.preset else None)
-        if not heads:
-            raise ValueError(
-                f"{name}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
-            )
-        preset = load_heads(str(heads))
-        layers = settings.as_layers("knockout_layers", knockout_layers) or preset.knockout_layers
-        layers = layers or (self.preset.knockout_layers if self.preset else ())
-        return VGRefineConfig(
-            heads=preset.heads,
-            knockout_layers=layers,
-            top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(preset.heads)),  # paper: K=20
-            percentile=settings.as_float("percentile", percentile),  # its range is checked by VGRefineConfig
-            mode=str(mode),
-            reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None,
-        )
 
     # lmms-eval plumbing
     @property
@@ -345,7 +340,7 @@ class LlavaVG(lmms):
             outcome = self.refiner.generate(
                 [visuals[n][0] for n in members],
                 [texts[n] for n in members],
-                image_keys=[self._image_key(args_list[keep[n]]) for n in members],
+                image_keys=[self._image_key(args_list[keep[n]], vg) for n in members],
                 reference_prompt=vg.get("reference_prompt"),
                 **kwargs,
             )
@@ -369,10 +364,18 @@ class LlavaVG(lmms):
             results[j] = outputs.encode(outputs.Answer(text, **extras[n]))
         return results
 
-    def _image_key(self, args) -> str:
-        """``task/image``: the key of the per-image reference cache."""
+    def _image_key(self, args, vg: dict) -> str:
+        """``task/image``: the key of the per-image reference cache (the doc field the task names as ``image_key``, else the doc)."""
+        field = vg.get("image_key")
         doc = self._doc(args[4], args[5], args[3])
-        return f"{args[4]}/{doc.get('vg_image_key') or doc.get('image_id') or args[3]}"
+        return f"{args[4]}/{doc.get(field) if field and doc.get(field) else args[3]}"
+
+    @staticmethod
+    def _grounding_fields(vg: dict, task: str) -> tuple[str, str, str | None]:
+        """The doc fields a grounding task names in its YAML: (boxes, their format, why a row is skipped)."""
+        if not vg.get("boxes"):
+            raise ValueError(f"task {task}: a grounding task names its boxes' doc field in generation_kwargs.lmms_vg.boxes")
+        return vg["boxes"], vg.get("box_format", "xyxy"), vg.get("skip_reason")
 
     def _load_visuals(self, args_list) -> tuple[list[list], list[int], dict[int, str]]:
         """Each request's images: (image lists, indices of the requests that have them, index -> why the others have none)."""
@@ -404,8 +407,9 @@ class LlavaVG(lmms):
         for j, images in zip(todo, visuals):
             a = args_list[j]
             doc = self._doc(a[4], a[5], a[3])
-            if doc.get("vg_error"):  # the data says why this row cannot be scored (file and line)
-                records[j] = GroundingRecord(skipped=doc["vg_error"])
+            boxes, box_format, skip_reason = self._grounding_fields(vg, a[4])
+            if skip_reason and doc.get(skip_reason):  # the data says why this row cannot be scored (file and line)
+                records[j] = GroundingRecord(skipped=doc[skip_reason])
                 continue
             if len(images) != 1:
                 records[j] = GroundingRecord(skipped=f"several images: grounding maps one image per sample, this one has {len(images)}")
@@ -416,9 +420,9 @@ class LlavaVG(lmms):
                     GroundingSample(
                         image=images[0],
                         question=a[0],
-                        boxes=doc["vg_boxes"],
-                        box_format="xyxy",
-                        image_key=self._image_key(a),
+                        boxes=doc[boxes],
+                        box_format=box_format,
+                        image_key=self._image_key(a, vg),
                         sample_id=f"{a[4]}_{a[3]}",
                     ),
                 )

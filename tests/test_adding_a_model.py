@@ -40,7 +40,7 @@ def test_a_new_architecture_is_a_small_subclass(tmp_path, images):
     MODEL_REGISTRY_V2.register_manifest(ModelManifest("plain_llava", simple_class_path=f"{__name__}.PlainPromptLlava"), overwrite=True)
     wrapper = get_model("plain_llava").create_from_arg_string(f"pretrained={checkpoint},device=cpu")
     records = wrapper.generate_until(
-        make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}})
+        make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}})
     )
     assert all('"skipped": null' in r for r in records)
     prefix = wrapper.adapter.split_prompts(images[:1], ["Where?"]).prefix[0]

@@ -50,7 +50,9 @@ def test_model_id_loads_generates_and_captures(model_id, checkpoints, images):
     questions = ["What is shown?", "Where is the lesion in this image?"]
     answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 4, "until": ["\n\n"]}))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    records = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+    records = wrapper.generate_until(
+        make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}})
+    )
     n_layers = wrapper.model.config.text_config.num_hidden_layers
     for raw in records:
         rec = GroundingRecord.from_output(raw)
@@ -121,7 +123,9 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     records = [
         GroundingRecord.from_output(r)
-        for r in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding"}}))
+        for r in wrapper.generate_until(
+            make_requests(wrapper, images, questions, {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}})
+        )
     ]
     assert all(r.skipped is None and len(r.kl) == 3 for r in records)
     t = wrapper.adapter.transform(images[0])  # 130 x 90 -> smart resize to 140 x 84 -> 3 x 5 merged tokens
