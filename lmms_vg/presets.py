@@ -84,7 +84,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
 
 
 def class_name(model_id: str) -> str:
-    """The wrapper class lmms-eval loads for a model id (lmms_vg_models.llava.<name>)."""
+    """The wrapper class lmms-eval loads for a model id (``lmms_vg_models.model_ids.<name>``): its one home."""
     return "LlavaVG" if model_id == GENERIC_MODEL_ID else "".join(part.capitalize() for part in model_id.split("_"))
 
 

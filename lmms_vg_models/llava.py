@@ -1,17 +1,14 @@
-"""lmms-eval model for every LlavaForConditionalGeneration checkpoint, with grounding capture and VGRefine.
+"""The family wrappers: lmms-eval models for LlavaForConditionalGeneration (LLaVA-1.5 family) and Qwen2-VL checkpoints.
 
-Model ids (one class each, made from the presets in :mod:`lmms_vg.presets`): ``huatuo``,
-``huatuo_34b``, ``llava_med``, ``llava15``, each with a ``_vgrefine`` twin, and ``lmms_vg_llava``
-for any other checkpoint (``pretrained=`` required).
-
-Requests whose task sets ``lmms_vg: {mode: grounding, ...}`` in its generation_kwargs are
-scored for grounding (the result string is a JSON :class:`GroundingRecord`); all others generate.
+Each model id is one of these classes with its preset set (:mod:`lmms_vg_models.model_ids`).
+Requests of lmms-vg's tasks carry an ``lmms_vg`` entry in their generation_kwargs: those with
+``mode: grounding`` are scored for grounding, the others generate; their outputs are typed
+(:mod:`lmms_vg.outputs`). Requests of lmms-eval's own tasks get plain text.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -24,10 +21,11 @@ from tqdm import tqdm
 from lmms_vg import engine, outputs, settings
 from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
-from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids, resolve_checkpoint
+from lmms_vg.presets import ModelPreset, resolve_checkpoint
 from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.reasons import located
 from lmms_vg.vgrefine import VGRefiner, config_from_args
+from lmms_vg_models.loading import ModelLoadError, load_checkpoint, maps_folder
 
 FAILURE_STREAK_LIMIT = 16  # samples failing in a row (no success between) before a run is judged broken and stopped
 AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
@@ -43,76 +41,6 @@ def plain_text(output: str) -> str:
 def error_record(reason: str) -> str:
     """What a sample that could not run returns in place of an answer: its reason, which the task reports and counts."""
     return outputs.encode(outputs.SampleError(reason))
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message says what to do."""
-
-
-def maps_folder(value) -> Path | None:
-    """The ``save_maps`` folder, created now: a file in its place or an unwritable path fails before any sample."""
-    if not value:
-        return None
-    folder = Path(str(value)).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save_maps={value!r} is a file, not a folder: give a folder for the saved maps")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"save_maps={value!r}: cannot create the folder ({err})") from err
-    return folder
-
-
-def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_map, revision: str, trust_remote_code: bool):
-    """Load a transformers-native checkpoint of one of ``model_types`` (model_type -> class name) and its processor.
-
-    Errors say what to do: a folder without config.json, an architecture this model id does not take,
-    a checkpoint that needs its own code while trust_remote_code is off.
-    """
-    import transformers
-    from transformers import AutoConfig
-
-    local = Path(pretrained)
-    if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
-        raise ModelLoadError(
-            f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')"
-        )
-    try:
-        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ModelLoadError(f"{pretrained} needs its own code: pass trust_remote_code=true in --model_args if you trust it") from err
-        raise ModelLoadError(f"{pretrained}: {err}") from err
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)"
-        ) from err
-    if config.model_type not in model_types:
-        raise ModelLoadError(
-            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(model_types.values())}. "
-            "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
-        )
-    cls = getattr(transformers, model_types[config.model_type])
-    model = cls.from_pretrained(
-        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
-    ).eval()
-    return model, load_processor(pretrained, revision, trust_remote_code)
-
-
-def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
-    """The checkpoint's processor; where it cannot be built (Qwen2-VL's video part needs torchvision), its tokenizer and image processor."""
-    from types import SimpleNamespace
-
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError, ValueError, OSError) as err:
-        logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({err}); using its tokenizer and image processor")
-        return SimpleNamespace(
-            tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-            image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-        )
 
 
 class LlavaVG(lmms):
@@ -467,33 +395,3 @@ class Qwen2VLVG(LlavaVG):
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     }
-
-
-FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
-
-
-def _make(model_id: str) -> type[LlavaVG]:
-    """The class for a model id: its preset's family, the preset, and VGRefine on for ``*_vgrefine``."""
-    preset = PRESETS.get(model_id.removesuffix("_vgrefine"))
-    attrs = {"preset": preset, "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
-    return type(class_name(model_id), (FAMILIES[preset.family if preset else "llava"],), attrs)
-
-
-MODEL_CLASSES: dict[str, type[LlavaVG]] = {mid: LlavaVG if mid == GENERIC_MODEL_ID else _make(mid) for mid in model_ids()}
-globals().update({cls.__name__: cls for cls in MODEL_CLASSES.values()})
-
-
-def register_preset(preset: ModelPreset) -> list:
-    """Add a preset at run time (e.g. from your own package): its two classes, and manifests for lmms-eval.
-
-    Editing ``lmms_vg/presets.py`` does the same for every run; this is for code that cannot.
-    """
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    PRESETS[preset.model_id] = preset
-    manifests = []
-    for mid in (preset.model_id, f"{preset.model_id}_vgrefine"):
-        cls = MODEL_CLASSES[mid] = _make(mid)
-        globals()[cls.__name__] = cls
-        manifests.append(ModelManifest(model_id=mid, simple_class_path=f"{__name__}.{cls.__name__}"))
-    return manifests

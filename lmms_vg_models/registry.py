@@ -25,7 +25,7 @@ def manifests() -> list[ModelManifest]:
     ``lmms-eval models`` prints (as lmms-eval's own plugin mechanism does), which reads only that table.
     """
     _hook.install()
-    paths = {mid: f"lmms_vg_models.llava.{class_name(mid)}" for mid in model_ids()}
+    paths = {mid: f"lmms_vg_models.model_ids.{class_name(mid)}" for mid in model_ids()}
     paths |= {mid: f"lmms_vg_models.unsupported.{class_name(mid)}" for mid in UNSUPPORTED}
     listed = sys.modules.get("lmms_eval.models")  # being initialised: it is loading this entry point
     simple = getattr(listed, "AVAILABLE_SIMPLE_MODELS", {})

@@ -9,7 +9,8 @@ from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
 from lmms_vg.presets import ModelPreset
 from lmms_vg.prompts import HUATUO_TEMPLATE
-from lmms_vg_models.llava import LlavaVG, register_preset
+from lmms_vg_models.llava import LlavaVG
+from lmms_vg_models.model_ids import register_preset
 
 
 def test_a_new_preset_is_a_record(tmp_path, images):

@@ -126,7 +126,7 @@ def test_settings_are_parsed_strictly_before_any_sample(llava_dir, tmp_path):
 
     from lmms_vg.settings import SettingError
     from lmms_vg.vgrefine import VGRefineConfigError
-    from lmms_vg_models.llava import ModelLoadError
+    from lmms_vg_models.loading import ModelLoadError
 
     def make(model, args, cli_batch=1):
         return get_model(model).create_from_arg_string(f"pretrained={llava_dir},device=cpu,{args}", {"batch_size": cli_batch})

@@ -1,0 +1,77 @@
+"""Loading a transformers-native checkpoint and its processor for a wrapper, with errors that say what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says what to do."""
+
+
+def maps_folder(value) -> Path | None:
+    """The ``save_maps`` folder, created now: a file in its place or an unwritable path fails before any sample."""
+    if not value:
+        return None
+    folder = Path(str(value)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_maps={value!r} is a file, not a folder: give a folder for the saved maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"save_maps={value!r}: cannot create the folder ({err})") from err
+    return folder
+
+
+def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_map, revision: str, trust_remote_code: bool):
+    """Load a transformers-native checkpoint of one of ``model_types`` (model_type -> class name) and its processor.
+
+    Errors say what to do: a folder without config.json, an architecture this model id does not take,
+    a checkpoint that needs its own code while trust_remote_code is off.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    local = Path(pretrained)
+    if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
+        raise ModelLoadError(
+            f"checkpoint path '{pretrained}' has no config.json; give a transformers-native folder or convert one (README 'Converting')"
+        )
+    try:
+        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{pretrained} needs its own code: pass trust_remote_code=true in --model_args if you trust it") from err
+        raise ModelLoadError(f"{pretrained}: {err}") from err
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load '{pretrained}' ({err}); check the id or path, or download it first (offline: HF_HUB_OFFLINE=1 needs a local copy)"
+        ) from err
+    if config.model_type not in model_types:
+        raise ModelLoadError(
+            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(model_types.values())}. "
+            "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
+        )
+    cls = getattr(transformers, model_types[config.model_type])
+    model = cls.from_pretrained(
+        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+    ).eval()
+    return model, load_processor(pretrained, revision, trust_remote_code)
+
+
+def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
+    """The checkpoint's processor; where it cannot be built (Qwen2-VL's video part needs torchvision), its tokenizer and image processor."""
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError, ValueError, OSError) as err:
+        logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({err}); using its tokenizer and image processor")
+        return SimpleNamespace(
+            tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+            image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+        )

@@ -1,0 +1,39 @@
+"""One wrapper class per model id (a preset's family wrapper with the preset set), and presets added at run time.
+
+lmms-eval imports a model's class from here (``lmms_vg_models.model_ids.<ClassName>``, the name from
+:func:`lmms_vg.presets.class_name`) when a run asks for that model id.
+"""
+
+from __future__ import annotations
+
+from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids
+from lmms_vg_models.llava import LlavaVG, Qwen2VLVG
+
+FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
+
+
+def _make(model_id: str) -> type[LlavaVG]:
+    """The class for a model id: its preset's family, the preset, and VGRefine on for ``*_vgrefine``."""
+    preset = PRESETS.get(model_id.removesuffix("_vgrefine"))
+    attrs = {"preset": preset, "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
+    return type(class_name(model_id), (FAMILIES[preset.family if preset else "llava"],), attrs)
+
+
+MODEL_CLASSES: dict[str, type[LlavaVG]] = {mid: LlavaVG if mid == GENERIC_MODEL_ID else _make(mid) for mid in model_ids()}
+globals().update({cls.__name__: cls for cls in MODEL_CLASSES.values()})
+
+
+def register_preset(preset: ModelPreset) -> list:
+    """Add a preset at run time (e.g. from your own package): its two classes, and manifests for lmms-eval.
+
+    Editing ``lmms_vg/presets.py`` does the same for every run; this is for code that cannot.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    PRESETS[preset.model_id] = preset
+    manifests = []
+    for mid in (preset.model_id, f"{preset.model_id}_vgrefine"):
+        cls = MODEL_CLASSES[mid] = _make(mid)
+        globals()[cls.__name__] = cls
+        manifests.append(ModelManifest(model_id=mid, simple_class_path=f"{__name__}.{cls.__name__}"))
+    return manifests
