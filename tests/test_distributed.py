@@ -2,7 +2,7 @@
 
 import medvqa_fixtures as fx
 import pytest
-from cli import run_lmms_eval
+from cli import FEW_TOKENS, run_lmms_eval
 from fixtures import write_coco, write_vgmed_v1
 
 
@@ -13,8 +13,8 @@ def test_two_processes_give_the_same_results(tmp_path, llava_dir):
         "LMMS_VG_COCO_ROOT": str(write_coco(tmp_path / "coco")),
     }
     args = f"pretrained={llava_dir},device=cpu"
-    one, _ = run_lmms_eval(tmp_path / "one", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env)
-    two, _ = run_lmms_eval(tmp_path / "two", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env, processes=2)
+    one, _ = run_lmms_eval(tmp_path / "one", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env, FEW_TOKENS)
+    two, _ = run_lmms_eval(tmp_path / "two", "huatuo", args, "vgmed_loc,pmc_vqa,omnimedvqa", env, FEW_TOKENS, processes=2)
     for task in ("pmc_vqa", "omnimedvqa"):
         assert two["results"][task]["accuracy,none"] == one["results"][task]["accuracy,none"]
         assert two["results"][task]["samples,none"] == one["results"][task]["samples,none"]

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import medvqa_fixtures as fx
 import pytest
-from cli import run_lmms_eval
+from cli import FEW_TOKENS, run_lmms_eval
 from fixtures import write_coco, write_vgmed_v1
 from PIL import Image
 
@@ -43,8 +43,8 @@ def runs(tmp_path_factory, llava_dir):
         == 0
     )
     tasks = "vgmed_loc,vgmed_coco_loc,pmc_vqa,omnimedvqa,mmmu_med"
-    run_lmms_eval(tmp / "base", "lmms_vg_llava", f"{base_args},save_maps={tmp / 'maps_base'}", tasks, env)
-    run_lmms_eval(tmp / "vg", "lmms_vg_llava_vgrefine", f"{base_args},heads={heads},save_maps={tmp / 'maps_vg'}", tasks, env)
+    run_lmms_eval(tmp / "base", "lmms_vg_llava", f"{base_args},save_maps={tmp / 'maps_base'}", tasks, env, FEW_TOKENS)
+    run_lmms_eval(tmp / "vg", "lmms_vg_llava_vgrefine", f"{base_args},heads={heads},save_maps={tmp / 'maps_vg'}", tasks, env, FEW_TOKENS)
     return tmp, heads
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import medvqa_fixtures as fx
 import pytest
-from cli import run_lmms_eval
+from cli import FEW_TOKENS, run_lmms_eval
 from fixtures import _image
 
 from lmms_vg import cli, data, outputs
@@ -99,7 +99,7 @@ def test_bad_rows_cost_themselves_only_through_the_cli(tmp_path, llava_dir, mode
     }
     heads = ",heads=" + str(tiny_heads(tmp_path)) if model.endswith("vgrefine") else ""
     results, folder = run_lmms_eval(
-        tmp_path, model, f"pretrained={llava_dir},device=cpu{heads}", "vgmed_loc,vqa_rad", env, ["--batch_size", "4"]
+        tmp_path, model, f"pretrained={llava_dir},device=cpu{heads}", "vgmed_loc,vqa_rad", env, ["--batch_size", "4", *FEW_TOKENS]
     )
     loc = results["results"]["vgmed_loc"]["samples,none"]
     assert (loc["scored"], loc["skipped"]) == (3, 8), loc

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli import run_lmms_eval
+from cli import FEW_TOKENS, run_lmms_eval
 from reference_attention import REFERENCE
 from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
 
@@ -147,7 +147,9 @@ def test_huatuo_vgrefine_through_cli(tmp_path, huatuo_shaped_dir):
     import medvqa_fixtures as fx
 
     env = fx.all_sources(tmp_path / "data")
-    results, folder = run_lmms_eval(tmp_path, "huatuo_vgrefine", f"pretrained={huatuo_shaped_dir},device=cpu", "vqa_rad,pmc_vqa", env)
+    results, folder = run_lmms_eval(
+        tmp_path, "huatuo_vgrefine", f"pretrained={huatuo_shaped_dir},device=cpu", "vqa_rad,pmc_vqa", env, FEW_TOKENS
+    )
     assert results["results"]["vqa_rad"]["samples,none"]["scored"] == 3
     logged = [json.loads(line)["accuracy"] for line in next(folder.glob("*samples_pmc_vqa.jsonl")).read_text().splitlines()]
     scored = [o for o in logged if o["correct"] is not None]
