@@ -295,3 +295,15 @@ def test_outputs_round_trip_and_lmms_evals_own_tasks_get_plain_text(llava_dir, t
     )
     plain, typed = wrapper.generate_until([builtin]), wrapper.generate_until([ours])
     assert plain[0] == outputs.decode(typed[0]).text and not plain[0].startswith("{")
+
+
+def test_an_empty_annotation_file_is_named(tmp_path, monkeypatch):
+    root = tmp_path / "vgmed"
+    root.mkdir()
+    (root / "VGMED_localization.jsonl").write_text("\n")
+    monkeypatch.setenv("LMMS_VG_VGMED_ROOT", str(root))
+    with pytest.raises(data.DataError, match=r"VGMED_localization.jsonl has no rows"):
+        data.vgmed_docs("localization")
+    (root / "VGMED_localization.jsonl").write_text('{"image": "a.png", "question": "Where?", "bbox": [[1, 2, 3, 4]]}\n{"image": \n')
+    with pytest.raises(data.DataError, match=r"VGMED_localization.jsonl:2 is not valid JSON"):
+        data.vgmed_docs("localization")
