@@ -223,23 +223,24 @@ def check_images(docs: list[dict], var: str) -> list[dict]:
     return docs
 
 
-def open_image(path: str):
-    """Open an image file, fully decoded; errors name the path and say what is wrong."""
+def open_image(path, name: str | None = None):
+    """Open an image (a file path, or a file object named by ``name``), fully decoded; errors name it and say what is wrong."""
     from PIL import Image
 
+    path_name = name or str(path)
     try:
         with Image.open(path) as img:
-            return decode_image(img, path)
+            return decode_image(img, path_name)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image not found: '{path}'") from err
+        raise FileNotFoundError(f"image not found: '{path_name}'") from err
     except Image.DecompressionBombError as err:
         raise ImageError(
-            f"image too large: '{path}' is over PIL's decompression-bomb limit ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+            f"image too large: '{path_name}' is over PIL's decompression-bomb limit ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
         ) from err
     except ImageError:
         raise
     except OSError as err:
-        raise ImageError(f"image unreadable: '{path}' ({err})") from err
+        raise ImageError(f"image unreadable: '{path_name}' ({err})") from err
 
 
 def decode_image(img, name: str):

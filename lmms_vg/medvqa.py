@@ -25,7 +25,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from .data import DataError, decode_image, env_path
+from .data import DataError, env_path
 from .reasons import located, reason_key
 from .scoring import ItemError, gold_letter
 from .vqa_results import PAPER_ITEM_SET
@@ -424,11 +424,9 @@ def load_images(doc: dict) -> list:
     if doc.get("image_zip"):
         import io
 
-        from PIL import Image
-
         try:
             with zipfile.ZipFile(doc["image_zip"]) as zf, zf.open(doc["image_member"]) as fh:
-                return [decode_image(Image.open(io.BytesIO(fh.read())), f"{doc['image_zip']}:{doc['image_member']}")]
+                return [open_image(io.BytesIO(fh.read()), f"{doc['image_zip']}:{doc['image_member']}")]
         except KeyError as err:
             raise FileNotFoundError(f"image not found: '{doc['image_member']}' is not in {doc['image_zip']}") from err
     if doc.get("image_paths"):

@@ -307,3 +307,22 @@ def test_an_empty_annotation_file_is_named(tmp_path, monkeypatch):
     (root / "VGMED_localization.jsonl").write_text('{"image": "a.png", "question": "Where?", "bbox": [[1, 2, 3, 4]]}\n{"image": \n')
     with pytest.raises(data.DataError, match=r"VGMED_localization.jsonl:2 is not valid JSON"):
         data.vgmed_docs("localization")
+
+
+def test_images_inside_an_archive_get_the_same_checks(tmp_path):
+    """SLAKE and PMC-VQA keep their images in zip archives: a truncated or bomb member is named like a file."""
+    import zipfile
+
+    from lmms_vg import medvqa
+
+    truncated_jpeg(tmp_path / "cut.jpg", 4)
+    bomb_png(tmp_path / "bomb.png")
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tmp_path / "cut.jpg", "imgs/xmlab1/source.jpg")
+        zf.write(tmp_path / "bomb.png", "imgs/xmlab2/source.jpg")
+    doc = {"id": "slake_1", "image_zip": str(archive), "image_member": "imgs/xmlab1/source.jpg"}
+    with pytest.raises(data.ImageError, match=r"image truncated or corrupt: .*imgs.zip:imgs/xmlab1/source.jpg"):
+        medvqa.load_images(doc)
+    with pytest.raises(data.ImageError, match=r"image too large: .*imgs.zip:imgs/xmlab2/source.jpg"):
+        medvqa.load_images({**doc, "image_member": "imgs/xmlab2/source.jpg"})
