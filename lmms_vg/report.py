@@ -82,8 +82,8 @@ def load_runs(folders: list[str | Path]) -> Runs:
         if base.startswith("lmms_vg_llava"):  # the generic id: name the run by its checkpoint folder or id
             base = str(data.get("model_name") or base).rstrip("/").split("/")[-1]
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
-        label = Run(model, base, vgrefine, {}, {}, path).label
-        run = runs.setdefault(label, Run(model, base, vgrefine, {}, {}, path))
+        found = Run(model, base, vgrefine, {}, {}, path)
+        run = runs.setdefault(found.label, found)
         run.results.update(results)
         run.samples.update(samples)
         run.sources.update({task: path for task in results})
@@ -151,7 +151,7 @@ def item_set_notes(runs: list[Run]) -> list[str]:
     """One line per benchmark: the item set(s) and items scored per model, so that a reader knows what the numbers cover."""
     notes = []
     for task in accuracy_tasks(runs):
-        seen = sorted({(item_set(r, t), scored_items(r, t)) for r in runs for t in [task] if _value(r, task, "accuracy") is not None})
+        seen = sorted({(item_set(r, task), scored_items(r, task)) for r in runs if _value(r, task, "accuracy") is not None})
         described = "; ".join(f"{name or 'unnamed item set'}, {n:,} items scored" for name, n in seen)
         notes.append(f"{VQA_NAMES.get(task, task)}: {described}")
     return notes
