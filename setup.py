@@ -2,7 +2,7 @@
 
 The .pth file makes every Python of the environment install lmms-vg's task hook at start (a few
 lines, no imports of lmms-eval), so that lmms-eval's listings that load no model plugin
-(``lmms-eval tasks list``) find lmms-vg's tasks too. See ``lmms_vg_tasks/_hook.py``.
+(``lmms-eval tasks list``) find lmms-vg's tasks too. See ``tasks/_hook.py`` (installed as ``lmms_vg_tasks._hook``).
 """
 
 import os
@@ -10,13 +10,14 @@ import os
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-PTH = "lmms_vg_tasks.pth"
+PTH = "lmms_vg_tasks.pth"  # shipped at the top of the wheel
+SOURCE = os.path.join("tasks", PTH)
 
 
 class BuildWithPth(build_py):
     def run(self):
         super().run()
-        self.copy_file(PTH, os.path.join(self.build_lib, PTH), preserve_mode=False)
+        self.copy_file(SOURCE, os.path.join(self.build_lib, PTH), preserve_mode=False)
 
     def get_outputs(self, include_bytecode=True):
         return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH)]

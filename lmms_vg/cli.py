@@ -62,10 +62,10 @@ def cmd_calibrate(args) -> list[Path]:
     if not runs:
         raise report.ReportError(f"no results for task '{args.task}' under {args.results}")
     run = runs[-1]
-    head_kl = run.results[args.task].get("head_kl,none")
-    if not head_kl:
+    result = run.grounding(args.task)
+    if result is None or not result.head_kl:
         raise report.ReportError(f"{run.path}: task '{args.task}' has no head-level KL; rerun it with --model_args ...,head_level=true")
-    samples = run.results[args.task].get("samples,none", {}).get("scored")
+    head_kl, samples = result.head_kl, result.scored
     source = f"{args.task} ({run.path.name})"
     preset = calibrate(head_kl, args.top_k, layers, run.base, source, samples)
     out = Path(args.out)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     results_command("leaderboard", cmd_leaderboard, "models x benchmarks table (Markdown, CSV), VGRefine deltas")
     results_command("curves", cmd_curves, "AR, KL, JS against layer (PNG, SVG)")
     results_command("report", cmd_report, "leaderboard and layer curves together")
-    s = results_command("calibrate", cmd_calibrate, "VGRefine head preset from a head-level grounding run")
+    s = results_command("calibrate", cmd_calibrate, "VGRefine head ranking from a head-level grounding run")
     s.add_argument("--task", default="vgmed_coco_loc")
     s.add_argument("--top-k", type=int, default=20)
     s.add_argument("--knockout-layers", required=True, help="e.g. '16' or '14 15 16'")

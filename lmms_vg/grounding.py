@@ -8,7 +8,6 @@ memory grows with samples x layers, not samples x maps. Maps can be written to d
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry, inference, metrics
-from .adapters import LlavaAdapter
+from . import geometry, metrics
+from .passes import KnockoutPlan, Passes
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 from .reasons import located
 
@@ -63,68 +62,23 @@ class GroundingSample:
     sample_id: str = ""
 
 
-class ReferenceCache:
-    """Generic-prompt maps per image, least recently used first out (bounded)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-
-    def get(self, key: tuple[str, str] | None) -> torch.Tensor | None:
-        if key is None or key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def put(self, key: tuple[str, str] | None, maps: torch.Tensor) -> None:
-        if key is None or self.size <= 0:
-            return
-        self._items[key] = maps
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-
-def question_and_reference(
-    adapter, state, question_suffixes, images, image_keys, prompt: str | None, cache: ReferenceCache, layers: frozenset[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Maps ``[B, L, H, N]`` for the questions and the generic ``prompt`` on a shared image prefix.
-
-    The prompt's maps come from the per-image cache, or are computed in the same batched pass as the
-    questions and cached; ``prompt=None`` (normalisation off) returns no reference.
-    """
-    pad = adapter.tokenizer.pad_token_id
-    keys = [(k, prompt) if k is not None and prompt else None for k in image_keys]
-    cached = [cache.get(k) for k in keys]
-    if prompt is None or all(c is not None for c in cached):
-        question = inference.suffix_maps(adapter.model, state, [question_suffixes], pad, layers=layers)[0]
-        return question, (torch.stack(cached) if prompt else None)
-    reference = adapter.split_prompts(images, [prompt] * len(images)).suffix
-    question, fresh = inference.suffix_maps(adapter.model, state, [question_suffixes, reference], pad, layers=layers)
-    for i, key in enumerate(keys):
-        if cached[i] is None:
-            cached[i] = fresh[i]
-            cache.put(key, fresh[i])
-    return question, torch.stack(cached)
-
-
 class GroundingRunner:
     """Scores grounding samples for one model (SPEC sections 1-2)."""
 
     def __init__(
         self,
-        adapter: LlavaAdapter,
+        adapter,
         reference_prompt: str | None = GENERIC_PROMPT + SHORT_ANSWER,
         reference_cache_size: int = 64,
         head_level: bool = False,
         save_maps: str | Path | None = None,
-        refiner=None,
+        knockout: KnockoutPlan | None = None,
     ):
-        """``refiner`` (a VGRefiner): measure the attention with VGRefine's knockout applied (question maps only)."""
+        """``knockout`` (e.g. a VGRefine config): measure the question's attention with its knockout in place."""
         self.adapter = adapter
-        self.refiner = refiner
+        self.passes = Passes(adapter, reference_cache_size)
+        self.knockout = knockout
         self.reference_prompt = reference_prompt
-        self.cache = ReferenceCache(reference_cache_size)
         self.head_level = head_level
         self.save_maps = Path(save_maps) if save_maps else None
         self._warned_clip = False
@@ -133,31 +87,12 @@ class GroundingRunner:
 
     def question_and_reference_maps(self, images, questions, image_keys) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw maps ``[B, L, H, N]`` for the questions and for the generic prompt (None if normalisation is off)."""
-        if not self.adapter.shares_prefix:
-            return self._full_prompt_maps(images, questions)
-        prompts = self.adapter.split_prompts(images, questions)
-        state = inference.run_prefix(self.adapter.model, prompts.prefix, self.adapter.pixel_inputs(images), self.adapter.image_token_id)
-        question, reference = question_and_reference(
-            self.adapter, state, prompts.suffix, images, image_keys, self.reference_prompt, self.cache
-        )
-        if self.refiner is not None:  # the same question, now with VGRefine's triage and knockout in place
-            knockout = self.refiner.knockout(state, prompts.suffix, self.refiner.triage(question, reference))
-            question = inference.suffix_maps(
-                self.adapter.model, state, [prompts.suffix], self.adapter.tokenizer.pad_token_id, knockout=knockout
-            )[0]
-        return question, reference
-
-    def _full_prompt_maps(self, images, questions) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The same maps from full prompts (adapters whose positions forbid a shared prefix); no reference cache."""
-        sets = [questions] + ([[self.reference_prompt] * len(images)] if self.reference_prompt else [])
-        maps = inference.full_prompt_maps(self.adapter, images, sets)
-        question, reference = maps[0], (maps[1] if self.reference_prompt else None)
-        if self.refiner is not None:
-            cfg = self.refiner.config
-            keep = self.refiner.triage(question, reference)
-            batch = self.adapter.encode(images, questions)
-            knockout = inference.full_prompt_knockout(self.adapter, batch, keep, cfg.knockout_layers, cfg.mode)
-            question = inference.last_row_maps(self.adapter, batch, knockout=knockout)
+        batch = self.passes.batch(images, questions, image_keys)
+        question, reference = batch.question_and_reference(self.reference_prompt)
+        plan = self.knockout
+        if plan is not None:  # the same question, now with the knockout in place
+            keep = plan.keep(question, reference)
+            question = batch.question_maps(batch.knockout(keep, plan.knockout_layers, plan.mode))
         return question, reference
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:
@@ -225,5 +160,5 @@ class GroundingRunner:
             image_size=np.array([sample.image.width, sample.image.height]),
             boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
             question=np.array(sample.question),
-            knockout_layers=np.array(self.refiner.config.knockout_layers if self.refiner else (), dtype=np.int64),
+            knockout_layers=np.array(self.knockout.knockout_layers if self.knockout else (), dtype=np.int64),
         )

@@ -1,6 +1,6 @@
 """Model presets: data, one record per model id. Adding a LLaVA-family model is adding a record.
 
-``heads`` names a VGRefine head preset (``lmms_vg/heads/<name>.json``) or is None when none was
+``heads`` names a VGRefine head ranking (``lmms_vg/heads/<name>.json``) or is None when none was
 published (run calibration: README 'VGRefine').
 """
 
@@ -14,6 +14,45 @@ DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
 
 
 @dataclass(frozen=True)
+class Family:
+    """A model family: the adapter that tells the core about it and the transformers classes that load it.
+
+    Adding a family is an adapter (:mod:`lmms_vg.adapters` shows two) plus one of these records
+    (:func:`register_family`); presets then name it.
+    """
+
+    name: str
+    adapter: str  # "module.Class" of its adapter, imported when a model of the family loads
+    model_types: dict[str, str]  # config.model_type -> the transformers class that loads it
+    pixel_limits: bool = False  # takes min_pixels / max_pixels (dynamic resolution)
+
+    def adapter_class(self) -> type:
+        import importlib
+
+        module, _, name = self.adapter.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llava", "lmms_vg.adapters.LlavaAdapter", {"llava": "LlavaForConditionalGeneration"}),
+        Family(
+            "qwen2_vl",
+            "lmms_vg.adapters.Qwen2VLAdapter",
+            {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
+            pixel_limits=True,
+        ),
+    )
+}
+
+
+def register_family(family: Family) -> None:
+    """Add a family at run time (e.g. from your own package); presets name it by ``family.name``."""
+    FAMILIES[family.name] = family
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     model_id: str
     checkpoint: str
@@ -22,7 +61,7 @@ class ModelPreset:
     heads: str | None = None
     knockout_layers: tuple[int, ...] = ()
     note: str = ""
-    family: str = "llava"  # llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
+    family: str = "llava"  # a key of FAMILIES: llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
     max_images: int | None = None  # images per item the original inference code keeps (first ones); None: all
 
 
@@ -85,7 +124,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
 
 def class_name(model_id: str) -> str:
     """The wrapper class lmms-eval loads for a model id (``lmms_vg_models.model_ids.<name>``): its one home."""
-    return "LlavaVG" if model_id == GENERIC_MODEL_ID else "".join(part.capitalize() for part in model_id.split("_"))
+    return "".join(part.capitalize() for part in model_id.split("_"))
 
 
 def model_ids() -> list[str]:

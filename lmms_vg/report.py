@@ -31,6 +31,51 @@ class ReportError(ValueError):
     """Nothing to report from the given folders; the message says what was looked for."""
 
 
+@dataclass(frozen=True)
+class VqaResult:
+    """A closed-ended task's accuracy (%; None when nothing was scored), items scored, and the item set it covers."""
+
+    accuracy: float | None
+    scored: int
+    item_set: str = ""
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, docs: int) -> VqaResult:
+        """From the task's ``metric,filter`` entries; results that do not count scored items fall back on the doc count."""
+        counts = metrics.get("samples,none")
+        counts = counts if isinstance(counts, dict) else {}
+        return cls(_number(metrics.get("accuracy,none")), int(counts.get("scored", docs)), str(counts.get("item_set", "")))
+
+
+@dataclass(frozen=True)
+class GroundingResult:
+    """A grounding task's per-layer means, its best layer (lowest mean KL) with AR/KL/JS there, and its sample counts."""
+
+    by_layer: dict[str, list[float]]  # "ar", "kl", "js" -> one value per layer
+    best_layer: int | None
+    best: dict[str, float | None]  # "ar", "kl", "js" at the best layer
+    scored: int | None
+    skipped: int | None
+    head_kl: list[list[float]] | None = None  # mean KL per (layer, head), in head-level runs
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> GroundingResult:
+        best = metrics.get("best_layer,none") or {}
+        counts = metrics.get("samples,none") or {}
+        return cls(
+            by_layer={m: list(metrics.get(f"{m}_by_layer,none") or []) for m in ("ar", "kl", "js")},
+            best_layer=best.get("layer"),
+            best={m: _number(best.get(m)) for m in ("ar", "kl", "js")},
+            scored=counts.get("scored"),
+            skipped=counts.get("skipped"),
+            head_kl=metrics.get("head_kl,none") or None,
+        )
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 @dataclass
 class Run:
     """One model's results, merged from every lmms-eval results file found for it (newest per task)."""
@@ -46,6 +91,19 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.base} + VGRefine" if self.vgrefine else self.base
+
+    def vqa(self, task: str) -> VqaResult | None:
+        """The task's closed-ended result, if it has one."""
+        metrics = self.results.get(task, {})
+        return VqaResult.from_metrics(metrics, self.samples.get(task, 0)) if "accuracy,none" in metrics else None
+
+    def grounding(self, task: str) -> GroundingResult | None:
+        """The task's grounding result, if it has one."""
+        metrics = self.results.get(task, {})
+        return GroundingResult.from_metrics(metrics) if "best_layer,none" in metrics or "kl_by_layer,none" in metrics else None
+
+    def grounding_tasks(self) -> list[str]:
+        return sorted(t for t in self.results if self.grounding(t) is not None)
 
 
 class Runs(list):
@@ -95,25 +153,15 @@ def load_runs(folders: list[str | Path]) -> Runs:
     return Runs(list(runs.values()), unreadable)
 
 
-def _value(run: Run, task: str, metric: str):
-    value = run.results.get(task, {}).get(f"{metric},none")
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
 def accuracy_tasks(runs: list[Run]) -> list[str]:
-    found = {t for r in runs for t, m in r.results.items() if "accuracy,none" in m and t not in GROUPS}
+    found = {t for r in runs for t in r.results if r.vqa(t) is not None and t not in GROUPS}
     return [t for t in VQA_TASKS if t in found] + sorted(found - set(VQA_TASKS))
 
 
-def item_set(run: Run, task: str) -> str:
-    """The item set a task's accuracy was computed on, as its results name it ('' for results that do not)."""
-    return str(run.results.get(task, {}).get("samples,none", {}).get("item_set", ""))
-
-
-def scored_items(run: Run, task: str) -> int:
-    """The items a task scored (its doc count for results that do not say)."""
-    counts = run.results.get(task, {}).get("samples,none", {})
-    return int(counts.get("scored", run.samples.get(task, 0))) if isinstance(counts, dict) else run.samples.get(task, 0)
+def _scored_vqa(run: Run, task: str) -> VqaResult | None:
+    """The task's result where it has an accuracy."""
+    result = run.vqa(task)
+    return result if result is not None and result.accuracy is not None else None
 
 
 def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -126,13 +174,13 @@ def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     if not tasks:
         raise ReportError("no closed-ended accuracy in these results: run the VQA tasks (e.g. --tasks medvqa)")
     # the question only arises for the paper's benchmarks: is each scored on the items the paper reports?
-    other_sets = {item_set(r, t) for r in runs for t in tasks if t in VQA_TASKS and _value(r, t, "accuracy") is not None} - {"paper", ""}
+    other_sets = {v.item_set for r in runs for t in tasks if t in VQA_TASKS and (v := _scored_vqa(r, t))} - {"paper", ""}
     header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg. (not the paper's item sets)" if other_sets else "Avg."]
     rows, values = [], {}
     for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
-        accs = [_value(run, t, "accuracy") for t in tasks]
-        weights = [scored_items(run, t) for t in tasks]
-        pairs = [(a, w) for a, w in zip(accs, weights) if a is not None and w > 0]
+        results = [_scored_vqa(run, t) for t in tasks]
+        accs = [v.accuracy if v else None for v in results]
+        pairs = [(v.accuracy, v.scored) for v in results if v and v.scored > 0]
         avg = sum(a * w for a, w in pairs) / sum(w for _, w in pairs) if pairs else None
         values[run.label] = accs + [avg]
         rows.append([run.label] + [_fmt(v) for v in accs + [avg]])
@@ -151,7 +199,7 @@ def item_set_notes(runs: list[Run]) -> list[str]:
     """One line per benchmark: the item set(s) and items scored per model, so that a reader knows what the numbers cover."""
     notes = []
     for task in accuracy_tasks(runs):
-        seen = sorted({(item_set(r, task), scored_items(r, task)) for r in runs if _value(r, task, "accuracy") is not None})
+        seen = sorted({(v.item_set, v.scored) for r in runs if (v := _scored_vqa(r, task))})
         described = "; ".join(f"{name or 'unnamed item set'}, {n:,} items scored" for name, n in seen)
         notes.append(f"{VQA_NAMES.get(task, task)}: {described}")
     return notes
@@ -162,19 +210,11 @@ def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header = ["Model", "Task", "Best layer", "AR", "KL", "JS", "Scored", "Skipped"]
     rows = []
     for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
-        for task in sorted(t for t, m in run.results.items() if "best_layer,none" in m):
-            best, counts = run.results[task]["best_layer,none"], run.results[task].get("samples,none", {})
+        for task in run.grounding_tasks():
+            g = run.grounding(task)
             rows.append(
-                [
-                    run.label,
-                    task,
-                    str(best.get("layer")),
-                    _fmt(best.get("ar"), 3),
-                    _fmt(best.get("kl"), 3),
-                    _fmt(best.get("js"), 3),
-                    str(counts.get("scored", "")),
-                    str(counts.get("skipped", "")),
-                ]
+                [run.label, task, str(g.best_layer), *(_fmt(g.best[m], 3) for m in ("ar", "kl", "js"))]
+                + [str(n) if n is not None else "" for n in (g.scored, g.skipped)]
             )
     return header, rows
 
@@ -227,7 +267,7 @@ def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [(r, t) for r in sorted(runs, key=lambda r: r.label) for t, m in sorted(r.results.items()) if m.get("kl_by_layer,none")]
+    curves = [(r, t) for r in sorted(runs, key=lambda r: r.label) for t in r.grounding_tasks() if r.grounding(t).by_layer["kl"]]
     if not curves:
         raise ReportError("no per-layer grounding metrics in these results: run the grounding tasks (e.g. --tasks vgmed)")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
@@ -238,7 +278,7 @@ def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list
         (("ar", "Attention ratio (higher: in the box)"), ("kl", "KL(G || P) (lower is better)"), ("js", "JS divergence (lower is better)")),
     ):
         for run, task in curves:
-            ys = run.results[task][f"{metric}_by_layer,none"]
+            ys = run.grounding(task).by_layer[metric]
             dashed = any(m in task for m in CONTROL_MARKERS)
             ax.plot(
                 range(len(ys)),

@@ -1,6 +1,6 @@
 """VGRefine (SPEC section 3): attention triage with calibrated heads, then knockout at chosen layers.
 
-Per sample, with the image prefix run once (see :mod:`lmms_vg.inference`):
+Per sample, on the model's passes (:mod:`lmms_vg.passes`: the image prefix run once where the model allows):
 
 1. question maps of the selected heads, and the generic prompt's head-averaged maps of their
    layers (cached per image);
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import engine, inference, metrics, settings
-from .grounding import ReferenceCache, question_and_reference
+from . import engine, metrics, settings
+from .passes import Passes
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
 HEADS_DIR = "heads"
@@ -32,7 +32,7 @@ class VGRefineConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class HeadPreset:
+class HeadRanking:
     """Ranked (layer, head) pairs, best first, with where they came from."""
 
     heads: tuple[tuple[int, int], ...]
@@ -56,20 +56,20 @@ class HeadPreset:
         )
 
 
-def load_heads(name_or_path: str) -> HeadPreset:
-    """A shipped preset by name (e.g. ``huatuo_7b``) or a JSON file written by calibration."""
+def load_heads(name_or_path: str) -> HeadRanking:
+    """A shipped ranking by name (e.g. ``huatuo_7b``) or a JSON file written by calibration."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.exists():
             raise VGRefineConfigError(
-                f"heads file '{path}' not found; give a shipped preset name ({', '.join(shipped_heads())}) or a calibration JSON"
+                f"heads file '{path}' not found; give a shipped ranking name ({', '.join(shipped_heads())}) or a calibration JSON"
             )
         text = path.read_text()
     else:
         shipped = resources.files("lmms_vg").joinpath(HEADS_DIR, f"{name_or_path}.json")
         if not shipped.is_file():
             raise VGRefineConfigError(
-                f"no head preset named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path"
+                f"no head ranking named '{name_or_path}'; shipped: {', '.join(shipped_heads())}; or give a calibration JSON path"
             )
         text = shipped.read_text()
         path = Path(str(shipped))
@@ -87,7 +87,7 @@ def load_heads(name_or_path: str) -> HeadPreset:
         raise VGRefineConfigError(f"heads file '{path}' lists no heads; calibrate with --top-k of 1 or more")
     if any(layer < 0 or head < 0 for layer, head in heads) or any(x < 0 for x in knockout_layers):
         raise VGRefineConfigError(f"heads file '{path}' has a negative layer or head index")
-    return HeadPreset(
+    return HeadRanking(
         heads=heads,
         knockout_layers=knockout_layers,
         model=data.get("model", ""),
@@ -109,20 +109,20 @@ def config_from_args(
 ) -> VGRefineConfig:
     """The method's settings from user arguments (strings or numbers, as ``--model_args`` gives them), checked.
 
-    ``heads``: a shipped preset name or a calibration JSON; knockout layers from the arguments, else
-    the head preset's, else ``default_layers`` (the model preset's); K defaults to 20 (the paper's) or
-    to every head the preset ranks, if fewer.
+    ``heads``: a shipped ranking name or a calibration JSON; knockout layers from the arguments, else
+    the head ranking's, else ``default_layers`` (the model preset's); K defaults to 20 (the paper's) or
+    to every head the ranking lists, if fewer.
     """
     if not heads:
         raise ValueError(
-            f"{model}: VGRefine needs heads=<preset name or calibration JSON>; none is published for this model (README 'VGRefine')"
+            f"{model}: VGRefine needs heads=<ranking name or calibration JSON>; none is published for this model (README 'VGRefine')"
         )
-    preset = load_heads(str(heads))
-    layers = settings.as_layers("knockout_layers", knockout_layers) or preset.knockout_layers or tuple(default_layers)
+    ranking = load_heads(str(heads))
+    layers = settings.as_layers("knockout_layers", knockout_layers) or ranking.knockout_layers or tuple(default_layers)
     return VGRefineConfig(
-        heads=preset.heads,
+        heads=ranking.heads,
         knockout_layers=layers,
-        top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(preset.heads)),
+        top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(ranking.heads)),
         percentile=settings.as_float("percentile", percentile),  # its range is checked by VGRefineConfig
         mode=str(mode),
         reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if normalise else None,
@@ -152,16 +152,16 @@ class VGRefineConfig:
         if self.mode not in engine.KNOCKOUT_MODES:
             raise VGRefineConfigError(f"knockout_mode={self.mode!r} is not one of {engine.KNOCKOUT_MODES}")
         if self.top_k < 1 or self.top_k > len(self.heads):
-            raise VGRefineConfigError(f"top_k={self.top_k} but the head preset ranks {len(self.heads)} heads; use 1..{len(self.heads)}")
+            raise VGRefineConfigError(f"top_k={self.top_k} but the head ranking lists {len(self.heads)} heads; use 1..{len(self.heads)}")
         if not self.knockout_layers:
-            raise VGRefineConfigError("no knockout layer: give knockout_layers= or a preset that names them")
+            raise VGRefineConfigError("no knockout layer: give knockout_layers= or a head ranking that names them")
         object.__setattr__(self, "selected", tuple(self.heads[: self.top_k]))
 
     def validate_for(self, n_layers: int, n_heads: int, model_name: str) -> None:
         """Heads and layers must exist in the model (checked before any sample runs)."""
         bad = [list(h) for h in self.selected if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
         if bad:
-            raise VGRefineConfigError(f"{model_name} has {n_layers} layers x {n_heads} heads; the preset's heads {bad} do not exist in it")
+            raise VGRefineConfigError(f"{model_name} has {n_layers} layers x {n_heads} heads; the ranking's heads {bad} do not exist in it")
         bad_layers = [layer for layer in self.knockout_layers if not 0 <= layer < n_layers]
         if bad_layers:
             raise VGRefineConfigError(f"knockout_layers {bad_layers} out of range for {model_name} (0..{n_layers - 1})")
@@ -169,6 +169,10 @@ class VGRefineConfig:
     @property
     def map_layers(self) -> frozenset[int]:
         return frozenset(layer for layer, _ in self.selected)
+
+    def keep(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """The triage: bool ``[B, N]``, the patches kept (maps ``[B, L, H, N]``; reference None when normalisation is off)."""
+        return triage_keep(triage_map(question, reference, self.selected), self.percentile)
 
 
 def triage_map(question: torch.Tensor, reference: torch.Tensor | None, heads: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -207,51 +211,21 @@ class VGRefiner:
         self.config = config
         text = adapter.model.config.text_config
         config.validate_for(text.num_hidden_layers, text.num_attention_heads, adapter.name)
-        self.cache = ReferenceCache(reference_cache_size)
+        self.passes = Passes(adapter, reference_cache_size)
 
     def generate(self, images, texts, image_keys=None, reference_prompt: str | None = None, **generate_kwargs) -> RefineOutcome:
         """VGRefine answers; ``reference_prompt`` overrides the configured generic prompt (when normalisation is on)."""
-        cfg, adapter, model = self.config, self.adapter, self.adapter.model
+        cfg = self.config
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
-        if not adapter.shares_prefix:
-            return self._generate_full_prompts(images, texts, prompt, **generate_kwargs)
-        image_keys = image_keys or [None] * len(images)
-        pad = adapter.tokenizer.pad_token_id
-        prompts = adapter.split_prompts(images, texts)
-        state = inference.run_prefix(model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
-        question, reference = question_and_reference(adapter, state, prompts.suffix, images, image_keys, prompt, self.cache, cfg.map_layers)
-        keep = self.triage(question, reference)  # [B, N]
-        knockout = self.knockout(state, prompts.suffix, keep)
-        tokens, first_logits = inference.suffix_generate(model, state, prompts.suffix, pad, knockout=knockout, **generate_kwargs)
-        fraction = (~keep).float().mean(1).tolist()
-        return RefineOutcome(tokens, fraction, cfg.knockout_layers, keep, first_logits)
-
-    def _generate_full_prompts(self, images, texts, prompt: str | None, **generate_kwargs) -> RefineOutcome:
-        """The three passes on full prompts (maps for the questions and the generic prompt in one batch, then generation)."""
-        cfg, adapter = self.config, self.adapter
-        sets = [list(texts)] + ([[prompt] * len(images)] if prompt else [])
-        maps = inference.full_prompt_maps(adapter, images, sets, layers=cfg.map_layers)
-        keep = self.triage(maps[0], maps[1] if prompt else None)
-        batch = adapter.encode(images, texts)
-        knockout = inference.full_prompt_knockout(adapter, batch, keep, cfg.knockout_layers, cfg.mode)
-        tokens, first = inference.generate_new_tokens(adapter.model, batch, knockout, **generate_kwargs)
-        return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first)
-
-    def triage(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        """Bool ``[B, N]``: the patches kept (maps ``[B, L, H, N]``; reference None when normalisation is off)."""
-        return triage_keep(triage_map(question, reference, self.config.selected), self.config.percentile)
-
-    def knockout(self, state: inference.PrefixState, suffixes: list[list[int]], keep: torch.Tensor) -> engine.Knockout:
-        """Block the triaged-out patches for every suffix token (the text after the image), at the knockout layers."""
-        rows = inference.suffix_rows(state, suffixes)
-        cols = torch.zeros_like(rows)
-        cols.scatter_(1, state.image_cols.cpu(), ~keep.cpu())
-        return engine.Knockout(layers=frozenset(self.config.knockout_layers), rows=rows, cols=cols, mode=self.config.mode)
+        batch = self.passes.batch(images, texts, image_keys)
+        keep = cfg.keep(*batch.question_and_reference(prompt, cfg.map_layers))  # [B, N]
+        tokens, first_logits = batch.generate(batch.knockout(keep, cfg.knockout_layers, cfg.mode), **generate_kwargs)
+        return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first_logits)
 
 
-def calibrate(head_kl: np.ndarray, top_k: int, knockout_layers: tuple[int, ...], model: str, source: str, samples: int) -> HeadPreset:
-    """Rank heads by mean KL (``[layers, heads]``, lower is better) into a preset."""
+def calibrate(head_kl: np.ndarray, top_k: int, knockout_layers: tuple[int, ...], model: str, source: str, samples: int) -> HeadRanking:
+    """Rank heads by mean KL (``[layers, heads]``, lower is better) into a ranking."""
     head_kl = np.asarray(head_kl, dtype=float)
     order = np.argsort(head_kl, axis=None, kind="stable")[:top_k]
     heads = tuple((int(i // head_kl.shape[1]), int(i % head_kl.shape[1])) for i in order)
-    return HeadPreset(heads, tuple(knockout_layers), model, source, samples, tuple(float(head_kl.flat[i]) for i in order))
+    return HeadRanking(heads, tuple(knockout_layers), model, source, samples, tuple(float(head_kl.flat[i]) for i in order))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, fields
 
 from . import outputs, scoring
 from .reasons import reason_key
@@ -23,15 +24,72 @@ def read_output(output: str) -> tuple[outputs.Answer | None, str | None]:
     return None, "not an answer: the model returned a grounding record; run VQA tasks with a generating model"
 
 
-def closed_outcome(doc: dict, output: str) -> dict:
-    """One closed item: parsed letter, gold letter, how it matched, correct (None = excluded, with the reason).
+class LoggedOutcome:
+    """An outcome lmms-eval logs per sample as a plain JSON record, and hands the aggregations back as one."""
+
+    def to_log(self) -> dict:
+        """The per-sample record (the method's fields beside the others)."""
+        record = asdict(self)
+        return {**record, **record.pop("method")}
+
+    @classmethod
+    def from_log(cls, record):
+        """The outcome a logged record holds (an outcome is returned as it is)."""
+        if isinstance(record, cls):
+            return record
+        known = {f.name for f in fields(cls)} - {"method"}
+        return cls(**{k: v for k, v in record.items() if k in known}, method={k: v for k, v in record.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class ClosedOutcome(LoggedOutcome):
+    """One closed item: parsed letter, gold letter, how it matched, correct (None: excluded, ``excluded`` says why).
+
+    ``gold`` None on a scored item: the published answer is ``?`` (scored wrong). ``method``: what
+    VGRefine did for this item (knocked fraction and layers, or why it was not applied).
+    """
+
+    id: str
+    benchmark: str
+    category: str
+    output: str
+    item_set: str = ""
+    letter_case: str = "strict"
+    correct: bool | None = None
+    excluded: str | None = None
+    pred: str | None = None
+    gold: str | None = None
+    match: str | None = None
+    method: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpenOutcome(LoggedOutcome):
+    """One open item: BLEU-1 and recall of the answer (None: excluded, ``excluded`` says why)."""
+
+    id: str
+    benchmark: str
+    category: str
+    output: str
+    answer: str
+    excluded: str | None = None
+    bleu1: float | None = None
+    recall: float | None = None
+    method: dict = field(default_factory=dict)
+
+
+def _base(doc: dict, output: str) -> dict:
+    return {"id": doc["id"], "benchmark": doc["benchmark"], "category": doc.get("category", ""), "output": output}
+
+
+def closed_outcome(doc: dict, output: str) -> ClosedOutcome:
+    """One closed item scored.
 
     Letters compare as written (the published scorer), or upper-cased with LMMS_VG_LETTER_CASE=lenient;
     the outcome names which. A published ``?`` answer is scored wrong (``gold`` None), as that scorer does.
     """
     case = scoring.letter_case()
-    base = {"id": doc["id"], "benchmark": doc["benchmark"], "category": doc.get("category", ""), "output": output}
-    base |= {"item_set": doc.get("item_set", ""), "letter_case": case}
+    base = {**_base(doc, output), "item_set": doc.get("item_set", ""), "letter_case": case}
     answer, reason = read_output(output)
     reason = doc.get("vg_error") or reason
     gold = None
@@ -41,33 +99,30 @@ def closed_outcome(doc: dict, output: str) -> dict:
         except scoring.ItemError as err:
             reason = str(err)
     if reason:
-        return {**base, "correct": None, "excluded": reason}
+        return ClosedOutcome(**base, excluded=reason)
     parsed = scoring.parse_answer(answer.text, list(doc["options"]), lenient=case == "lenient")
-    correct = gold is not None and parsed.letter == gold
-    return {
-        **base,
-        **answer.log_fields(),
-        "output": answer.text,
-        "pred": parsed.letter,
-        "gold": gold,
-        "match": parsed.how,
-        "correct": correct,
-    }
+    return ClosedOutcome(
+        **{**base, "output": answer.text},
+        correct=gold is not None and parsed.letter == gold,
+        pred=parsed.letter,
+        gold=gold,
+        match=parsed.how,
+        method=answer.log_fields(),
+    )
 
 
-def open_outcome(doc: dict, output: str) -> dict:
-    base = {"id": doc["id"], "benchmark": doc["benchmark"], "category": doc.get("category", ""), "output": output, "answer": doc["answer"]}
+def open_outcome(doc: dict, output: str) -> OpenOutcome:
+    base = {**_base(doc, output), "answer": doc["answer"]}
     answer, reason = read_output(output)
     reason = doc.get("vg_error") or reason
     if reason:
-        return {**base, "excluded": reason, "bleu1": None, "recall": None}
-    return {
-        **base,
-        **answer.log_fields(),
-        "output": answer.text,
-        "bleu1": scoring.bleu1(answer.text, doc["answer"]),
-        "recall": scoring.open_recall(answer.text, doc["answer"]),
-    }
+        return OpenOutcome(**base, excluded=reason)
+    return OpenOutcome(
+        **{**base, "output": answer.text},
+        bleu1=scoring.bleu1(answer.text, doc["answer"]),
+        recall=scoring.open_recall(answer.text, doc["answer"]),
+        method=answer.log_fields(),
+    )
 
 
 class Accuracy(float):
@@ -86,9 +141,9 @@ class Accuracy(float):
         return obj
 
 
-def accuracy(outcomes: list[dict]) -> Accuracy:
-    scored = [o["correct"] for o in outcomes if o["correct"] is not None]
-    item_set = ", ".join(sorted({o["item_set"] for o in outcomes if o.get("item_set")}))
+def accuracy(outcomes: list[ClosedOutcome]) -> Accuracy:
+    scored = [o.correct for o in outcomes if o.correct is not None]
+    item_set = ", ".join(sorted({o.item_set for o in outcomes if o.item_set}))
     return Accuracy(100.0 * sum(scored) / len(scored) if scored else float("nan"), len(scored), item_set)
 
 
@@ -102,18 +157,19 @@ def weighted_average(values: list[float], sizes: list[int], weight_by_size: bool
     return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else float("nan")
 
 
-def breakdown(outcomes: list[dict]) -> dict[str, float]:
-    groups: dict[str, list[dict]] = defaultdict(list)
+def breakdown(outcomes: list[ClosedOutcome]) -> dict[str, float]:
+    groups: dict[str, list[ClosedOutcome]] = defaultdict(list)
     for o in outcomes:
-        if o["category"] and o["correct"] is not None:  # categories with scored items only
-            groups[o["category"]].append(o)
+        if o.category and o.correct is not None:  # categories with scored items only
+            groups[o.category].append(o)
     return {k: round(accuracy(v), 4) for k, v in sorted(groups.items())}
 
 
-def counts(outcomes: list[dict], left_out: Counter | None = None) -> dict:
+def counts(outcomes: list[ClosedOutcome | OpenOutcome], left_out: Counter | None = None) -> dict:
     """How many items were sent, scored and excluded (with why), how many the data left out before the run, and the item set."""
-    excluded = Counter(reason_key(o["excluded"]) for o in outcomes if o.get("excluded"))
-    item_sets = Counter(o["item_set"] for o in outcomes if o.get("item_set"))
+    excluded = Counter(reason_key(o.excluded) for o in outcomes if o.excluded)
+    closed = [o for o in outcomes if isinstance(o, ClosedOutcome)]
+    item_sets = Counter(o.item_set for o in closed if o.item_set)
     result = {
         "total": len(outcomes),
         "scored": len(outcomes) - sum(excluded.values()),
@@ -121,16 +177,16 @@ def counts(outcomes: list[dict], left_out: Counter | None = None) -> dict:
         "excluded_reasons": dict(excluded),
         "left_out_before_run": sum((left_out or {}).values()),
         "left_out_reasons": dict(left_out or {}),
-        "unknown_answer_scored_wrong": sum(1 for o in outcomes if o.get("correct") is False and o.get("gold") is None and "pred" in o),
+        "unknown_answer_scored_wrong": sum(1 for o in closed if o.correct is False and o.gold is None),
     }
     if item_sets:
         result["item_set"] = ", ".join(sorted(item_sets))
-    cases = {o["letter_case"] for o in outcomes if o.get("letter_case")}
+    cases = {o.letter_case for o in closed}
     if cases:
         result["letter_case"] = ", ".join(sorted(cases))
     return result
 
 
-def mean_of(outcomes: list[dict], key: str) -> float:
-    values = [o[key] for o in outcomes if o.get(key) is not None]
+def mean_of(outcomes: list[OpenOutcome], key: str) -> float:
+    values = [getattr(o, key) for o in outcomes if getattr(o, key) is not None]
     return 100.0 * sum(values) / len(values) if values else float("nan")

@@ -23,7 +23,7 @@ pip install --no-deps -e .
 # An editable install leaves out the wheel's lmms_vg_tasks.pth (the hook that shows lmms-vg's tasks in
 # listings that load no model plugin, e.g. `lmms-eval tasks list`): put it beside the packages.
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cp lmms_vg_tasks.pth "$SITE/lmms_vg_tasks.pth"
+cp tasks/lmms_vg_tasks.pth "$SITE/lmms_vg_tasks.pth"
 if ! "$PY" -c "import torchvision" 2>/dev/null && "$PY" -m pip show torchvision >/dev/null 2>&1; then
   echo "setup: removing a torchvision that does not match the installed torch" >&2
   "$PY" -m pip uninstall -q -y torchvision

@@ -1,15 +1,13 @@
-"""README 'Adding a model', run: a new LLaVA-family preset, and a new prompt format as a small subclass."""
+"""README 'Adding a model', run: a new checkpoint is a preset record; a new family is an adapter plus a family record."""
 
 import pytest
 from lmms_eval.models import MODEL_REGISTRY_V2, get_model
-from lmms_eval.models.registry_v2 import ModelManifest
 from test_models import make_requests
 
 from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
-from lmms_vg.presets import ModelPreset
+from lmms_vg.presets import Family, ModelPreset, register_family
 from lmms_vg.prompts import HUATUO_TEMPLATE
-from lmms_vg_models.llava import LlavaVG
 from lmms_vg_models.model_ids import register_preset
 
 
@@ -28,18 +26,16 @@ def test_a_new_preset_is_a_record(tmp_path, images):
 class PlainAdapter(LlavaAdapter):
     """A model whose prompt is 'USER: <image>\\n{text} ASSISTANT:' whatever its tokenizer says."""
 
-    def prompt(self, text: str) -> str:
-        return f"USER: <image>\n{text} ASSISTANT:"
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        return "USER: " + "<image>\n" * n_images + f"{text} ASSISTANT:"
 
 
-class PlainPromptLlava(LlavaVG):
-    adapter_class = PlainAdapter
-
-
-def test_a_new_architecture_is_a_small_subclass(tmp_path, images):
+def test_a_new_family_is_an_adapter_plus_a_record(tmp_path, images):
     checkpoint = tiny.build_llava(tmp_path / "plain", family="llama")
-    MODEL_REGISTRY_V2.register_manifest(ModelManifest("plain_llava", simple_class_path=f"{__name__}.PlainPromptLlava"), overwrite=True)
-    wrapper = get_model("plain_llava").create_from_arg_string(f"pretrained={checkpoint},device=cpu")
+    register_family(Family("plain", f"{__name__}.PlainAdapter", {"llava": "LlavaForConditionalGeneration"}))
+    for manifest in register_preset(ModelPreset("plain_llava", str(checkpoint), None, pad_to_square=False, family="plain")):
+        MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
+    wrapper = get_model("plain_llava").create_from_arg_string("device=cpu")
     records = wrapper.generate_until(
         make_requests(wrapper, images, ["Where?", "What?"], {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}})
     )

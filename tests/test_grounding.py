@@ -46,7 +46,7 @@ def test_runner_metrics_equal_eager_reference(llava_dir, images):
     again = runner.score(samples)
     for a, b in zip(again, records):
         assert a.kl == pytest.approx(b.kl, rel=1e-6)
-    assert len(runner.cache._items) == 2
+    assert len(runner.passes.cache._items) == 2
 
 
 def test_zero_area_box_is_skipped_with_reason(llava_dir, images):
@@ -123,38 +123,38 @@ def test_vgmed_layouts_as_published(tmp_path, monkeypatch):
     """The authors' current layout (xyxy, Slake images xywh, bbox or original_bboxes), v1 under both names, COCO both ways."""
     from fixtures import write_coco_current, write_vgmed_current
 
-    from lmms_vg import data
+    from lmms_vg import vgmed_data
 
     monkeypatch.setenv("LMMS_VG_VGMED_ROOT", str(write_vgmed_current(tmp_path / "current")))
-    docs = data.vgmed_docs("localization")
+    docs = vgmed_data.vgmed_docs("localization")
     assert [d["vg_boxes"] for d in docs] == [
         [[10.0, 20.0, 40.0, 60.0]],  # Slake image: xywh
         [[40.0, 10.0, 100.0, 60.0]],  # other sources: xyxy as written
         [[5.0, 50.0, 45.0, 90.0], [50.0, 60.0, 80.0, 120.0]],  # from original_bboxes
     ]
     assert docs[1]["vg_image_path"] == str(tmp_path / "current" / "BraTS2021_00012_slice77.png")
-    assert len(data.vgmed_docs("attribute")) == 1
+    assert len(vgmed_data.vgmed_docs("attribute")) == 1
 
     v1 = write_vgmed_v1(tmp_path / "v1")
     monkeypatch.setenv("LMMS_VG_VGMED_ROOT", str(v1))
-    first = data.vgmed_docs("localization")[0]
+    first = vgmed_data.vgmed_docs("localization")[0]
     assert first["vg_boxes"] == [[10.0, 20.0, 40.0, 60.0]] and first["vg_image_path"].endswith("imgs/101/source.jpg")
     for kind in ("localization", "attribute"):  # the same bytes published as SLAKE_*_questions.jsonl
         (v1 / f"VGMED_{kind}_questions.jsonl").rename(v1 / f"SLAKE_{kind}_questions.jsonl")
-    assert data.vgmed_docs("localization")[0]["vg_boxes"] == [[10.0, 20.0, 40.0, 60.0]]
+    assert vgmed_data.vgmed_docs("localization")[0]["vg_boxes"] == [[10.0, 20.0, 40.0, 60.0]]
 
     images, annotations = write_coco_current(tmp_path / "val2014", tmp_path / "coco_annotations")
     monkeypatch.setenv("LMMS_VG_COCO_ROOT", str(images))
     monkeypatch.setenv("LMMS_VG_COCO_ANNOTATIONS", str(annotations))
-    coco = data.vgmed_docs("localization", natural=True)
+    coco = vgmed_data.vgmed_docs("localization", natural=True)
     assert coco[0]["vg_boxes"] == [[5.0, 5.0, 45.0, 55.0]] and coco[0]["vg_image_path"] == str(images / "COCO_val2014_000000000139.jpg")
     monkeypatch.delenv("LMMS_VG_COCO_ANNOTATIONS")
     monkeypatch.setenv("LMMS_VG_COCO_ROOT", str(write_coco(tmp_path / "coco_v1")))
-    assert data.vgmed_docs("localization", natural=True)[0]["vg_boxes"] == [[5.0, 5.0, 45.0, 55.0]]
+    assert vgmed_data.vgmed_docs("localization", natural=True)[0]["vg_boxes"] == [[5.0, 5.0, 45.0, 55.0]]
 
     monkeypatch.setenv("LMMS_VG_VGMED_LAYOUT", "current")  # insisting on a layout that is not there names the files looked for
     with pytest.raises(FileNotFoundError, match="VGMED_localization.jsonl"):
-        data.vgmed_docs("localization")
+        vgmed_data.vgmed_docs("localization")
 
 
 def test_qwen_max_pixels_caps_the_grid(qwen2_vl_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from cli import run_lmms_eval
 
-from lmms_vg import medvqa, outputs, vqa_results
+from lmms_vg import outputs, vqa_data, vqa_results
 
 
 @pytest.fixture
@@ -24,33 +24,33 @@ def as_list(docs):
 
 
 def test_vqa_rad_and_pathvqa_parquet(sources):
-    closed = as_list(medvqa.closed_docs("vqa_rad"))
+    closed = as_list(vqa_data.closed_docs("vqa_rad"))
     assert [d["answer"] for d in closed] == ["yes", "no", "yes"] and all(d["options"] == ["yes", "no"] for d in closed)
-    assert [im.size for im in medvqa.load_images(closed[0])] == [(64, 48)]
-    assert [d["answer"] for d in as_list(medvqa.open_docs("vqa_rad"))] == ["left lobe"]
-    assert len(as_list(medvqa.closed_docs("pathvqa"))) == 2 and len(as_list(medvqa.open_docs("pathvqa"))) == 1
+    assert [im.size for im in vqa_data.load_images(closed[0])] == [(64, 48)]
+    assert [d["answer"] for d in as_list(vqa_data.open_docs("vqa_rad"))] == ["left lobe"]
+    assert len(as_list(vqa_data.closed_docs("pathvqa"))) == 2 and len(as_list(vqa_data.open_docs("pathvqa"))) == 1
 
 
 def test_slake_json_and_zip(sources):
-    closed = medvqa.closed_docs("slake")
+    closed = vqa_data.closed_docs("slake")
     # English closed only; "Left" (qid 12) cannot be multiple choice from this source: left out before the model sees it
     assert [d["id"] for d in closed] == ["slake_11", "slake_13"]
     assert closed[0]["options"] == ["yes", "no"] and closed[0]["answer"] == "no" and closed[0]["category"] == "Abnormality"
-    assert medvqa.LEFT_OUT["slake"] == {"closed item without options in this source": 1}
-    assert [im.size for im in medvqa.load_images(closed[1])] == [(64, 48)]  # from inside imgs.zip
-    assert [d["answer"] for d in medvqa.open_docs("slake")] == ["Liver"]
+    assert vqa_data.LEFT_OUT["slake"] == {"closed item without options in this source": 1}
+    assert [im.size for im in vqa_data.load_images(closed[1])] == [(64, 48)]  # from inside imgs.zip
+    assert [d["answer"] for d in vqa_data.open_docs("slake")] == ["Liver"]
 
 
 def test_pmc_vqa_csv_and_zip(sources):
-    docs = medvqa.pmc_vqa()
+    docs = vqa_data.pmc_vqa()
     assert docs[0]["options"] == ["MRI", "CT", "X-ray", "Ultrasound"] and docs[0]["answer"] == "CT"
     assert docs[1]["answer"] == "Left kidney"
-    assert [im.size for im in medvqa.load_images(docs[0])] == [(64, 48)]
+    assert [im.size for im in vqa_data.load_images(docs[0])] == [(64, 48)]
     assert "not in" in docs[2]["vg_error"]
 
 
 def test_omnimedvqa_local(sources):
-    docs = medvqa.omnimedvqa()
+    docs = vqa_data.omnimedvqa()
     assert len(docs) == 5 and docs[1]["options"] == ["OCT", "Fundus", "X-ray", "CT"]
     assert docs[0]["category"] == "CT(Computed Tomography)"
 
@@ -58,17 +58,17 @@ def test_omnimedvqa_local(sources):
 def test_omnimedvqa_missing_root_names_the_setting(monkeypatch):
     monkeypatch.delenv("LMMS_VG_OMNIMEDVQA_ROOT", raising=False)
     with pytest.raises(FileNotFoundError, match="LMMS_VG_OMNIMEDVQA_ROOT"):
-        medvqa.omnimedvqa()
+        vqa_data.omnimedvqa()
 
 
 def test_mmmu_configs_every_image_in_order(sources):
-    docs = as_list(medvqa.closed_docs("mmmu_med"))
+    docs = as_list(vqa_data.closed_docs("mmmu_med"))
     assert len(docs) == 5  # one multiple-choice item with an image per subject; open items dropped
     assert docs[0]["options"] == ["Heart", "Liver", "Kidney"] and docs[0]["answer"] == "Liver"
-    assert {d["category"] for d in docs} == set(medvqa.MMMU_SUBJECTS)
+    assert {d["category"] for d in docs} == set(vqa_data.MMMU_SUBJECTS)
     two = next(d for d in docs if d["category"] == "Clinical_Medicine")
     # both images, image_1 first; the text keeps its <image k> references, as HuatuoGPT-Vision's eval sends them
-    assert [im.size for im in medvqa.load_images(two)] == [(64, 48), (40, 30)]
+    assert [im.size for im in vqa_data.load_images(two)] == [(64, 48), (40, 30)]
     assert two["question"] == "Compare <image 1> with <image 2>. Which structure changed?"
     assert "<image 1>" in docs[0]["question"]
 
@@ -76,22 +76,22 @@ def test_mmmu_configs_every_image_in_order(sources):
 def test_bundle_in_its_published_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("LMMS_VG_MEDVQA_SOURCE", "bundle")
     monkeypatch.setenv("LMMS_VG_MEDVQA_BUNDLE", str(fx.bundle(tmp_path / "bundle")))
-    assert [d["answer"] for d in medvqa.closed_docs("vqa_rad")] == ["yes"]
-    slake = medvqa.closed_docs("slake")
+    assert [d["answer"] for d in vqa_data.closed_docs("vqa_rad")] == ["yes"]
+    slake = vqa_data.closed_docs("slake")
     assert [d["answer"] for d in slake] == ["Lung", "?"]  # '?' stays: the published scorer counts it wrong
-    omni = medvqa.closed_docs("omnimedvqa")
+    omni = vqa_data.closed_docs("omnimedvqa")
     assert [d["category"] for d in omni] == ["Optical Coherence Tomography", "Fundus Photography"]  # from `subset`
     assert omni[1]["options"] == ["Retina", "Lung", "Liver"]  # a string holding a list is parsed, not split into characters
-    mmmu = medvqa.closed_docs("mmmu_med")
+    mmmu = vqa_data.closed_docs("mmmu_med")
     assert mmmu[0]["category"] == "Clinical_Medicine" and mmmu[0]["answer"] == "The lesion grew"
-    assert [im.size for im in medvqa.load_images(mmmu[0])] == [(40, 30), (30, 40)]
+    assert [im.size for im in vqa_data.load_images(mmmu[0])] == [(40, 30), (30, 40)]
     assert {d["item_set"] for d in slake + omni + mmmu} == {"paper"}
 
 
 def test_options_strings():
-    assert medvqa.parse_options("['a', 'b, c']") == (["a", "b, c"], "")
-    assert medvqa.parse_options(["a", 1]) == (["a", "1"], "")
-    options, error = medvqa.parse_options("A, B")
+    assert vqa_data.parse_options("['a', 'b, c']") == (["a", "b, c"], "")
+    assert vqa_data.parse_options(["a", 1]) == (["a", "1"], "")
+    options, error = vqa_data.parse_options("A, B")
     assert options == [] and "not a list" in error
 
 
@@ -105,8 +105,8 @@ def test_outcomes_report_and_exclude_bad_items():
         vqa_results.closed_outcome(no_options, "A"),
         vqa_results.closed_outcome(good, outputs.encode(outputs.SampleError("image 'x.png' not found"))),
     ]
-    assert outs[0]["correct"] is True and outs[0]["pred"] == "B" and outs[0]["gold"] == "B" and outs[0]["match"] == "letter"
-    assert [o["correct"] for o in outs[1:]] == [None, None, None]
+    assert outs[0].correct is True and outs[0].pred == "B" and outs[0].gold == "B" and outs[0].match == "letter"
+    assert [o.correct for o in outs[1:]] == [None, None, None]
     assert vqa_results.accuracy(outs) == 100.0
     counts = vqa_results.counts(outs)
     assert counts["scored"] == 1 and counts["excluded"] == 3
@@ -129,14 +129,14 @@ def test_medvqa_group_through_cli(tmp_path, llava_dir):
         assert all("pred" in o and "gold" in o and "match" in o for o in logged if o["correct"] is not None)
         weighted, total = weighted + acc * n, total + n
         by_docs, docs = by_docs + acc * len(samples), docs + len(samples)
-        assert counts["item_set"] == medvqa.HF_ITEM_SETS[task.removesuffix("_closed")]
+        assert counts["item_set"] == vqa_data.HF_ITEM_SETS[task.removesuffix("_closed")]
         assert results["configs"][task]["generation_kwargs"]["max_new_tokens"] == 256  # HuatuoGPT-Vision's eval: no answer cut short
     omni = r["omnimedvqa"]["samples,none"]
     # answer not among the options and no options: left out before the run; the missing image: sent, excluded, reported
     assert (omni["total"], omni["excluded"], omni["left_out_before_run"]) == (3, 1, 2)
     assert r["slake_closed"]["samples,none"]["left_out_reasons"] == {"closed item without options in this source": 1}
     assert set(r["omnimedvqa"]["breakdown,none"]) == {"CT(Computed Tomography)", "Fundus Photography"}
-    assert set(r["mmmu_med"]["breakdown,none"]) == set(medvqa.MMMU_SUBJECTS)
+    assert set(r["mmmu_med"]["breakdown,none"]) == set(vqa_data.MMMU_SUBJECTS)
     assert set(r["slake_closed"]["breakdown,none"]) == {"Abnormality", "Organ"}
     # the paper's Avg.: weighted by the items each benchmark scored, not by its docs
     assert r["medvqa"]["accuracy,none"] == pytest.approx(weighted / total)
@@ -202,4 +202,4 @@ def test_vgrefine_answers_a_multi_image_item_without_knockout_and_says_so(llava_
     assert two["vgrefine"].startswith("not applied: 2 images") and two["knocked_fraction"] is None
     assert one["knockout_layers"] == [2] and 0 < one["knocked_fraction"] < 1
     outcome = vqa_results.closed_outcome({"id": "x", "benchmark": "mmmu_med", "options": ["a", "b"], "answer": "a"}, json.dumps(two))
-    assert outcome["vgrefine"].startswith("not applied") and outcome["output"] == two["text"]  # kept in the per-sample log
+    assert outcome.to_log()["vgrefine"].startswith("not applied") and outcome.output == two["text"]  # kept in the per-sample log

@@ -58,7 +58,7 @@ def run_python(code: str, **env) -> list[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=full_env).stdout.split()
 
 
-HEAVY = ("torch", "transformers", "datasets", "lmms_eval.tasks", "lmms_vg_models.llava")
+HEAVY = ("torch", "transformers", "datasets", "lmms_eval.tasks", "lmms_vg_models.wrapper")
 
 
 def test_entry_point_registers_from_plain_data_without_heavy_imports():
@@ -101,12 +101,29 @@ def test_task_listing_shows_lmms_vg_tasks_and_built_ins_keep_priority():
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
     ours = set()
-    for path in (ROOT / "lmms_vg_tasks").rglob("*.yaml"):
+    for path in (ROOT / "tasks").rglob("*.yaml"):
         config = yaml.load(path.read_text(), Loader=Loader)
         ours.add(config.get("group") or config["task"])  # a group file lists its tasks under `task`
     assert ours <= set(listing) and all(listing.count(name) == 1 for name in ours)
     # the built-in slake group is listed, and no lmms-vg task takes a built-in name (a clash would hide ours, not theirs)
     assert "slake" in listing and "slake" not in ours and "slake_en" in listing
+
+
+def test_installed_names_are_distinct_and_the_core_is_free_of_lmms_eval(tmp_path):
+    """The checkout's models/ and tasks/ install as lmms_vg_models / lmms_vg_tasks: no generic top-level name is taken."""
+    code = (
+        "import importlib.util, sys, pathlib;"
+        "print(importlib.util.find_spec('models') is None, importlib.util.find_spec('tasks') is None);"
+        "import lmms_vg_models, lmms_vg_tasks;"
+        "print(pathlib.Path(lmms_vg_models.__file__).parent.name, pathlib.Path(lmms_vg_tasks.__file__).parent.name);"
+        "import lmms_vg.grounding, lmms_vg.vgrefine, lmms_vg.passes, lmms_vg.report, lmms_vg.cli, lmms_vg.vqa_results;"
+        "print(any(m == 'lmms_eval' or m.startswith('lmms_eval.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    no_models, no_tasks, models_dir, tasks_dir, core_imports_lmms_eval = out.stdout.split()
+    assert (no_models, no_tasks) == ("True", "True")
+    assert (models_dir, tasks_dir) in {("models", "tasks"), ("lmms_vg_models", "lmms_vg_tasks")}  # editable checkout or wheel
+    assert core_imports_lmms_eval == "False"
 
 
 class _FakeTaskManager:

@@ -14,7 +14,7 @@ import pytest
 from cli import FEW_TOKENS, run_lmms_eval
 from fixtures import _image
 
-from lmms_vg import cli, data, outputs
+from lmms_vg import cli, files, outputs, vgmed_data
 
 
 def truncated_jpeg(path: Path, seed: int) -> None:
@@ -208,8 +208,8 @@ def test_truncated_image_is_reported_despite_lmms_evals_global_setting(tmp_path)
     truncated_jpeg(tmp_path / "cut.jpg", 3)
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # what importing lmms-eval does to the whole process
     try:
-        with pytest.raises(data.ImageError, match="image truncated or corrupt: .*cut.jpg"):
-            data.open_image(str(tmp_path / "cut.jpg"))
+        with pytest.raises(files.ImageError, match="image truncated or corrupt: .*cut.jpg"):
+            files.open_image(str(tmp_path / "cut.jpg"))
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # left as lmms-eval set it
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -255,9 +255,9 @@ def test_a_sample_that_breaks_the_model_costs_itself_only(llava_dir, tmp_path, m
 def test_samples_failing_in_a_row_stop_the_run(llava_dir, monkeypatch):
     from lmms_eval.models import get_model
 
-    from lmms_vg_models import llava
+    from lmms_vg_models import wrapper as wrapper_module
 
-    monkeypatch.setattr(llava, "FAILURE_STREAK_LIMIT", 3)
+    monkeypatch.setattr(wrapper_module, "FAILURE_STREAK_LIMIT", 3)
     wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {"batch_size": 2})
     monkeypatch.setattr(wrapper.adapter, "encode", lambda *a, **k: (_ for _ in ()).throw(TypeError("a setup bug")))
     with pytest.raises(RuntimeError, match="3 samples in a row failed.*a setup bug"):
@@ -302,18 +302,18 @@ def test_an_empty_annotation_file_is_named(tmp_path, monkeypatch):
     root.mkdir()
     (root / "VGMED_localization.jsonl").write_text("\n")
     monkeypatch.setenv("LMMS_VG_VGMED_ROOT", str(root))
-    with pytest.raises(data.DataError, match=r"VGMED_localization.jsonl has no rows"):
-        data.vgmed_docs("localization")
+    with pytest.raises(files.DataError, match=r"VGMED_localization.jsonl has no rows"):
+        vgmed_data.vgmed_docs("localization")
     (root / "VGMED_localization.jsonl").write_text('{"image": "a.png", "question": "Where?", "bbox": [[1, 2, 3, 4]]}\n{"image": \n')
-    with pytest.raises(data.DataError, match=r"VGMED_localization.jsonl:2 is not valid JSON"):
-        data.vgmed_docs("localization")
+    with pytest.raises(files.DataError, match=r"VGMED_localization.jsonl:2 is not valid JSON"):
+        vgmed_data.vgmed_docs("localization")
 
 
 def test_images_inside_an_archive_get_the_same_checks(tmp_path):
     """SLAKE and PMC-VQA keep their images in zip archives: a truncated or bomb member is named like a file."""
     import zipfile
 
-    from lmms_vg import medvqa
+    from lmms_vg import vqa_data
 
     truncated_jpeg(tmp_path / "cut.jpg", 4)
     bomb_png(tmp_path / "bomb.png")
@@ -322,7 +322,7 @@ def test_images_inside_an_archive_get_the_same_checks(tmp_path):
         zf.write(tmp_path / "cut.jpg", "imgs/xmlab1/source.jpg")
         zf.write(tmp_path / "bomb.png", "imgs/xmlab2/source.jpg")
     doc = {"id": "slake_1", "image_zip": str(archive), "image_member": "imgs/xmlab1/source.jpg"}
-    with pytest.raises(data.ImageError, match=r"image truncated or corrupt: .*imgs.zip:imgs/xmlab1/source.jpg"):
-        medvqa.load_images(doc)
-    with pytest.raises(data.ImageError, match=r"image too large: .*imgs.zip:imgs/xmlab2/source.jpg"):
-        medvqa.load_images({**doc, "image_member": "imgs/xmlab2/source.jpg"})
+    with pytest.raises(files.ImageError, match=r"image truncated or corrupt: .*imgs.zip:imgs/xmlab1/source.jpg"):
+        vqa_data.load_images(doc)
+    with pytest.raises(files.ImageError, match=r"image too large: .*imgs.zip:imgs/xmlab2/source.jpg"):
+        vqa_data.load_images({**doc, "image_member": "imgs/xmlab2/source.jpg"})

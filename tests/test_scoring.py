@@ -38,11 +38,11 @@ def test_letters_compare_as_written_unless_lenient(monkeypatch):
 
     doc = {"id": "1", "benchmark": "b", "options": ["x", "y"], "answer": "y", "vg_error": "", "item_set": "paper"}
     strict = vqa_results.closed_outcome(doc, "b")
-    assert (strict["pred"], strict["gold"], strict["correct"], strict["letter_case"]) == ("b", "B", False, "strict")
-    assert vqa_results.closed_outcome(doc, "B")["correct"] is True
+    assert (strict.pred, strict.gold, strict.correct, strict.letter_case) == ("b", "B", False, "strict")
+    assert vqa_results.closed_outcome(doc, "B").correct is True
     monkeypatch.setenv("LMMS_VG_LETTER_CASE", "lenient")
     lenient = vqa_results.closed_outcome(doc, "b")
-    assert (lenient["pred"], lenient["correct"], lenient["letter_case"]) == ("B", True, "lenient")
+    assert (lenient.pred, lenient.correct, lenient.letter_case) == ("B", True, "lenient")
     assert vqa_results.counts([lenient])["letter_case"] == "lenient"
     monkeypatch.setenv("LMMS_VG_LETTER_CASE", "loose")
     with pytest.raises(ValueError, match="LMMS_VG_LETTER_CASE"):
@@ -56,7 +56,7 @@ def test_unknown_answer_is_scored_wrong_as_published():
     doc = {"id": "1", "benchmark": "b", "options": ["x", "y"], "answer": "?", "vg_error": ""}
     out = vqa_results.closed_outcome(doc, "A")
     good = vqa_results.closed_outcome({**doc, "answer": "x"}, "A")
-    assert out["correct"] is False and out["gold"] is None
+    assert out.correct is False and out.gold is None
     assert vqa_results.accuracy([out, good]) == 50.0
     assert vqa_results.counts([out, good])["unknown_answer_scored_wrong"] == 1
 
@@ -126,7 +126,7 @@ def test_task_yamls_carry_the_prompts_of_lmms_vg_prompts():
         pass
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    tasks = Path(__file__).resolve().parent.parent / "lmms_vg_tasks"
+    tasks = Path(__file__).resolve().parent.parent / "tasks"
 
     def read(name):
         return yaml.load((tasks / name).read_text(), Loader=Loader)

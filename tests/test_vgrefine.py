@@ -12,7 +12,7 @@ from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
 from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
-from lmms_vg.vgrefine import HeadPreset, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
+from lmms_vg.vgrefine import HeadRanking, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
 
 HEADS = ((1, 0), (2, 3), (0, 1), (1, 2), (2, 0))
 REF_PROMPT = "Write a general description of the image."
@@ -119,7 +119,7 @@ def test_bad_settings_fail_before_any_sample(llava_dir):
         VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=2, percentile=101)
     with pytest.raises(VGRefineConfigError, match="top_k=9"):
         VGRefineConfig(heads=HEADS, knockout_layers=(1,), top_k=9)
-    with pytest.raises(VGRefineConfigError, match="no head preset"):
+    with pytest.raises(VGRefineConfigError, match="no head ranking"):
         load_heads("nope")
 
 
@@ -134,7 +134,7 @@ def test_calibration_ranks_by_mean_kl(tmp_path):
     assert preset.heads == ((1, 0), (0, 1), (1, 2)) and preset.scores == (0.5, 1.0, 2.0)
     path = tmp_path / "heads.json"
     path.write_text(preset.to_json())
-    assert load_heads(str(path)) == HeadPreset(preset.heads, (1,), "m", "vgmed_coco_loc", 7, (0.5, 1.0, 2.0))
+    assert load_heads(str(path)) == HeadRanking(preset.heads, (1,), "m", "vgmed_coco_loc", 7, (0.5, 1.0, 2.0))
 
 
 @pytest.fixture(scope="session")

@@ -105,12 +105,7 @@ def build_llava(
         projector_hidden_act="gelu",
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    out = Path(out_dir)
-    model.save_pretrained(out)
+    out = save_random(LlavaForConditionalGeneration, cfg, tok, seed, out_dir)
     llava_processor(tok, image_size, patch_size, pad_to_square).save_pretrained(out)
     return out
 
@@ -168,13 +163,19 @@ def build_qwen2_vl(out_dir: str | Path, layers: int = 3, heads: int = 4, kv_head
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    out = Path(out_dir)
-    model.save_pretrained(out)
+    out = save_random(Qwen2VLForConditionalGeneration, cfg, tok, seed, out_dir)
     # Qwen2VLProcessor needs a video processor, which needs torchvision: save the two parts it wraps.
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def save_random(model_class, config, tokenizer, seed: int, out_dir) -> Path:
+    """A seeded random-weight model of ``model_class`` saved (safetensors) to ``out_dir``, generating with the tokenizer's pad and eos."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
     return out

@@ -1,4 +1,4 @@
-"""One wrapper class per model id (a preset's family wrapper with the preset set), and presets added at run time.
+"""One class per model id (the wrapper with its preset and family set), and presets added at run time.
 
 lmms-eval imports a model's class from here (``lmms_vg_models.model_ids.<ClassName>``, the name from
 :func:`lmms_vg.presets.class_name`) when a run asks for that model id.
@@ -6,21 +6,26 @@ lmms-eval imports a model's class from here (``lmms_vg_models.model_ids.<ClassNa
 
 from __future__ import annotations
 
-from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, ModelPreset, class_name, model_ids
-from lmms_vg_models.llava import LlavaVG, Qwen2VLVG
-
-FAMILIES = {"llava": LlavaVG, "qwen2_vl": Qwen2VLVG}
+from lmms_vg.presets import PRESETS, ModelPreset, class_name, model_ids
+from lmms_vg_models.wrapper import VGModel
 
 
-def _make(model_id: str) -> type[LlavaVG]:
-    """The class for a model id: its preset's family, the preset, and VGRefine on for ``*_vgrefine``."""
+def _make(model_id: str) -> type[VGModel]:
+    """The class for a model id: its preset (None for the generic id), and VGRefine on for ``*_vgrefine``."""
     preset = PRESETS.get(model_id.removesuffix("_vgrefine"))
     attrs = {"preset": preset, "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
-    return type(class_name(model_id), (FAMILIES[preset.family if preset else "llava"],), attrs)
+    return type(class_name(model_id), (VGModel,), attrs)
 
 
-MODEL_CLASSES: dict[str, type[LlavaVG]] = {mid: LlavaVG if mid == GENERIC_MODEL_ID else _make(mid) for mid in model_ids()}
-globals().update({cls.__name__: cls for cls in MODEL_CLASSES.values()})
+MODEL_CLASSES: dict[str, type[VGModel]] = {mid: _make(mid) for mid in model_ids()}
+
+
+def __getattr__(name: str) -> type[VGModel]:
+    """``lmms_vg_models.model_ids.<ClassName>``: the class lmms-eval's manifest names (PEP 562 module attribute)."""
+    for cls in MODEL_CLASSES.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_preset(preset: ModelPreset) -> list:
@@ -34,6 +39,5 @@ def register_preset(preset: ModelPreset) -> list:
     manifests = []
     for mid in (preset.model_id, f"{preset.model_id}_vgrefine"):
         cls = MODEL_CLASSES[mid] = _make(mid)
-        globals()[cls.__name__] = cls
         manifests.append(ModelManifest(model_id=mid, simple_class_path=f"{__name__}.{cls.__name__}"))
     return manifests

@@ -1,6 +1,6 @@
-"""The family wrappers: lmms-eval models for LlavaForConditionalGeneration (LLaVA-1.5 family) and Qwen2-VL checkpoints.
+"""The lmms-eval model every lmms-vg id is: a family's adapter (:data:`lmms_vg.presets.FAMILIES`) behind lmms-eval's API.
 
-Each model id is one of these classes with its preset set (:mod:`lmms_vg_models.model_ids`).
+Each model id is this class with its preset and family set (:mod:`lmms_vg_models.model_ids`).
 Requests of lmms-vg's tasks carry an ``lmms_vg`` entry in their generation_kwargs: those with
 ``mode: grounding`` are scored for grounding, the others generate; their outputs are typed
 (:mod:`lmms_vg.outputs`). Requests of lmms-eval's own tasks get plain text.
@@ -9,7 +9,6 @@ Requests of lmms-vg's tasks carry an ``lmms_vg`` entry in their generation_kwarg
 from __future__ import annotations
 
 import json
-from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -19,9 +18,8 @@ from loguru import logger
 from tqdm import tqdm
 
 from lmms_vg import engine, outputs, settings
-from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
 from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
-from lmms_vg.presets import ModelPreset, resolve_checkpoint
+from lmms_vg.presets import FAMILIES, ModelPreset, resolve_checkpoint
 from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.reasons import located
 from lmms_vg.vgrefine import VGRefiner, config_from_args
@@ -43,13 +41,12 @@ def error_record(reason: str) -> str:
     return outputs.encode(outputs.SampleError(reason))
 
 
-class LlavaVG(lmms):
-    """Shared LLaVA-family wrapper (batched, left-padded), with the attention engine installed."""
+class VGModel(lmms):
+    """One model of a family (batched, left-padded), with the attention engine installed."""
 
     preset: ModelPreset | None = None
+    family = "llava"  # without a preset (the generic id): the family of the checkpoints it takes
     vgrefine_default = False
-    adapter_class = LlavaAdapter  # a new prompt format or geometry: subclass LlavaAdapter and set this
-    model_types: ClassVar[dict[str, str]] = {"llava": "LlavaForConditionalGeneration"}  # config.model_type -> transformers class
 
     def __init__(
         self,
@@ -81,6 +78,7 @@ class LlavaVG(lmms):
         if kwargs:
             raise TypeError(f"{type(self).__name__}: unknown model_args {sorted(kwargs)}; see README 'Model arguments'")
         preset = self.preset
+        family = FAMILIES[preset.family if preset else self.family]
         pretrained = resolve_checkpoint(pretrained or (preset.checkpoint if preset else ""))
         if not pretrained:
             raise ModelLoadError("lmms_vg_llava needs pretrained=<checkpoint id or folder>")
@@ -98,7 +96,7 @@ class LlavaVG(lmms):
         self.head_level = settings.as_bool("head_level", head_level)
         self.save_maps = maps_folder(save_maps)
         pixels = {k: settings.as_int(k, v, minimum=1) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        if pixels and self.adapter_class is not Qwen2VLAdapter:
+        if pixels and not family.pixel_limits:
             raise ValueError(f"{', '.join(pixels)} apply to Qwen2-VL-family models only; this model's geometry is fixed by its processor")
         refine_config = (
             config_from_args(
@@ -119,7 +117,7 @@ class LlavaVG(lmms):
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model, processor = load_checkpoint(pretrained, self.model_types, torch_dtype, device_map or None, revision, trust_remote_code)
+        model, processor = load_checkpoint(pretrained, family.model_types, torch_dtype, device_map or None, revision, trust_remote_code)
         if pixels:  # e.g. the authors' Qwen grounding runs: max_pixels=50176, min_pixels=784
             size = dict(processor.image_processor.size)
             size.update(
@@ -138,7 +136,7 @@ class LlavaVG(lmms):
         if pad_to_square is None and preset is not None:
             pad_to_square = preset.pad_to_square
         self.name = pretrained
-        self.adapter = self.adapter_class(
+        self.adapter = family.adapter_class()(
             model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained, pad_to_square=pad_to_square
         )
         self.sampling = sampling
@@ -327,7 +325,7 @@ class LlavaVG(lmms):
                 self.reference_cache,
                 head_level=self.head_level or bool(vg.get("head_level")),
                 save_maps=self.save_maps,
-                refiner=self.refiner,  # a _vgrefine model measures its attention with the knockout in place
+                knockout=self.refiner.config if self.refiner else None,  # a _vgrefine model measures with its knockout in place
             )
         visuals, todo, errors = self._load_visuals(args_list)
         records = [GroundingRecord(skipped=errors[j]) if j in errors else None for j in range(len(args_list))]
@@ -385,13 +383,3 @@ class LlavaVG(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("lmms-vg models answer single-turn tasks")
-
-
-class Qwen2VLVG(LlavaVG):
-    """Qwen2-VL / Qwen2.5-VL checkpoints (e.g. HuatuoGPT-Vision-7B-Qwen2.5VL): the same options, full-prompt passes."""
-
-    adapter_class = Qwen2VLAdapter
-    model_types: ClassVar[dict[str, str]] = {
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    }

@@ -1,6 +1,18 @@
-"""Forward passes that share one image prefix between several prompts.
+"""The forward passes grounding and VGRefine run, behind one interface.
 
-A batch of prompts that all begin with the same-length image prefix (template head + image
+:class:`Passes` (one per model, holding the per-image reference maps) opens a :class:`PassBatch`
+for a batch of (image, question) pairs. The adapter decides which implementation serves it:
+
+- :class:`SharedPrefixBatch` (``adapter.shares_prefix``): the image prefix runs once into a KV
+  cache and every text (question, generic prompt, knocked-out generation) runs as a suffix on it;
+- :class:`FullPromptBatch`: every (image, text) as a whole left-padded prompt, for models whose
+  text positions depend on the image (Qwen2-VL's M-RoPE).
+
+Both offer the same four things: maps for sets of texts, the questions' maps with the generic
+prompt's (from the cache where it has them), a knockout plan for the text after the image, and
+generation under it. Grounding and VGRefine are each one code path on them.
+
+Shared prefix, in detail: a batch of prompts that all begin with the same-length image prefix (template head + image
 tokens) runs the vision tower and the prefix once; each suffix (question, generic reference
 prompt, knocked-out generation) then runs on the cached prefix. Suffixes of different lengths
 are left-padded *inside the suffix region* (``[prefix][pad][suffix]``) and position ids come
@@ -10,7 +22,9 @@ an unpadded single-prompt forward.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -179,3 +193,147 @@ def full_prompt_knockout(adapter, batch: dict, keep: torch.Tensor, layers: tuple
     rows = engine.span_mask(ids.shape[1], (cols[:, -1] + 1).cpu(), [ids.shape[1]] * ids.shape[0])
     blocked = torch.zeros(ids.shape, dtype=torch.bool).scatter_(1, cols.cpu(), ~keep.cpu())
     return engine.Knockout(layers=frozenset(layers), rows=rows, cols=blocked, mode=mode)
+
+
+class KnockoutPlan(Protocol):
+    """What grounding needs of a method that knocks patches out (VGRefine's config is one)."""
+
+    knockout_layers: tuple[int, ...]
+    mode: str
+
+    @property
+    def map_layers(self) -> frozenset[int] | None: ...
+
+    def keep(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """Bool ``[B, N]``: the patches kept, from the question maps and the reference maps ``[B, L, H, N]``."""
+
+
+class ReferenceCache:
+    """Generic-prompt maps per (image, prompt, layers), least recently used first out (bounded)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple | None) -> torch.Tensor | None:
+        if key is None or key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: tuple | None, maps: torch.Tensor) -> None:
+        if key is None or self.size <= 0:
+            return
+        self._items[key] = maps
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class Passes:
+    """One model's passes: opens a batch on the implementation its adapter allows; keeps the reference maps across batches."""
+
+    def __init__(self, adapter, reference_cache_size: int = 64):
+        self.adapter = adapter
+        self.cache = ReferenceCache(reference_cache_size)
+
+    def batch(self, images, texts: list[str], image_keys: list[str | None] | None = None) -> PassBatch:
+        """A batch of (image, question) pairs; ``image_keys`` name the images for the reference cache (None: not cached)."""
+        kind = SharedPrefixBatch if self.adapter.shares_prefix else FullPromptBatch
+        return kind(self.adapter, list(images), list(texts), list(image_keys or [None] * len(images)), self.cache)
+
+
+class PassBatch:
+    """The passes over one batch of (image, question) pairs; subclasses say how a text reaches the model."""
+
+    def __init__(self, adapter, images: list, texts: list[str], image_keys: list[str | None], cache: ReferenceCache):
+        self.adapter, self.images, self.texts, self.image_keys, self.cache = adapter, images, texts, image_keys, cache
+
+    def maps(self, text_sets: list[list[str]], layers: frozenset[int] | None = None) -> list[torch.Tensor]:
+        """Last-token attention to the image tokens, ``[B, layers, heads, N]`` per set; ``text_sets[j][b]`` is sample b's j-th text."""
+        raise NotImplementedError
+
+    def knockout(self, keep: torch.Tensor, layers: tuple[int, ...], mode: str) -> engine.Knockout:
+        """Block the patches not kept (bool ``[B, N]``) for every token after the image of the question prompts, at ``layers``."""
+        raise NotImplementedError
+
+    def question_maps(self, knockout: engine.Knockout | None = None) -> torch.Tensor:
+        """The questions' maps ``[B, layers, heads, N]``, under a knockout."""
+        raise NotImplementedError
+
+    def generate(self, knockout: engine.Knockout | None = None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New tokens ``[B, new]`` after each question (and, with ``output_logits=True``, the first step's logits ``[B, vocab]``)."""
+        raise NotImplementedError
+
+    def question_and_reference(self, prompt: str | None, layers: frozenset[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Maps ``[B, L, H, N]`` for the questions and for the generic ``prompt`` (None: no reference, normalisation off).
+
+        The prompt's maps come from the cache, or are computed in the same batched pass as the
+        questions and cached.
+        """
+        keys = [(k, prompt, layers) if k is not None and prompt else None for k in self.image_keys]
+        cached = [self.cache.get(k) for k in keys]
+        if prompt is None or all(c is not None for c in cached):
+            question = self.maps([self.texts], layers)[0]
+            return question, (torch.stack(cached) if prompt else None)
+        question, fresh = self.maps([self.texts, [prompt] * len(self.texts)], layers)
+        for i, key in enumerate(keys):
+            if cached[i] is None:
+                cached[i] = fresh[i]
+                self.cache.put(key, fresh[i])
+        return question, torch.stack(cached)
+
+
+class SharedPrefixBatch(PassBatch):
+    """The image prefix once, in a KV cache; every text a suffix on it (generation consumes the cache)."""
+
+    def __init__(self, adapter, images, texts, image_keys, cache):
+        super().__init__(adapter, images, texts, image_keys, cache)
+        prompts = adapter.split_prompts(images, texts)
+        self.suffixes = prompts.suffix
+        self.state = run_prefix(adapter.model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
+        self.pad = adapter.tokenizer.pad_token_id
+
+    def _suffixes(self, texts: list[str]) -> list[list[int]]:
+        return self.suffixes if texts is self.texts else self.adapter.split_prompts(self.images, texts).suffix
+
+    def maps(self, text_sets, layers=None):
+        return suffix_maps(self.adapter.model, self.state, [self._suffixes(t) for t in text_sets], self.pad, layers=layers)
+
+    def knockout(self, keep, layers, mode):
+        rows = suffix_rows(self.state, self.suffixes)
+        cols = torch.zeros_like(rows).scatter_(1, self.state.image_cols.cpu(), ~keep.cpu())
+        return engine.Knockout(layers=frozenset(layers), rows=rows, cols=cols, mode=mode)
+
+    def question_maps(self, knockout=None):
+        return suffix_maps(self.adapter.model, self.state, [self.suffixes], self.pad, knockout=knockout)[0]
+
+    def generate(self, knockout=None, **generate_kwargs):
+        return suffix_generate(self.adapter.model, self.state, self.suffixes, self.pad, knockout=knockout, **generate_kwargs)
+
+
+class FullPromptBatch(PassBatch):
+    """Every (image, text) a whole left-padded prompt; all sets of a call in one batch."""
+
+    def __init__(self, adapter, images, texts, image_keys, cache):
+        super().__init__(adapter, images, texts, image_keys, cache)
+        self._encoded: dict | None = None
+
+    @property
+    def encoded(self) -> dict:
+        """The question prompts, encoded once for the knockout and generation."""
+        if self._encoded is None:
+            self._encoded = self.adapter.encode(self.images, self.texts)
+        return self._encoded
+
+    def maps(self, text_sets, layers=None):
+        return full_prompt_maps(self.adapter, self.images, text_sets, layers)
+
+    def knockout(self, keep, layers, mode):
+        return full_prompt_knockout(self.adapter, self.encoded, keep, layers, mode)
+
+    def question_maps(self, knockout=None):
+        return last_row_maps(self.adapter, self.encoded, knockout=knockout)
+
+    def generate(self, knockout=None, **generate_kwargs):
+        return generate_new_tokens(self.adapter.model, self.encoded, knockout, **generate_kwargs)

@@ -25,7 +25,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from .data import DataError, env_path
+from .files import DataError, env_path
 from .reasons import located, reason_key
 from .scoring import ItemError, gold_letter
 from .vqa_results import PAPER_ITEM_SET
@@ -341,7 +341,7 @@ def bundle_benchmark(name: str) -> str | None:
 
 def demo() -> list[dict]:
     """The bundled synthetic multiple-choice set (category = question kind)."""
-    from .data import demo_dir, read_jsonl
+    from .files import demo_dir, read_jsonl
 
     root = demo_dir()
     return [
@@ -415,7 +415,7 @@ def open_docs(benchmark: str):
 
 def load_images(doc: dict) -> list:
     """The doc's images, in order, from wherever its source keeps them; errors name the file."""
-    from .data import open_image
+    from .files import open_image
 
     if doc.get("images"):
         return list(doc["images"])

@@ -6,16 +6,16 @@ only the documents differ.
 
 import datasets
 
-from lmms_vg import data, medvqa
+from lmms_vg import vgmed_data, vqa_data
 
 
 def docs_demo(_descriptor):
-    return datasets.Dataset.from_list(data.demo_grounding_docs())
+    return datasets.Dataset.from_list(vgmed_data.demo_grounding_docs())
 
 
 def docs_demo_random(_descriptor):
-    return datasets.Dataset.from_list(data.demo_grounding_docs(random_boxes=True))
+    return datasets.Dataset.from_list(vgmed_data.demo_grounding_docs(random_boxes=True))
 
 
 def docs_vqa(_descriptor):
-    return datasets.Dataset.from_list(medvqa.closed_docs("demo"))
+    return datasets.Dataset.from_list(vqa_data.closed_docs("demo"))

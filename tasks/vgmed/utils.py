@@ -1,13 +1,13 @@
-"""VGMED tasks: docs from lmms_vg.data, metrics from lmms_vg.aggregate (no metric math here)."""
+"""VGMED tasks: docs from lmms_vg.vgmed_data, metrics from lmms_vg.aggregate (no metric math here)."""
 
 import datasets
 
-from lmms_vg import aggregate, data, scoring
+from lmms_vg import aggregate, files, scoring, vgmed_data
 from lmms_vg.grounding import GroundingRecord
 
 
 def _docs(kind: str, natural: bool):
-    return lambda _descriptor: datasets.Dataset.from_list(data.vgmed_docs(kind, natural))
+    return lambda _descriptor: datasets.Dataset.from_list(vgmed_data.vgmed_docs(kind, natural))
 
 
 docs_loc = _docs("localization", False)
@@ -19,7 +19,7 @@ docs_coco_attr = _docs("attribute", True)
 def doc_to_visual(doc):
     if doc.get("vg_error"):  # the row itself cannot be scored: say why rather than look for its image
         raise ValueError(doc["vg_error"])
-    return [doc["vg_image"] if doc.get("vg_image") is not None else data.open_image(doc["vg_image_path"])]
+    return [doc["vg_image"] if doc.get("vg_image") is not None else files.open_image(doc["vg_image_path"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):

@@ -24,4 +24,9 @@ class _Unsupported(lmms):
         raise NotImplementedError
 
 
-globals().update({class_name(mid): type(class_name(mid), (_Unsupported,), {"model_id": mid}) for mid in UNSUPPORTED})
+def __getattr__(name: str) -> type[_Unsupported]:
+    """``lmms_vg_models.unsupported.<ClassName>``: the class lmms-eval's manifest names for an unsupported id."""
+    for mid in UNSUPPORTED:
+        if class_name(mid) == name:
+            return type(name, (_Unsupported,), {"model_id": mid, "__module__": __name__})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
