@@ -37,10 +37,16 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("llava", "lmms_vg.adapters.LlavaAdapter", {"llava": "LlavaForConditionalGeneration"}),
+        # Qwen2-VL, Qwen2.5-VL (and Lingshu, a medical Qwen2.5-VL) and Qwen3-VL: the same prompt layout and
+        # dynamic-resolution geometry (patch 14, or 16 for Qwen3-VL, read from the processor), M-RoPE positions
         Family(
             "qwen2_vl",
             "lmms_vg.adapters.Qwen2VLAdapter",
-            {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
+            {
+                "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            },
             pixel_limits=True,
         ),
     )
@@ -98,6 +104,9 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             "qwen25vl", "Qwen/Qwen2.5-VL-7B-Instruct", None, False, None, (), "general-domain reference; calibrate heads", "qwen2_vl"
         ),
+        # the authors' current grounding code also runs these two (its Qwen backends)
+        ModelPreset("lingshu", "lingshu-medical-mllm/Lingshu-7B", None, False, None, (), "medical Qwen2.5-VL; calibrate heads", "qwen2_vl"),
+        ModelPreset("qwen3vl", "Qwen/Qwen3-VL-8B-Instruct", None, False, None, (), "general-domain Qwen3-VL; calibrate heads", "qwen2_vl"),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }

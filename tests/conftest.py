@@ -28,6 +28,18 @@ def qwen2_vl_dir(tmp_path_factory):
     return tiny.build_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
 
 
+@pytest.fixture(scope="session")
+def qwen2_5_vl_dir(tmp_path_factory):
+    """Qwen2.5-VL: Lingshu's architecture (window attention in the vision tower)."""
+    return tiny.build_qwen2_vl(tmp_path_factory.mktemp("qwen2_5_vl"), kind="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_dir(tmp_path_factory):
+    """Qwen3-VL: 16-pixel patches, DeepStack, interleaved M-RoPE."""
+    return tiny.build_qwen2_vl(tmp_path_factory.mktemp("qwen3_vl"), kind="qwen3_vl")
+
+
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))

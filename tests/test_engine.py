@@ -3,7 +3,7 @@
 import pytest
 import torch
 from reference_attention import REFERENCE
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from lmms_vg import engine
 
@@ -25,7 +25,7 @@ def llava_batch(processor, images, questions):
 
 
 def load_qwen2_vl(path):
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()  # Qwen2-VL, Qwen2.5-VL or Qwen3-VL
     engine.install(model)
     return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
 
@@ -78,15 +78,22 @@ def test_llava_capture_equals_eager_attention(llava_dir, images, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_qwen2_vl_capture_equals_eager_attention(qwen2_vl_dir, images, batch):
-    model, tok, image_processor = load_qwen2_vl(qwen2_vl_dir)
+@pytest.mark.parametrize("checkpoint", ["qwen2_vl_dir", "qwen2_5_vl_dir", "qwen3_vl_dir"])
+def test_qwen2_vl_capture_equals_eager_attention(checkpoint, request, images, batch):
+    """Qwen2-VL, Qwen2.5-VL (Lingshu) and Qwen3-VL: maps and logits through the engine equal transformers' eager forward."""
+    model, tok, image_processor = load_qwen2_vl(request.getfixturevalue(checkpoint))
     imgs = [images[0]] * batch  # one image size per batch: same number of image tokens
     inputs = qwen_batch(model, tok, image_processor, imgs, QUESTIONS[:batch])
-    cap, cols, _ = capture_last_row(model, inputs, model.config.image_token_id)
+    cap, cols, logits = capture_last_row(model, inputs, model.config.image_token_id)
     eager = eager_attentions(model, inputs)
     for layer, weights in enumerate(eager):
         expected = torch.stack([weights[b, :, -1, cols[b]] for b in range(batch)])
         assert torch.allclose(cap.last_row_maps()[:, layer], expected, atol=1e-5, rtol=0)
+    model.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    real = inputs["attention_mask"].bool()  # a left pad's row attends to nothing: its logits are not defined
+    assert torch.allclose(logits[real], reference[real], atol=1e-5, rtol=0)
 
 
 def test_capture_leaves_outputs_bit_identical(llava_dir, images):

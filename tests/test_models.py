@@ -115,9 +115,14 @@ def test_authors_sampling_switch(checkpoints):
     torch.manual_seed(0)
 
 
-def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
-    """Qwen2-VL family (HuatuoGPT-Vision-7B-Qwen2.5VL's wrapper) on a tiny Qwen2-VL: generation, grounding, VGRefine."""
-    wrapper = get_model("huatuo_qwen25vl").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu", {"batch_size": 2})
+QWEN_IDS = [("huatuo_qwen25vl", "qwen2_vl_dir"), ("lingshu", "qwen2_5_vl_dir"), ("qwen3vl", "qwen3_vl_dir")]
+
+
+@pytest.mark.parametrize(("model_id", "checkpoint"), QWEN_IDS)
+def test_qwen2_vl_ids_ground_and_refine(model_id, checkpoint, request, images, tmp_path):
+    """Qwen2-VL family ids (HuatuoGPT-Vision-7B-Qwen2.5VL, Lingshu, Qwen3-VL) on a tiny checkpoint of their architecture."""
+    checkpoint = request.getfixturevalue(checkpoint)
+    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={checkpoint},device=cpu", {"batch_size": 2})
     questions = ["What is shown?", "Where is the lesion in this image?"]
     answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3}))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
@@ -128,14 +133,14 @@ def test_qwen2_vl_ids_ground_and_refine(qwen2_vl_dir, images, tmp_path):
         )
     ]
     assert all(r.skipped is None and len(r.kl) == 3 for r in records)
-    t = wrapper.adapter.transform(images[0])  # 130 x 90 -> smart resize to 140 x 84 -> 3 x 5 merged tokens
+    t = wrapper.adapter.transform(images[0])  # 130 x 90 -> smart resize to 140 x 84 -> 3 x 5 merged tokens (Qwen3-VL: 128 x 96, 3 x 4)
     runner = next(iter(wrapper._grounding.values()))
     q, _ = runner.question_and_reference_maps(images[:1], questions[:1], [None])
     assert q.shape[-1] == t.rows * t.cols
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
-    refined = get_model("huatuo_qwen25vl_vgrefine").create_from_arg_string(
-        f"pretrained={qwen2_vl_dir},device=cpu,heads={heads}", {"batch_size": 2}
+    refined = get_model(f"{model_id}_vgrefine").create_from_arg_string(
+        f"pretrained={checkpoint},device=cpu,heads={heads}", {"batch_size": 2}
     )
     requests = make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}})  # an lmms-vg task: typed answers
     outs = [json.loads(o) for o in refined.generate_until(requests)]

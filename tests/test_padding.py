@@ -28,7 +28,9 @@ PROCESSORS = {
     "llava_nopad": lambda: LlavaImageProcessorPil(do_pad=False, **SHAPE),
     "llava_pad": lambda: LlavaImageProcessorPil(do_pad=True, **SHAPE),
     "qwen2_vl": lambda: Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+    "qwen3_vl": lambda: Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128),  # Qwen3-VL's 16-pixel patches
 }
+QWEN = ("qwen2_vl", "qwen3_vl")
 # (width, height, marker box xyxy): wide (the issue's 337x113), tall and square; one marker off-centre, one central
 IMAGES = [
     (337, 113, (250, 20, 320, 90)),
@@ -40,19 +42,21 @@ CASES = [
     (mid, proc)
     for mid, preset in sorted(PRESETS.items())
     if mid != "lmms_vg_demo"
-    for proc in (("qwen2_vl",) if preset.family == "qwen2_vl" else ("clip", "llava_nopad", "llava_pad"))
+    for proc in (
+        ("qwen3_vl",) if mid == "qwen3vl" else ("qwen2_vl",) if preset.family == "qwen2_vl" else ("clip", "llava_nopad", "llava_pad")
+    )
 ]
 
 
 @pytest.fixture(scope="module")
-def checkpoint_with(llava_dir, qwen2_vl_dir, tmp_path_factory):
+def checkpoint_with(llava_dir, qwen2_vl_dir, qwen3_vl_dir, tmp_path_factory):
     """The tiny checkpoint of the family, its image processor replaced by the class under test."""
 
     def make(proc: str):
-        base = qwen2_vl_dir if proc == "qwen2_vl" else llava_dir
+        base = {"qwen2_vl": qwen2_vl_dir, "qwen3_vl": qwen3_vl_dir}.get(proc, llava_dir)
         out = tmp_path_factory.mktemp(proc)
         shutil.copytree(base, out, dirs_exist_ok=True)
-        if proc == "qwen2_vl":  # saved as its parts (the full processor needs torchvision)
+        if proc in QWEN:  # saved as its parts (the full processor needs torchvision)
             PROCESSORS[proc]().save_pretrained(out)
             return out
         processor = AutoProcessor.from_pretrained(base)  # LLaVA: the image processor lives inside processor_config.json
@@ -68,7 +72,7 @@ def frame(adapter, image) -> np.ndarray:
     inputs = adapter.pixel_inputs([image])
     pixels = inputs["pixel_values"].float().numpy()
     if "image_grid_thw" in inputs:
-        return qwen2_vl_frame(pixels, inputs["image_grid_thw"][0].tolist())
+        return qwen2_vl_frame(pixels, inputs["image_grid_thw"][0].tolist(), patch=adapter.image_processor.patch_size)
     return pixels[0]
 
 
@@ -98,7 +102,7 @@ def test_marker_lands_in_the_cells_the_geometry_gives(model_id, proc, checkpoint
         mapped = (max(mapped[0], 0), max(mapped[1], 0), min(mapped[2], frame_w), min(mapped[3], frame_h))
         extent = white_extent(pixels)
         assert np.allclose(extent, mapped, atol=2.0), f"{where}: white pixels at {extent}, geometry says {mapped}"
-    if padded and proc != "qwen2_vl":  # padding really happened: a wide image keeps its full width in the frame
+    if padded and proc not in QWEN:  # padding really happened: a wide image keeps its full width in the frame
         wide = frame(adapter, marker_image(337, 113, (0, 0, 337, 113)))
         assert white_extent(wide)[0] <= 1 and white_extent(wide)[2] >= 111
 

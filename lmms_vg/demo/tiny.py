@@ -132,11 +132,21 @@ def llava_processor(tok, image_size: int, patch_size: int, pad_to_square: bool):
     )
 
 
-def build_qwen2_vl(out_dir: str | Path, layers: int = 3, heads: int = 4, kv_heads: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """Save a tiny Qwen2-VL checkpoint with its processor (dynamic resolution, 2x2 merge)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def build_qwen2_vl(
+    out_dir: str | Path, layers: int = 3, heads: int = 4, kv_heads: int = 2, hidden: int = 64, seed: int = 0, kind: str = "qwen2_vl"
+) -> Path:
+    """Save a tiny Qwen2-VL, Qwen2.5-VL (Lingshu's architecture) or Qwen3-VL checkpoint with its image processor.
+
+    Dynamic resolution with a 2x2 merge; patches of 14 pixels (Qwen2/2.5-VL) or 16 (Qwen3-VL), as published.
+    """
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if kind not in QWEN_VL_KINDS:
+        raise ValueError(f"kind={kind!r}: one of {QWEN_VL_KINDS}")
     tok = build_tokenizer(extra_special=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
     # Qwen's layout: list content with an image part; a plain string means one image first (as the engine tests write it)
     tok.chat_template = (
@@ -147,25 +157,35 @@ def build_qwen2_vl(out_dir: str | Path, layers: int = 3, heads: int = 4, kv_head
     )
     tc = text_config("qwen2", len(tok), hidden, layers, heads, kv_heads).to_dict()
     tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    cfg = Qwen2VLConfig(
+    patch = 16 if kind == "qwen3_vl" else 14
+    vision = {"depth": 2, "hidden_size": hidden, "num_heads": 2, "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if kind == "qwen2_vl":
+        vision["embed_dim"] = 32
+    elif kind == "qwen2_5_vl":
+        vision = {**vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden, "window_size": 56}
+        vision["fullatt_block_indexes"] = [1]
+    else:  # Qwen3-VL: learned position grid, DeepStack features from a middle block into the first text layers
+        vision = {**vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden}
+        vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+        tc |= {"head_dim": hidden // heads, "model_type": "qwen3_vl_text"}
+        tc["rope_parameters"]["mrope_interleaved"] = True
+    config_class, model_class = {
+        "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+        "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+        "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    }[kind]
+    cfg = getattr(transformers, config_class)(
         text_config=tc,
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": hidden,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
     )
-    out = save_random(Qwen2VLForConditionalGeneration, cfg, tok, seed, out_dir)
-    # Qwen2VLProcessor needs a video processor, which needs torchvision: save the two parts it wraps.
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    out = save_random(getattr(transformers, model_class), cfg, tok, seed, out_dir)
+    # the full processors need a video processor, which needs torchvision: save the two parts they wrap.
+    factor = patch * 2
+    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(2 * factor) ** 2, max_pixels=(4 * factor) ** 2).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
