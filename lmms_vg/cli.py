@@ -143,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("convert", help="original LLaVA-format checkpoint -> transformers-native folder (safetensors)")
     s.add_argument("source", help="folder of the original checkpoint (config.json + weights)")
     s.add_argument("out")
-    s.add_argument("--arch", choices=["llava_qwen2", "llava_mistral", "llava_llama"], default=None, help="default: from the source config")
-    s.add_argument("--vision-tower", default=None, help="folder of the CLIP vision tower, when the checkpoint does not hold its weights")
+    s.add_argument(
+        "--arch",
+        choices=["llava_qwen2", "llava_qwen", "llava_mistral", "llava_llama"],
+        default=None,
+        help="default: from the source config",
+    )
+    s.add_argument(
+        "--vision-tower", default=None, help="folder of the vision tower (a CLIP folder, or an open_clip one such as BiomedCLIP's)"
+    )
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("demo", help="the whole pipeline, offline, on the bundled model and data")

@@ -1,28 +1,44 @@
-"""Original LLaVA-format checkpoints (``llava_qwen2``, ``llava_mistral``, ``llava_llama``) to transformers-native folders.
+"""Original LLaVA-format checkpoints (``llava_qwen2``, ``llava_qwen``, ``llava_mistral``, ``llava_llama``) to transformers-native folders.
 
-HuatuoGPT-Vision, LLaVA-Med and LLaVA-Tri ship the LLaVA codebase's layout: the text model's keys at
-``model.*``, the projector at ``model.mm_projector.{0,2}`` (mlp2x_gelu), the CLIP tower at
-``model.vision_tower.vision_tower.vision_model.*`` or in a separate CLIP checkpoint, and no
-``<image>`` token (the code splices image features at id -200). The output loads as
-``LlavaForConditionalGeneration`` with its processor, weights in safetensors.
+HuatuoGPT-Vision, LLaVA-Med and LLaVA-Tri ship the LLaVA codebase's layout (HuatuoGPT-V-Bio, trained
+with LLaVA-NeXT, the same): the text model's keys at ``model.*``, the projector at
+``model.mm_projector.{0,2}`` (mlp2x_gelu), and no ``<image>`` token (the code splices image features
+at id -200). The vision tower is one of:
+
+- a CLIP tower (``CLIPVisionTower``): ``model.vision_tower.vision_tower.vision_model.*``, or a separate
+  CLIP checkpoint; with ``s2: true`` in the config, LLaVA's ``CLIPVisionTowerS2`` (LLaVA-Tri), which
+  loads as :class:`lmms_vg.s2.LlavaS2ForConditionalGeneration`;
+- an open_clip timm ViT (``OpenCLIPVisionTower``, BiomedCLIP for HuatuoGPT-V-Bio):
+  ``model.vision_tower.vision_tower.trunk.*``, or a separate open_clip checkpoint
+  (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``); it maps onto transformers' ViT.
+
+The output loads with transformers' classes and its processor, weights in safetensors.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import s2
 from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
 
-TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
-TEMPLATES = {"llava_qwen2": HUATUO_TEMPLATE, "llava_mistral": MISTRAL_INST_TEMPLATE, "llava_llama": VICUNA_TEMPLATE}
+TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_qwen": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
+TEMPLATES = {
+    "llava_qwen2": HUATUO_TEMPLATE,
+    "llava_qwen": HUATUO_TEMPLATE,
+    "llava_mistral": MISTRAL_INST_TEMPLATE,
+    "llava_llama": VICUNA_TEMPLATE,
+}
+TIMM_PREFIX = "model.vision_tower.vision_tower.trunk."  # OpenCLIPVisionTower keeps open_clip's ``visual``: trunk + head
+VIT_HEAD_DIM = 64  # every timm ViT (tiny .. huge) has 64-dimensional heads: the head count the weights do not say
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# original prefix -> LlavaForConditionalGeneration's (in-memory) prefix, most specific first
+# original prefix -> LlavaForConditionalGeneration's (in-memory) prefix, most specific first (the tower is mapped apart)
 KEY_MAP = (
-    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
     ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
     ("model.", "model.language_model."),
@@ -34,17 +50,27 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted as given; the message says what is missing."""
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: safetensors when present, else PyTorch files (loaded weights-only)."""
+def load_weights(folder: Path, stem: str = "pytorch_model") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: safetensors when present, else PyTorch files (``<stem>*.bin``, loaded weights-only)."""
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         from safetensors.torch import load_file
 
         return {k: v for shard in shards for k, v in load_file(str(shard)).items()}
-    shards = sorted(folder.glob("pytorch_model*.bin"))
+    shards = sorted(folder.glob(f"{stem}*.bin"))
     if not shards:
-        raise ConversionError(f"no *.safetensors or pytorch_model*.bin in {folder}")
+        raise ConversionError(f"no *.safetensors or {stem}*.bin in {folder}")
     return {k: v for shard in shards for k, v in torch.load(shard, map_location="cpu", weights_only=True).items()}
+
+
+@dataclass
+class Tower:
+    """A vision tower ready for a transformers LLaVA model: its config, its weights under the model's names, its preprocessing."""
+
+    config: object  # CLIPVisionConfig or ViTConfig
+    weights: dict[str, torch.Tensor]  # model.vision_tower.*
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
 
 def vision_tower_weights(clip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,6 +83,91 @@ def vision_tower_weights(clip: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return tower
 
 
+def clip_tower(original: dict, weights: dict[str, torch.Tensor], folder: Path | None) -> Tower:
+    """LLaVA's CLIPVisionTower: weights in the checkpoint or in a CLIP folder (whose config is needed either way)."""
+    from transformers import CLIPVisionConfig
+
+    if folder is None or not folder.exists():
+        raise ConversionError(
+            f"no CLIP vision tower config: pass --vision-tower <folder of {original.get('mm_vision_tower', 'the CLIP tower')}>"
+        )
+    prefix = "model.vision_tower.vision_tower."
+    inside = {k: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
+    inside = inside or vision_tower_weights(load_weights(folder))
+    mapped = {"model.vision_tower." + k.removeprefix(prefix + "vision_model."): v for k, v in inside.items()}
+    return Tower(CLIPVisionConfig.from_pretrained(folder), mapped)
+
+
+def open_clip_tower(original: dict, weights: dict[str, torch.Tensor], folder: Path | None) -> Tower:
+    """LLaVA-NeXT's OpenCLIPVisionTower over a timm ViT (BiomedCLIP), as transformers' ViT.
+
+    timm's blocks are pre-norm (LayerNorm eps 1e-6), fused qkv, exact GELU: the same computation as
+    transformers' ViT layer, so the weights only move (qkv split into q, k, v). Sizes come from the
+    weights; the head count from timm's 64-dimensional heads. open_clip's projection head is not used
+    by LLaVA and is dropped; transformers' ViT pooler, unused too, gets zeros.
+    """
+    from transformers import ViTConfig
+
+    trunk = {k.removeprefix(TIMM_PREFIX): weights.pop(k) for k in [k for k in weights if k.startswith(TIMM_PREFIX)]}
+    for key in [k for k in weights if k.startswith("model.vision_tower.vision_tower.")]:
+        weights.pop(key)  # open_clip's head (projection to the contrastive space)
+    preprocess = {}
+    if folder is not None and (folder / "open_clip_config.json").exists():
+        preprocess = json.loads((folder / "open_clip_config.json").read_text()).get("preprocess_cfg", {})
+        if not trunk:
+            trunk = {
+                k.removeprefix("visual.trunk."): v for k, v in load_weights(folder, "open_clip").items() if k.startswith("visual.trunk.")
+            }
+    if not trunk:
+        raise ConversionError(
+            f"the checkpoint holds no open_clip vision tower ({TIMM_PREFIX}*): pass --vision-tower <folder of "
+            f"{original.get('mm_vision_tower', 'the open_clip model')}> with open_clip_config.json and its weights"
+        )
+    patch = trunk["patch_embed.proj.weight"]
+    hidden, grid = patch.shape[0], round((trunk["pos_embed"].shape[1] - 1) ** 0.5)
+    depth = 1 + max(int(k.split(".")[1]) for k in trunk if k.startswith("blocks."))
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=hidden // VIT_HEAD_DIM,
+        intermediate_size=trunk["blocks.0.mlp.fc1.weight"].shape[0],
+        image_size=grid * patch.shape[-1],
+        patch_size=patch.shape[-1],
+        layer_norm_eps=1e-6,
+        qkv_bias="blocks.0.attn.qkv.bias" in trunk,
+        hidden_act="gelu",
+    )
+    out = "model.vision_tower."
+    mapped = {
+        out + "embeddings.cls_token": trunk["cls_token"],
+        out + "embeddings.position_embeddings": trunk["pos_embed"],
+        out + "embeddings.patch_embeddings.projection.weight": patch,
+        out + "embeddings.patch_embeddings.projection.bias": trunk["patch_embed.proj.bias"],
+        out + "layernorm.weight": trunk["norm.weight"],
+        out + "layernorm.bias": trunk["norm.bias"],
+        out + "pooler.dense.weight": torch.zeros(hidden, hidden, dtype=patch.dtype),
+        out + "pooler.dense.bias": torch.zeros(hidden, dtype=patch.dtype),
+    }
+    for i in range(depth):
+        block, layer = f"blocks.{i}.", f"{out}layers.{i}."
+        for part in ("weight", "bias"):
+            if block + "attn.qkv." + part not in trunk:
+                continue
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), trunk[block + "attn.qkv." + part].chunk(3)):
+                mapped[f"{layer}attention.{name}.{part}"] = chunk
+            mapped[f"{layer}attention.o_proj.{part}"] = trunk[block + "attn.proj." + part]
+            mapped[f"{layer}layernorm_before.{part}"] = trunk[block + "norm1." + part]
+            mapped[f"{layer}layernorm_after.{part}"] = trunk[block + "norm2." + part]
+            mapped[f"{layer}mlp.fc1.{part}"] = trunk[block + "mlp.fc1." + part]
+            mapped[f"{layer}mlp.fc2.{part}"] = trunk[block + "mlp.fc2." + part]
+    return Tower(config, mapped, list(preprocess.get("mean", CLIP_MEAN)), list(preprocess.get("std", CLIP_STD)))
+
+
+def is_open_clip(original: dict, weights: dict, folder: Path | None) -> bool:
+    named = str(original.get("mm_vision_tower", "")).startswith(("open_clip_hub:", "hf-hub:"))
+    return named or any(k.startswith(TIMM_PREFIX) for k in weights) or bool(folder and (folder / "open_clip_config.json").exists())
+
+
 def map_key(key: str) -> str | None:
     for old, new in KEY_MAP:
         if key.startswith(old):
@@ -66,7 +177,7 @@ def map_key(key: str) -> str | None:
 
 def convert(source: str | Path, out: str | Path, arch: str | None = None, vision_tower: str | Path | None = None) -> Path:
     """Write a transformers-native LLaVA folder (config, safetensors, tokenizer, processor) to ``out``."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     source, out = Path(source), Path(out)
@@ -81,17 +192,16 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
             f"projector {original.get('mm_projector_type')!r}: only mlp2x_gelu (LLaVA-1.5) has a transformers-native class"
         )
     weights = load_weights(source)
-    tower = Path(vision_tower) if vision_tower else source / "vit"
-    has_tower = any(k.startswith("model.vision_tower.vision_tower.") for k in weights)
-    if not tower.exists():
-        raise ConversionError(
-            f"no CLIP vision tower config: pass --vision-tower <folder of {original.get('mm_vision_tower', 'the CLIP tower')}>"
-        )
-    if not has_tower:
-        weights.update(vision_tower_weights(load_weights(tower)))
-    text_fields = {k: v for k, v in original.items() if not k.startswith(("mm_", "architectures", "model_type", "auto_map", "_name"))}
+    folder = Path(vision_tower) if vision_tower else source / "vit"
+    folder = folder if folder.exists() else None
+    open_clip = is_open_clip(original, weights, folder)
+    s2_scales = s2.scales_of(original)
+    if open_clip and s2_scales:
+        raise ConversionError("an S2 (multi-scale) open_clip tower: LLaVA's S2 wrapper is defined for its CLIP tower only")
+    tower = open_clip_tower(original, weights, folder) if open_clip else clip_tower(original, weights, folder)
+    text_fields = {k: v for k, v in original.items() if not k.startswith(("mm_", "architectures", "model_type", "auto_map", "_name", "s2"))}
     text_config = AutoConfig.for_model(TEXT_TYPES[arch], **text_fields)
-    vision_config = CLIPVisionConfig.from_pretrained(tower)
+    vision_config = tower.config
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -100,20 +210,24 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
     tokenizer.padding_side = "left"
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     select = original.get("mm_vision_select_feature", "patch")
-    config = LlavaConfig(
+    config_class, model_class = (
+        (s2.LlavaS2Config, s2.LlavaS2ForConditionalGeneration) if s2_scales else (LlavaConfig, LlavaForConditionalGeneration)
+    )
+    config = config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=image_token_id,
         vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy="default" if select == "patch" else "full",
         projector_hidden_act="gelu",
+        **({"s2_scales": list(s2_scales)} if s2_scales else {}),
     )
-    mapped, unmapped = {}, []
+    mapped, unmapped = dict(tower.weights), []
     for key, value in weights.items():
         new = map_key(key)
         (unmapped.append(key) if new is None else mapped.__setitem__(new, value))
     if unmapped:
-        raise ConversionError(f"{len(unmapped)} tensors have no place in LlavaForConditionalGeneration, e.g. {unmapped[:3]}")
+        raise ConversionError(f"{len(unmapped)} tensors have no place in {model_class.__name__}, e.g. {unmapped[:3]}")
     if image_token_id >= text_config.vocab_size:  # the <image> row is never read as input; keep it out of the argmax
         text_config.vocab_size = image_token_id + 1
         for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
@@ -121,7 +235,7 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
             mapped[name] = torch.cat([old, old.mean(0, keepdim=True).expand(text_config.vocab_size - old.shape[0], -1)])
         config.text_config = text_config
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -129,19 +243,21 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
     model.tie_weights() if getattr(config.text_config, "tie_word_embeddings", False) else None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    size = vision_config.image_size
+    # S2: the processor resizes to the largest scale; one token per (patch x largest/smallest) pixels of it
+    size = max(s2_scales) if s2_scales else vision_config.image_size
+    patch = vision_config.patch_size * (max(s2_scales) // min(s2_scales) if s2_scales else 1)
     image_processor = LlavaImageProcessorPil(
         do_pad=original.get("image_aspect_ratio", "pad") == "pad",
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=tower.image_mean,
+        image_std=tower.image_std,
     )
     template = tokenizer.chat_template if arch == "llava_llama" and tokenizer.chat_template else TEMPLATES[arch]
     LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
+        patch_size=patch,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
         chat_template=template,

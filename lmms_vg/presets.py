@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
+from .prompts import HUATUO_TEMPLATE, LLAMA3_LLAVA_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
 
 DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
 
@@ -27,16 +27,26 @@ class Family:
     pixel_limits: bool = False  # takes min_pixels / max_pixels (dynamic resolution)
 
     def adapter_class(self) -> type:
-        import importlib
+        return import_object(self.adapter)
 
-        module, _, name = self.adapter.rpartition(".")
-        return getattr(importlib.import_module(module), name)
+
+def import_object(path: str):
+    """``package.module.Name``, imported when asked for (presets stay plain data)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llava", "lmms_vg.adapters.LlavaAdapter", {"llava": "LlavaForConditionalGeneration"}),
+        # LLaVA-1.5 and its relatives: a CLIP or ViT (BiomedCLIP) tower, or LLaVA's S2 multi-scale CLIP (LLaVA-Tri)
+        Family(
+            "llava",
+            "lmms_vg.adapters.LlavaAdapter",
+            {"llava": "LlavaForConditionalGeneration", "llava_s2": "lmms_vg.s2.LlavaS2ForConditionalGeneration"},
+        ),
         # Qwen2-VL, Qwen2.5-VL (and Lingshu, a medical Qwen2.5-VL) and Qwen3-VL: the same prompt layout and
         # dynamic-resolution geometry (patch 14, or 16 for Qwen3-VL, read from the processor), M-RoPE positions
         Family(
@@ -107,6 +117,27 @@ PRESETS: dict[str, ModelPreset] = {
         # the authors' current grounding code also runs these two (its Qwen backends)
         ModelPreset("lingshu", "lingshu-medical-mllm/Lingshu-7B", None, False, None, (), "medical Qwen2.5-VL; calibrate heads", "qwen2_vl"),
         ModelPreset("qwen3vl", "Qwen/Qwen3-VL-8B-Instruct", None, False, None, (), "general-domain Qwen3-VL; calibrate heads", "qwen2_vl"),
+        # published only in their own codebases' layouts: `lmms-vg convert` makes the folder that pretrained= names
+        ModelPreset(
+            "llava_tri",
+            "",
+            LLAMA3_LLAVA_TEMPLATE,
+            True,
+            None,
+            (),
+            "LLaVA-Tri (LLaVA-Med++, S2 CLIP + Llama-3-8B) ships in the LLaVA layout (e.g. yunfeixie/vqa_rad_release): "
+            "convert it with `lmms-vg convert <download> <folder>` and give pretrained=<folder>",
+        ),
+        ModelPreset(
+            "huatuo_bio",
+            "",
+            HUATUO_TEMPLATE,
+            True,
+            None,
+            (),
+            "HuatuoGPT-V-Bio (BiomedCLIP + Qwen2, trained with LLaVA-NeXT) has no public checkpoint: convert the authors' "
+            "with `lmms-vg convert <checkpoint> <folder> [--vision-tower <BiomedCLIP folder>]` and give pretrained=<folder>",
+        ),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }
@@ -117,8 +148,6 @@ UNSUPPORTED = {
     "vila_m3": "VILA-M3 (8B/13B) runs on the VILA codebase (SigLIP + its own LLaVA fork), which has no transformers-native class.",
     "medrega": "MedRegA is an InternVL-based model loaded only with trust_remote_code and its own chat() API; "
     "its attention does not go through transformers' AttentionInterface.",
-    "llava_tri": "LLaVA-Tri uses an S2 multi-scale CLIP encoder, which LlavaForConditionalGeneration does not implement.",
-    "huatuo_bio": "HuatuoGPT-V-Bio uses a BiomedCLIP (open_clip) encoder, which LlavaForConditionalGeneration does not implement.",
 }
 
 

@@ -15,6 +15,14 @@ INSTRUCTIONS = (SHORT_ANSWER, "\n" + SHORT_ANSWER.strip(), "\n" + MC_INSTRUCTION
 # chat templates of the presets (the messages hold the image placeholders and the text)
 HUATUO_TEMPLATE = "{% for message in messages %}<|user|>\n{{ message['content'] }}\n<|assistant|>\n{% endfor %}"
 MISTRAL_INST_TEMPLATE = "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}"
+# LLaVA-Tri (LLaVA-Med++): the MedTrinity codebase's ``conv_llama3`` (SeparatorStyle.MPT, sep <|eot_id|>)
+LLAMA3_LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endfor %}"
+)
 VICUNA_TEMPLATE = (
     "{% for message in messages %}A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "

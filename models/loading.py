@@ -31,9 +31,9 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
     Errors say what to do: a folder without config.json, an architecture this model id does not take,
     a checkpoint that needs its own code while trust_remote_code is off.
     """
-    import transformers
     from transformers import AutoConfig
 
+    classes = {model_type: model_class(name) for model_type, name in model_types.items()}  # also registers lmms-vg's own configs
     local = Path(pretrained)
     if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
         raise ModelLoadError(
@@ -54,11 +54,21 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
             f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(model_types.values())}. "
             "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
         )
-    cls = getattr(transformers, model_types[config.model_type])
-    model = cls.from_pretrained(
-        pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
-    ).eval()
+    model = (
+        classes[config.model_type]
+        .from_pretrained(pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        .eval()
+    )
     return model, load_processor(pretrained, revision, trust_remote_code)
+
+
+def model_class(name: str) -> type:
+    """A transformers class by name, or one of lmms-vg's by module path (e.g. ``lmms_vg.s2.LlavaS2ForConditionalGeneration``)."""
+    import transformers
+
+    from lmms_vg.presets import import_object
+
+    return getattr(transformers, name) if "." not in name else import_object(name)
 
 
 def load_processor(pretrained: str, revision: str, trust_remote_code: bool):

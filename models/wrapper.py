@@ -81,7 +81,9 @@ class VGModel(lmms):
         family = FAMILIES[preset.family if preset else self.family]
         pretrained = resolve_checkpoint(pretrained or (preset.checkpoint if preset else ""))
         if not pretrained:
-            raise ModelLoadError("lmms_vg_llava needs pretrained=<checkpoint id or folder>")
+            raise ModelLoadError(
+                f"{preset.note} (no default checkpoint)" if preset else "this model id needs pretrained=<checkpoint id or folder>"
+            )
         if sampling not in ("greedy", "authors"):
             raise ValueError(
                 f"sampling={sampling!r}: use 'greedy' (default) or 'authors' (temperature 0.2, repetition penalty 1.2, 256 tokens)"
