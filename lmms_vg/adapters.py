@@ -83,10 +83,14 @@ class LlavaAdapter:
         return batch
 
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
-        """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens."""
+        """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens.
+
+        Special tokens are added as the processor adds them to a full prompt (a Llama or Mistral
+        tokenizer's BOS), so that the shared prefix is the full prompt's beginning, token for token.
+        """
         prefix, suffix = [], []
         for image, text in zip(images, texts):
-            ids = self.tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.prompt(text))["input_ids"]
             if ids.count(self.image_token_id) != 1:
                 raise EngineError(
                     f"{self.name}: the prompt must hold exactly one image placeholder, found {ids.count(self.image_token_id)}"

@@ -170,3 +170,21 @@ def test_qwen_max_pixels_caps_the_grid(qwen2_vl_dir):
     assert t.rows * t.cols * 28 * 28 <= 50176 and t.rows * t.cols > 16
     with pytest.raises(ValueError, match="Qwen2-VL-family"):
         get_model("huatuo").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu,max_pixels=50176", {})
+
+
+def test_shared_prefix_holds_the_full_prompts_tokens_bos_included(tmp_path, images):
+    """A tokenizer that adds BOS (Llama, Mistral): prefix + suffix is the full prompt's token list, BOS and all."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoProcessor
+
+    from lmms_vg.demo import tiny
+
+    checkpoint = tiny.build_llava(tmp_path / "bos", family="llama")
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    bos = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    processor.tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    model, _ = load_llava(checkpoint)
+    adapter = LlavaAdapter(model, processor)
+    full = adapter.encode(images[:1], ["Where is it?"])["input_ids"][0].tolist()
+    split = adapter.split_prompts(images[:1], ["Where is it?"])
+    assert full[0] == bos and split.prefix[0] + split.suffix[0] == full
