@@ -9,12 +9,42 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from PIL import Image
 
 from . import geometry
 from .engine import EngineError
+
+
+class Adapter(Protocol):
+    """What a model family tells the core (:mod:`lmms_vg.passes`, grounding, VGRefine); the classes below are the implementations.
+
+    A new family implements these, with a ``Family`` record naming it (README 'Adding a model').
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    image_token_id: int
+    shares_prefix: bool  # one image prefix serves every prompt (False: its text positions depend on the image)
+    cell_order: list[int] | None  # image tokens -> row-major cells, where the model orders them otherwise
+
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        """The chat-formatted prompt, with the image placeholders."""
+
+    def encode(self, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
+        """A left-padded batch of full prompts with their images."""
+
+    def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for one image per prompt."""
+
+    def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
+        """Token ids split after the image tokens (needed where ``shares_prefix``)."""
+
+    def transform(self, image: Image.Image) -> geometry.ImageTransform:
+        """How the image's pixels reach its token grid."""
 
 
 @dataclass
@@ -34,6 +64,7 @@ class LlavaAdapter:
     """
 
     shares_prefix = True  # the image tokens' positions do not depend on the text: one prefix serves every prompt
+    cell_order: list[int] | None = None  # image tokens in row-major cell order already (see VilaAdapter)
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model
@@ -124,6 +155,51 @@ class LlavaAdapter:
         )
 
 
+class VilaAdapter(LlavaAdapter):
+    """VILA (VILA1.5, VILA-M3): a SigLIP tower at a fixed size, 2 x 2 patches folded into one token.
+
+    Images are resized to the tower's size whatever their shape (VILA's ``image_aspect_ratio:
+    resize``), or padded to square first where the preset says so. The checkpoint carries a tokenizer
+    and SigLIP's image processor, no LLaVA processor: each ``<image>`` is expanded here to the folded
+    grid's token count. VILA's fold orders tokens column-major; ``cell_order`` puts the maps in row-major
+    cells for the grounding metrics (VGRefine works in token order and needs no reordering).
+    """
+
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
+        super().__init__(model, processor, chat_template, name, pad_to_square=bool(pad_to_square))
+        from .vila import MERGE, cell_order
+
+        ip = self.processor.image_processor
+        self.size = int(ip.size["height"])
+        self.patch = int(model.config.vision_config.patch_size)
+        self.side = -(-(self.size // self.patch) // MERGE)
+        self.merge = MERGE
+        self.cell_order = cell_order(self.side)
+
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """8-bit RGB, padded to square where asked, then resized to the tower's size (PIL's bicubic, as VILA's ``resize``)."""
+        image = prepare_image(image, self.processor.image_processor, self.pad_to_square)
+        return image if image.size == (self.size, self.size) else image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+
+    def image_tokens(self, image: Image.Image) -> int:
+        return self.side * self.side
+
+    def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch: every ``<image>`` expanded to the folded grid's tokens, the images' pixels in order."""
+        per_prompt = image_lists(images)
+        placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        prompts = [
+            self.prompt(t, len(imgs)).replace(placeholder, placeholder * (self.side * self.side)) for t, imgs in zip(texts, per_prompt)
+        ]
+        batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts, return_tensors="pt", padding=True).items()}
+        return {**batch, **self.pixel_inputs([img for imgs in per_prompt for img in imgs])}
+
+    def transform(self, image: Image.Image) -> geometry.ImageTransform:
+        return geometry.squash_transform(
+            image.width, image.height, size=self.size, patch=self.patch, merge=self.merge, pad_to_square=self.pad_to_square
+        )
+
+
 def image_lists(images: list) -> list[list[Image.Image]]:
     """Each prompt's images as a list: a single image becomes a list of one."""
     return [[item] if isinstance(item, Image.Image) else list(item) for item in images]
@@ -185,6 +261,7 @@ class Qwen2VLAdapter:
     """
 
     shares_prefix = False
+    cell_order = None  # merged 2 x 2 blocks in row-major order
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
         self.model = model

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import s2
-from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
+from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
 
 TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_qwen": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
 TEMPLATES = {
@@ -183,6 +183,8 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
     source, out = Path(source), Path(out)
     if not (source / "config.json").exists():
         raise ConversionError(f"{source} has no config.json: give the folder of an original LLaVA-format checkpoint")
+    if is_vila(source):
+        return convert_vila(source, out)
     original = json.loads((source / "config.json").read_text())
     arch = arch or original.get("model_type")
     if arch not in TEXT_TYPES:
@@ -262,4 +264,74 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
         num_additional_image_tokens=1,
         chat_template=template,
     ).save_pretrained(out)
+    return out
+
+
+VILA_PARTS = ("llm", "vision_tower", "mm_projector")
+VILA_PROJECTOR = {"layers.1.": "norm.", "layers.2.": "linear_1.", "layers.4.": "linear_2."}  # mlp_downsample's Sequential
+
+
+def is_vila(source: Path) -> bool:
+    """The VILA codebase's layout: the text model, the vision tower and the projector each in a subfolder."""
+    present = [part for part in VILA_PARTS if (source / part).is_dir()]
+    if present and len(present) < len(VILA_PARTS):
+        missing = ", ".join(f"{p}/" for p in VILA_PARTS if p not in present)
+        raise ConversionError(
+            f"{source} is a VILA checkpoint without {missing}: download the whole model folder (VILA keeps each part apart)"
+        )
+    return bool(present)
+
+
+def convert_vila(source: Path, out: Path) -> Path:
+    """A VILA checkpoint (VILA1.5, VILA-M3: ``llm/``, ``vision_tower/``, ``mm_projector/``) to a :class:`lmms_vg.vila.VilaForConditionalGeneration` folder."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, SiglipVisionConfig
+
+    from . import vila
+
+    original = json.loads((source / "config.json").read_text())
+    projector_type = json.loads((source / "mm_projector" / "config.json").read_text()).get("mm_projector_type")
+    if projector_type != "mlp_downsample":
+        raise ConversionError(f"VILA projector {projector_type!r}: only mlp_downsample (VILA1.5, VILA-M3) is built here")
+    vision_config = AutoConfig.from_pretrained(source / "vision_tower")
+    if not isinstance(vision_config, SiglipVisionConfig):
+        raise ConversionError(f"VILA vision tower '{vision_config.model_type}': only SigLIP (VILA1.5, VILA-M3) is built here")
+    text_config = AutoConfig.from_pretrained(source / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(source / "llm")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = VILA_LLAMA3_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    select = original.get("mm_vision_select_feature", "cls_patch")
+    config = vila.VilaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy="default" if select == "patch" else "full",
+    )
+    weights = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in load_weights(source / "llm").items()}
+    weights |= {"model.vision_tower." + k: v for k, v in load_weights(source / "vision_tower").items()}
+    for key, value in load_weights(source / "mm_projector").items():
+        old = next((o for o in VILA_PROJECTOR if key.startswith(o)), None)
+        if old is None:
+            raise ConversionError(f"mm_projector tensor {key!r} has no place in mlp_downsample")
+        weights["model.multi_modal_projector." + VILA_PROJECTOR[old] + key[len(old) :]] = value
+    if image_token_id >= text_config.vocab_size:
+        text_config.vocab_size = image_token_id + 1
+        for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            old = weights[name]
+            weights[name] = torch.cat([old, old.mean(0, keepdim=True).expand(text_config.vocab_size - old.shape[0], -1)])
+        config.text_config = text_config
+    with torch.device("meta"):
+        model = vila.VilaForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ConversionError(f"VILA weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    AutoImageProcessor.from_pretrained(source / "vision_tower").save_pretrained(out)
     return out

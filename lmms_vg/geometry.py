@@ -113,6 +113,15 @@ def qwen2_vl_transform(
     return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // factor, new_w // factor, float(factor), width, height)
 
 
+def squash_transform(width: int, height: int, *, size: int, patch: int, merge: int, pad_to_square: bool = False) -> ImageTransform:
+    """VILA's ``resize``: the image resized to ``size`` x ``size`` whatever its shape (or padded to square first);
+    ``size // patch`` patches a side, merged ``merge`` x ``merge`` into one token (an odd side padded with one more)."""
+    t, w, h = _padded(width, height, pad_to_square, float(patch * merge))
+    t = t.then(size / w, size / h, 0.0, 0.0)
+    side = math.ceil((size // patch) / merge)
+    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, side, side, float(patch * merge), width, height)
+
+
 def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: ImageTransform) -> BoxCells:
     """Union of the cells overlapped by ``boxes`` (original pixels), clipped to the image first."""
     mask = np.zeros((transform.rows, transform.cols), dtype=bool)

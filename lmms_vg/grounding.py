@@ -93,6 +93,9 @@ class GroundingRunner:
         if plan is not None:  # the same question, now with the knockout in place
             keep = plan.keep(question, reference)
             question = batch.question_maps(batch.knockout(keep, plan.knockout_layers, plan.mode))
+        order = self.adapter.cell_order  # image tokens -> row-major cells, where a model orders them otherwise
+        if order is not None:
+            question, reference = question[..., order], (None if reference is None else reference[..., order])
         return question, reference
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:

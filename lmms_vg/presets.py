@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prompts import HUATUO_TEMPLATE, LLAMA3_LLAVA_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE
+from .prompts import HUATUO_TEMPLATE, LLAMA3_LLAVA_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
 
 DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
 
@@ -59,6 +59,8 @@ FAMILIES: dict[str, Family] = {
             },
             pixel_limits=True,
         ),
+        # VILA (VILA-M3): SigLIP, 2 x 2 patch fold, Llama; built from transformers' parts (lmms_vg.vila)
+        Family("vila", "lmms_vg.adapters.VilaAdapter", {"llava_vila": "lmms_vg.vila.VilaForConditionalGeneration"}),
     )
 }
 
@@ -138,6 +140,29 @@ PRESETS: dict[str, ModelPreset] = {
             "HuatuoGPT-V-Bio (BiomedCLIP + Qwen2, trained with LLaVA-NeXT) has no public checkpoint: convert the authors' "
             "with `lmms-vg convert <checkpoint> <folder> [--vision-tower <BiomedCLIP folder>]` and give pretrained=<folder>",
         ),
+        # VILA-M3 ships in the VILA codebase's layout (llm/, vision_tower/, mm_projector/): convert it first
+        ModelPreset(
+            "vila_m3",
+            "",
+            VILA_LLAMA3_TEMPLATE,
+            False,
+            None,
+            (),
+            "VILA-M3-8B (MONAI/Llama3-VILA-M3-8B) ships in the VILA layout: convert it with "
+            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
+            "vila",
+        ),
+        ModelPreset(
+            "vila_m3_13b",
+            "",
+            VILA_LLAMA3_TEMPLATE,
+            False,
+            None,
+            (),
+            "VILA-M3-13B (MONAI/Llama3-VILA-M3-13B) ships in the VILA layout: convert it with "
+            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
+            "vila",
+        ),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }
@@ -145,8 +170,7 @@ GENERIC_MODEL_ID = "lmms_vg_llava"  # any LLaVA checkpoint, pretrained= required
 
 # The paper's models that transformers cannot load natively: their ids fail at once, saying why.
 UNSUPPORTED = {
-    "vila_m3": "VILA-M3 (8B/13B) runs on the VILA codebase (SigLIP + its own LLaVA fork), which has no transformers-native class.",
-    "medrega": "MedRegA is an InternVL-based model loaded only with trust_remote_code and its own chat() API; "
+    "medrega": "MedRegA (InternVL-Chat-V1-2: InternViT-6B + Yi-34B) is loaded only with trust_remote_code and its own chat() API; "
     "its attention does not go through transformers' AttentionInterface.",
 }
 

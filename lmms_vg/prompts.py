@@ -23,6 +23,14 @@ LLAMA3_LLAVA_TEMPLATE = (
     "<|start_header_id|>user<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n{% endfor %}"
 )
+# VILA's ``llama_3`` conversation (SeparatorStyle.LLAMA_3), which VILA picks for model paths naming "llama3" (VILA-M3)
+VILA_LLAMA3_TEMPLATE = (
+    "{% for message in messages %}<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endfor %}"
+)
 VICUNA_TEMPLATE = (
     "{% for message in messages %}A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "

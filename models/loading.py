@@ -51,7 +51,7 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
         ) from err
     if config.model_type not in model_types:
         raise ModelLoadError(
-            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(model_types.values())}. "
+            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(n.rpartition('.')[2] for n in model_types.values())}. "
             "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
         )
     model = (
@@ -78,10 +78,14 @@ def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        return AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+            return processor
+        why = f"AutoProcessor gave a {type(processor).__name__}"  # a checkpoint with no processor class (e.g. VILA's)
     except (ImportError, AttributeError, ValueError, OSError) as err:
-        logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({err}); using its tokenizer and image processor")
-        return SimpleNamespace(
-            tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-            image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-        )
+        why = str(err)
+    logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({why}); using its tokenizer and image processor")
+    return SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+        image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+    )

@@ -100,7 +100,7 @@ def test_bad_checkpoints_say_what_to_do(tmp_path, qwen2_vl_dir):
         cls(pretrained=str(tmp_path), device="cpu", temprature=0.3)
 
 
-@pytest.mark.parametrize("model_id", ["vila_m3", "medrega"])
+@pytest.mark.parametrize("model_id", ["medrega"])
 def test_unsupported_models_fail_at_once_with_the_reason(model_id):
     with pytest.raises(NotImplementedError, match="cannot load it"):
         get_model(model_id)()

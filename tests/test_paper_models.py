@@ -297,3 +297,168 @@ def test_a_checkpoint_of_another_family_is_refused(converted, qwen2_vl_dir):
 def test_no_published_checkpoint_says_how_to_get_one(model_id):
     with pytest.raises(ModelLoadError, match="lmms-vg convert.*pretrained="):
         get_model(model_id).create_from_arg_string("device=cpu", {})
+
+
+# ---- VILA-M3: the VILA codebase's layout (llm/, vision_tower/, mm_projector/), SigLIP + mlp_downsample + Llama ------
+
+SIGLIP = {"hidden": 32, "size": 70, "patch": 14}  # 5 x 5 patches: an odd grid, padded to 6 x 6, folded to 3 x 3 tokens
+
+
+def vila_flat_square(x: torch.Tensor) -> torch.Tensor:
+    """VILA's DownSampleBlock, as its code writes it (views and one permute)."""
+    h = w = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, w, -1)
+    n, w, h, c = x.size()
+    if w % 2 == 1:
+        x = torch.concat([x, torch.zeros((n, 1, h, c), dtype=x.dtype)], dim=1).contiguous()
+        n, w, h, c = x.size()
+    if h % 2 == 1:
+        x = torch.concat([x, torch.zeros((n, w, 1, c), dtype=x.dtype)], dim=2).contiguous()
+        n, w, h, c = x.size()
+    x = x.view(n, w, int(h / 2), int(c * 2)).permute(0, 2, 1, 3).contiguous().view(n, int(h / 2), int(w / 2), int(c * 4))
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def original_vila(folder):
+    """VILA-M3 as the VILA codebase saves it: three subfolders and a top config naming them."""
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    tok = tiny.build_tokenizer(image_token=False)
+    text_cfg = tiny.text_config("llama", len(tok))
+    text = LlamaForCausalLM(text_cfg).eval()
+    text.save_pretrained(folder / "llm")
+    tok.save_pretrained(folder / "llm")
+    vcfg = SiglipVisionConfig(
+        hidden_size=SIGLIP["hidden"],
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=SIGLIP["size"],
+        patch_size=SIGLIP["patch"],
+    )
+    vision = SiglipVisionModel(vcfg).eval()
+    vision.save_pretrained(folder / "vision_tower")
+    size = {"height": SIGLIP["size"], "width": SIGLIP["size"]}
+    SiglipImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder / "vision_tower")
+    width = 4 * SIGLIP["hidden"]
+    proj = torch.nn.Sequential(
+        torch.nn.Identity(),  # DownSampleBlock: no weights
+        torch.nn.LayerNorm(width),
+        torch.nn.Linear(width, text_cfg.hidden_size),
+        torch.nn.GELU(),
+        torch.nn.Linear(text_cfg.hidden_size, text_cfg.hidden_size),
+    )
+    with torch.no_grad():
+        proj[1].weight.uniform_(0.5, 1.5)
+        proj[1].bias.normal_(0, 0.1)
+    (folder / "mm_projector").mkdir(parents=True)
+    save_file({f"layers.{k}": v.contiguous() for k, v in proj.state_dict().items()}, str(folder / "mm_projector" / "model.safetensors"))
+    (folder / "mm_projector" / "config.json").write_text(json.dumps({"model_type": "v2l_projector", "mm_projector_type": "mlp_downsample"}))
+    config = {
+        "architectures": ["LlavaLlamaModel"],
+        "model_type": "llava_llama",
+        "llm_cfg": "llm",
+        "vision_tower_cfg": "vision_tower",
+        "mm_projector_cfg": "mm_projector",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "cls_patch",
+        "image_aspect_ratio": "resize",
+        "mm_hidden_size": SIGLIP["hidden"],
+        "hidden_size": text_cfg.hidden_size,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return text, vision, proj
+
+
+def test_vila_fold_order_is_vilas_and_cell_order_makes_it_row_major():
+    from lmms_vg.vila import cell_order, fold
+
+    g = 5
+    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    coords = torch.stack([rows, cols], -1).reshape(1, g * g, 2).float() + 1  # +1: the zero padding stays apart
+    ours, theirs = fold(coords), vila_flat_square(coords)
+    assert torch.equal(ours, theirs)
+    side = 3
+    for cell, token in enumerate(cell_order(side)):  # the row-major cell (r, c) holds patches (2r..2r+1, 2c..2c+1)
+        r, c = divmod(cell, side)
+        patch_rows = {int(v) - 1 for v in theirs[0, token, 0::2] if v > 0}
+        patch_cols = {int(v) - 1 for v in theirs[0, token, 1::2] if v > 0}
+        assert patch_rows <= {2 * r, 2 * r + 1} and patch_cols <= {2 * c, 2 * c + 1} and patch_rows and patch_cols
+
+
+def test_vila_converted_logits_equal_the_original_forward(tmp_path, images):
+    text, vision, proj = original_vila(tmp_path / "orig")
+    out = convert(tmp_path / "orig", tmp_path / "hf")
+    wrapper = get_model("vila_m3").create_from_arg_string(f"pretrained={out},device=cpu", {})
+    inputs = wrapper.adapter.encode(images[:1], ["What is it?"])
+    positions = inputs["input_ids"][0] == wrapper.adapter.image_token_id
+    assert int(positions.sum()) == 9  # 70 px / 14 = 5 patches a side, padded to 6, folded to 3 x 3
+    with torch.no_grad():
+        ours = wrapper.model(**inputs).logits[..., : text.config.vocab_size]
+        hidden = vision(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]  # cls_patch: every token
+        features = proj[1:](vila_flat_square(hidden))
+        expected = spliced_logits(text, inputs, features, wrapper.adapter.image_token_id, text.config.vocab_size)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (ours - expected).abs().max()
+    prompt = wrapper.tokenizer.decode(inputs["input_ids"][0][~positions])
+    assert prompt.endswith(
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n".replace(
+            "<image>", ""
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def vila_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vila")
+    original_vila(root / "orig")
+    return convert(root / "orig", root / "hf")
+
+
+def test_vila_registry_generates_grounds_in_row_major_cells_and_refines(vila_dir, images, tmp_path):
+    wrapper = get_model("vila_m3").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {"batch_size": 2})
+    questions = ["What is shown?", "Where is the lesion in this image?"]
+    assert all(isinstance(a, str) for a in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3})))
+    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
+    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, gen))]
+    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    runner = next(iter(wrapper._grounding.values()))
+    batch = runner.passes.batch(images[:1], questions[:1])
+    tokens, _ = batch.question_and_reference(None)
+    cells, _ = runner.question_and_reference_maps(images[:1], questions[:1], [None])
+    assert torch.allclose(cells, tokens[..., wrapper.adapter.cell_order], atol=1e-6)  # maps reach the metrics in row-major cells
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
+    refined = get_model("vila_m3_vgrefine").create_from_arg_string(f"pretrained={vila_dir},device=cpu,heads={heads}", {})
+    outs = [
+        outputs.decode(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}}))
+    ]
+    assert all(o.knockout_layers == (1,) and 0.2 <= o.knocked_fraction <= 0.8 for o in outs)
+
+
+def test_vila_marker_lands_where_the_squash_geometry_says(vila_dir):
+    adapter = get_model("vila_m3").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {}).adapter
+    for width, height, box in [(337, 113, (250, 20, 320, 90)), (113, 337, (20, 200, 90, 320)), (200, 200, (30, 120, 90, 180))]:
+        image = marker_image(width, height, box)
+        pixels = adapter.pixel_inputs([image])["pixel_values"][0].float().numpy() + 1.0  # SigLIP's (x - .5) / .5: white 2, black 0
+        t = adapter.transform(image)
+        covered = pixels[:, : 5 * 14, : 5 * 14]  # SigLIP sees 5 patches a side; the 6th row and column of the fold are zeros
+        cells = geometry.box_cells([box], "xyxy", t).mask
+        landed = landed_cells(np.pad(covered, ((0, 0), (0, 14), (0, 14))), int(t.cell))
+        assert landed.any() and not (landed & ~cells).any(), (width, height)
+        x0, y0, x1, y1 = box
+        mapped = (x0 * t.scale_x, y0 * t.scale_y, x1 * t.scale_x, y1 * t.scale_y)  # squashed: no offsets
+        assert np.allclose(white_extent(pixels), mapped, atol=2.0), (white_extent(pixels), mapped)
+
+
+def test_vila_without_its_vision_tower_or_of_another_family_says_what_to_do(tmp_path, vila_dir, llava_dir):
+    import shutil
+
+    original_vila(tmp_path / "orig")
+    shutil.rmtree(tmp_path / "orig" / "vision_tower")
+    with pytest.raises(ConversionError, match="without vision_tower/"):
+        convert(tmp_path / "orig", tmp_path / "hf")
+    with pytest.raises(ModelLoadError, match="'llava' checkpoint, not VilaForConditionalGeneration"):
+        get_model("vila_m3").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {})
+    with pytest.raises(ModelLoadError, match="'llava_vila' checkpoint"):
+        get_model("huatuo").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {})
