@@ -171,7 +171,8 @@ class VilaAdapter(LlavaAdapter):
 
         ip = self.processor.image_processor
         self.size = int(ip.size["height"])
-        self.patch = int(model.config.vision_config.patch_size)
+        patch = model.config.vision_config.patch_size
+        self.patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
         self.side = -(-(self.size // self.patch) // MERGE)
         self.merge = MERGE
         self.cell_order = cell_order(self.side)
@@ -198,6 +199,24 @@ class VilaAdapter(LlavaAdapter):
         return geometry.squash_transform(
             image.width, image.height, size=self.size, patch=self.patch, merge=self.merge, pad_to_square=self.pad_to_square
         )
+
+
+class InternVLAdapter(VilaAdapter):
+    """InternVL-Chat-V1-2 (MedRegA): a fixed 448-px InternViT, images resized to it, 2 x 2 pixel shuffle.
+
+    Its placeholder is ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>`` where the text holds ``<image>``
+    (InternVL's ``chat``); the shuffle is VILA's fold without the padding (the grid is even), and ``v1``
+    checkpoints keep VILA's column-major token order.
+    """
+
+    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
+        super().__init__(model, processor, chat_template, name, pad_to_square)
+        if model.config.model_type != "internvl_ps1":
+            self.cell_order = None  # ps_version v2: row-major already
+        self.context = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        return super().prompt(text, n_images).replace("<image>", f"<img>{self.context}</img>")
 
 
 def image_lists(images: list) -> list[list[Image.Image]]:

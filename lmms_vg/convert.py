@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import s2
-from .prompts import HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
+from .prompts import HERMES2_TEMPLATE, HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
 
 TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_qwen": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
 TEMPLATES = {
@@ -186,6 +186,8 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
     if is_vila(source):
         return convert_vila(source, out)
     original = json.loads((source / "config.json").read_text())
+    if original.get("model_type") == "internvl_chat":
+        return convert_internvl(source, out, original)
     arch = arch or original.get("model_type")
     if arch not in TEXT_TYPES:
         raise ConversionError(f"model_type {arch!r} is not one of {sorted(TEXT_TYPES)}; pass --arch if the config does not say")
@@ -334,4 +336,128 @@ def convert_vila(source: Path, out: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     AutoImageProcessor.from_pretrained(source / "vision_tower").save_pretrained(out)
+    return out
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # InternVL's build_transform
+IMAGENET_STD = [0.229, 0.224, 0.225]
+INTERNVL_TEMPLATES = {"Hermes-2": HERMES2_TEMPLATE}
+INTERN_VIT_LAYER = {  # InternViT block (remote code) -> transformers' InternVLVisionLayer
+    "norm1.": "layernorm_before.",
+    "norm2.": "layernorm_after.",
+    "attn.proj.": "attention.projection_layer.",
+    "attn.q_norm.": "attention.q_norm.",
+    "attn.k_norm.": "attention.k_norm.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+    "ls1": "lambda_1",
+    "ls2": "lambda_2",
+}
+
+
+def internvl_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of InternVLChatModel (remote code) under transformers' InternVL names (qkv split in three)."""
+    embeddings = {
+        "class_embedding": "cls_token",
+        "patch_embedding.": "patch_embeddings.projection.",
+        "position_embedding": "position_embeddings",
+    }
+    if key.startswith("vision_model.embeddings."):
+        rest = key.removeprefix("vision_model.embeddings.")
+        old = next((o for o in embeddings if rest.startswith(o)), None)
+        return {} if old is None else {"model.vision_tower.embeddings." + embeddings[old] + rest[len(old) :]: value}
+    if key.startswith("vision_model.encoder.layers."):
+        index, rest = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+        layer = f"model.vision_tower.encoder.layer.{index}."
+        if rest.startswith("attn.qkv."):
+            part = rest.removeprefix("attn.qkv.")
+            return {f"{layer}attention.{n}.{part}": c for n, c in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3))}
+        old = next((o for o in INTERN_VIT_LAYER if rest.startswith(o)), None)
+        return {} if old is None else {layer + INTERN_VIT_LAYER[old] + rest[len(old) :]: value}
+    if key.startswith("mlp1."):
+        index, part = key.removeprefix("mlp1.").split(".", 1)
+        name = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}.get(index)
+        return {} if name is None else {f"model.multi_modal_projector.{name}.{part}": value}
+    if key.startswith("language_model.model."):
+        return {"model.language_model." + key.removeprefix("language_model.model."): value}
+    if key.startswith("language_model.lm_head."):
+        return {key.removeprefix("language_model."): value}
+    return {}
+
+
+def convert_internvl(source: Path, out: Path, original: dict) -> Path:
+    """An InternVL-Chat checkpoint (remote code: MedRegA, InternVL-Chat-V1-2) to transformers' InternVL classes."""
+    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, SiglipImageProcessorPil
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from . import internvl
+
+    llm, vit = original.get("llm_config", {}), original.get("vision_config", {})
+    if (llm.get("architectures") or ["?"])[0] != "LlamaForCausalLM":
+        raise ConversionError(
+            f"InternVL with a {(llm.get('architectures') or ['?'])[0]} LLM: only Llama-architecture LLMs (Yi, as MedRegA) are mapped"
+        )
+    if original.get("dynamic_image_size"):
+        raise ConversionError(
+            "dynamic_image_size (tiling) is on in this InternVL checkpoint: only fixed-size InternVL (V1-2, MedRegA) is built here"
+        )
+    size = int(original.get("force_image_size") or vit["image_size"])
+    vision_config = InternVLVisionConfig(
+        hidden_size=vit["hidden_size"],
+        num_hidden_layers=vit["num_hidden_layers"],
+        num_attention_heads=vit["num_attention_heads"],
+        intermediate_size=vit["intermediate_size"],
+        image_size=[size, size],
+        patch_size=[vit["patch_size"], vit["patch_size"]],
+        norm_type=vit.get("norm_type", "rms_norm"),
+        use_qk_norm=bool(vit.get("qk_normalization", False)),
+        attention_bias=bool(vit.get("qkv_bias", True)),
+        layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
+        hidden_act=vit.get("hidden_act", "gelu"),
+        use_mean_pooling=True,  # InternViT has no final norm
+        use_absolute_position_embeddings=True,
+    )
+    text_config = LlamaConfig(**{k: v for k, v in llm.items() if k not in ("architectures", "model_type", "auto_map", "_name_or_path")})
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    context = "<IMG_CONTEXT>"
+    if tokenizer.convert_tokens_to_ids(context) in (None, tokenizer.unk_token_id):
+        raise ConversionError(f"{source}: the tokenizer has no {context} token; give the InternVL checkpoint's own tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    template = original.get("template", "Hermes-2")
+    if template not in INTERNVL_TEMPLATES:
+        raise ConversionError(f"InternVL template {template!r}: known here {sorted(INTERNVL_TEMPLATES)}")
+    tokenizer.chat_template = INTERNVL_TEMPLATES[template]
+    v1 = original.get("ps_version", "v1") == "v1"
+    config_class, model_class = (
+        (internvl.InternVLPs1Config, internvl.InternVLPs1ForConditionalGeneration)
+        if v1
+        else (InternVLConfig, InternVLForConditionalGeneration)
+    )
+    config = config_class(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(context),
+        downsample_ratio=float(original.get("downsample_ratio", 0.5)),
+        vision_feature_layer=int(original.get("select_layer", -1)),
+        vision_feature_select_strategy="default",  # extract_feature drops the CLS token
+        projector_hidden_act="gelu",
+    )
+    weights, unmapped = {}, []
+    for key, value in load_weights(source).items():
+        mapped = internvl_key(key, value)
+        (weights.update(mapped) if mapped else unmapped.append(key))
+    if unmapped:
+        raise ConversionError(f"{len(unmapped)} InternVL tensors have no place in {model_class.__name__}, e.g. {unmapped[:3]}")
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ConversionError(f"InternVL weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(out)
     return out

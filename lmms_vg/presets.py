@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prompts import HUATUO_TEMPLATE, LLAMA3_LLAVA_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
+from .prompts import (
+    HERMES2_TEMPLATE,
+    HUATUO_TEMPLATE,
+    LLAMA3_LLAVA_TEMPLATE,
+    MISTRAL_INST_TEMPLATE,
+    VICUNA_TEMPLATE,
+    VILA_LLAMA3_TEMPLATE,
+)
 
 DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
 
@@ -61,6 +68,12 @@ FAMILIES: dict[str, Family] = {
         ),
         # VILA (VILA-M3): SigLIP, 2 x 2 patch fold, Llama; built from transformers' parts (lmms_vg.vila)
         Family("vila", "lmms_vg.adapters.VilaAdapter", {"llava_vila": "lmms_vg.vila.VilaForConditionalGeneration"}),
+        # InternVL-Chat (MedRegA): transformers' InternVL classes; ps_version v1 checkpoints keep their transposed shuffle
+        Family(
+            "internvl",
+            "lmms_vg.adapters.InternVLAdapter",
+            {"internvl_ps1": "lmms_vg.internvl.InternVLPs1ForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"},
+        ),
     )
 }
 
@@ -163,16 +176,21 @@ PRESETS: dict[str, ModelPreset] = {
             "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
             "vila",
         ),
+        ModelPreset(
+            "medrega",
+            "",
+            HERMES2_TEMPLATE,
+            False,
+            None,
+            (),
+            "MedRegA (Luxuriant16/medrega: InternVL-Chat-V1-2, InternViT-6B + Yi-34B) ships as remote code: convert it with "
+            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
+            "internvl",
+        ),
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }
 GENERIC_MODEL_ID = "lmms_vg_llava"  # any LLaVA checkpoint, pretrained= required
-
-# The paper's models that transformers cannot load natively: their ids fail at once, saying why.
-UNSUPPORTED = {
-    "medrega": "MedRegA (InternVL-Chat-V1-2: InternViT-6B + Yi-34B) is loaded only with trust_remote_code and its own chat() API; "
-    "its attention does not go through transformers' AttentionInterface.",
-}
 
 
 def resolve_checkpoint(checkpoint: str) -> str:

@@ -31,6 +31,11 @@ VILA_LLAMA3_TEMPLATE = (
     "<|start_header_id|>user<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n{% endfor %}"
 )
+# InternVL's ``Hermes-2`` conversation (SeparatorStyle.MPT), the template InternVL-Chat-V1-2 (MedRegA's base) names
+HERMES2_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。<|im_end|><|im_start|>user\n{{ message['content'] }}<|im_end|><|im_start|>assistant\n{% endfor %}"
+)
 VICUNA_TEMPLATE = (
     "{% for message in messages %}A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "

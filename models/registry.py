@@ -12,7 +12,7 @@ import sys
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from lmms_vg.presets import UNSUPPORTED, class_name, model_ids
+from lmms_vg.presets import class_name, model_ids
 from lmms_vg_tasks import _hook
 
 TASKS_DIR = _hook.TASKS_DIR
@@ -26,7 +26,6 @@ def manifests() -> list[ModelManifest]:
     """
     _hook.install()
     paths = {mid: f"lmms_vg_models.model_ids.{class_name(mid)}" for mid in model_ids()}
-    paths |= {mid: f"lmms_vg_models.unsupported.{class_name(mid)}" for mid in UNSUPPORTED}
     listed = sys.modules.get("lmms_eval.models")  # being initialised: it is loading this entry point
     simple = getattr(listed, "AVAILABLE_SIMPLE_MODELS", {})
     builtin = set(simple) | set(getattr(listed, "AVAILABLE_CHAT_TEMPLATE_MODELS", {}))

@@ -462,3 +462,163 @@ def test_vila_without_its_vision_tower_or_of_another_family_says_what_to_do(tmp_
         get_model("vila_m3").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {})
     with pytest.raises(ModelLoadError, match="'llava_vila' checkpoint"):
         get_model("huatuo").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {})
+
+
+# ---- MedRegA: InternVL-Chat-V1-2's remote-code layout (InternViT + pixel shuffle v1 + mlp1 + Llama/Yi) -------------
+
+INTERN = {"hidden": 32, "heads": 2, "depth": 3, "size": 112, "patch": 14, "mlp": 64}  # 8 x 8 patches -> 4 x 4 tokens
+
+
+def intern_vit_weights(seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c, p, n, m = INTERN["hidden"], INTERN["patch"], (INTERN["size"] // INTERN["patch"]) ** 2, INTERN["mlp"]
+
+    def r(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    e = "vision_model.embeddings."
+    w = {e + "class_embedding": r(1, 1, c), e + "position_embedding": r(1, n + 1, c), e + "patch_embedding.weight": r(c, 3, p, p)}
+    w[e + "patch_embedding.bias"] = r(c)
+    for i in range(INTERN["depth"]):
+        b = f"vision_model.encoder.layers.{i}."
+        w |= {b + "norm1.weight": 1 + r(c), b + "norm2.weight": 1 + r(c), b + "ls1": 0.5 + r(c), b + "ls2": 0.5 + r(c)}
+        w |= {b + "attn.qkv.weight": r(3 * c, c, scale=0.3), b + "attn.q_norm.weight": 1 + r(c), b + "attn.k_norm.weight": 1 + r(c)}
+        w |= {b + "attn.proj.weight": r(c, c, scale=0.3), b + "attn.proj.bias": r(c), b + "mlp.fc1.weight": r(m, c, scale=0.3)}
+        w |= {b + "mlp.fc1.bias": r(m), b + "mlp.fc2.weight": r(c, m, scale=0.3), b + "mlp.fc2.bias": r(c)}
+    return w
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """InternRMSNorm."""
+    return weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def intern_vit(w: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """InternViT's last hidden state (rms_norm, qk_normalization, no qkv bias, layer scale), as its modeling code computes it."""
+    c, heads = INTERN["hidden"], INTERN["heads"]
+    hd = c // heads
+    e = "vision_model.embeddings."
+    x = F.conv2d(pixels, w[e + "patch_embedding.weight"], w[e + "patch_embedding.bias"], stride=INTERN["patch"]).flatten(2).transpose(1, 2)
+    x = torch.cat([w[e + "class_embedding"].expand(x.shape[0], -1, -1), x], 1) + w[e + "position_embedding"]
+    for i in range(INTERN["depth"]):
+        b = f"vision_model.encoder.layers.{i}."
+        bsz, n, _ = x.shape
+        qkv = (rms_norm(x, w[b + "norm1.weight"]) @ w[b + "attn.qkv.weight"].T).reshape(bsz, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        q = rms_norm(q.transpose(1, 2).flatten(-2, -1), w[b + "attn.q_norm.weight"]).view(bsz, n, heads, hd).transpose(1, 2)
+        k = rms_norm(k.transpose(1, 2).flatten(-2, -1), w[b + "attn.k_norm.weight"]).view(bsz, n, heads, hd).transpose(1, 2)
+        attn = torch.softmax((q * hd**-0.5) @ k.transpose(-2, -1), -1)
+        out = (attn @ v).transpose(1, 2).reshape(bsz, n, c) @ w[b + "attn.proj.weight"].T + w[b + "attn.proj.bias"]
+        x = x + out * w[b + "ls1"]
+        h = rms_norm(x, w[b + "norm2.weight"])
+        x = (
+            x
+            + (F.gelu(h @ w[b + "mlp.fc1.weight"].T + w[b + "mlp.fc1.bias"]) @ w[b + "mlp.fc2.weight"].T + w[b + "mlp.fc2.bias"])
+            * w[b + "ls2"]
+        )
+    return x
+
+
+def pixel_shuffle_v1(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """InternVLChatModel.pixel_shuffle with ps_version 'v1' (no swap back)."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+    return x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+
+
+def original_medrega(folder):
+    """MedRegA as InternVLChatModel saves it (remote code): vision_model.*, mlp1.*, language_model.*; InternVL's special tokens."""
+    torch.manual_seed(0)
+    tok = tiny.build_tokenizer(image_token=False, extra_special=("<img>", "</img>", "<IMG_CONTEXT>"))
+    text_cfg = tiny.text_config("llama", len(tok))
+    text = LlamaForCausalLM(text_cfg).eval()
+    vit = intern_vit_weights()
+    width = 4 * INTERN["hidden"]
+    mlp1 = torch.nn.Sequential(
+        torch.nn.LayerNorm(width),
+        torch.nn.Linear(width, text_cfg.hidden_size),
+        torch.nn.GELU(),
+        torch.nn.Linear(text_cfg.hidden_size, text_cfg.hidden_size),
+    )
+    weights = (
+        vit | {f"mlp1.{k}": v for k, v in mlp1.state_dict().items()} | {f"language_model.{k}": v for k, v in text.state_dict().items()}
+    )
+    vision_config = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": INTERN["hidden"],
+        "num_attention_heads": INTERN["heads"],
+        "num_hidden_layers": INTERN["depth"],
+        "intermediate_size": INTERN["mlp"],
+        "image_size": INTERN["size"],
+        "patch_size": INTERN["patch"],
+        "norm_type": "rms_norm",
+        "qk_normalization": True,
+        "qkv_bias": False,
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+    }
+    config = {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "vision_config": vision_config,
+        "llm_config": {**text_cfg.to_dict(), "architectures": ["LlamaForCausalLM"]},
+        "force_image_size": INTERN["size"],
+        "downsample_ratio": 0.5,
+        "ps_version": "v1",
+        "select_layer": -1,
+        "template": "Hermes-2",
+        "dynamic_image_size": False,
+    }
+    save_original(folder, weights, config, tok)
+    return text, vit, mlp1
+
+
+def test_medrega_converted_logits_equal_the_original_forward(tmp_path, images):
+    text, vit, mlp1 = original_medrega(tmp_path / "orig")
+    out = convert(tmp_path / "orig", tmp_path / "hf")
+    wrapper = get_model("medrega").create_from_arg_string(f"pretrained={out},device=cpu", {})
+    inputs = wrapper.adapter.encode(images[:1], ["What is it?"])
+    positions = inputs["input_ids"][0] == wrapper.adapter.image_token_id
+    assert int(positions.sum()) == 16  # 112 px / 14 = 8 patches a side, shuffled 2 x 2
+    with torch.no_grad():
+        ours = wrapper.model(**inputs).logits[..., : text.config.vocab_size]
+        grid = intern_vit(vit, inputs["pixel_values"])[:, 1:].reshape(1, 8, 8, -1)
+        features = mlp1(pixel_shuffle_v1(grid).reshape(1, 16, -1))
+        expected = spliced_logits(text, inputs, features, wrapper.adapter.image_token_id, text.config.vocab_size)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (ours - expected).abs().max()
+    prompt = wrapper.tokenizer.decode(inputs["input_ids"][0])
+    assert "<|im_start|>user\n<img><IMG_CONTEXT>" in prompt and "</img>\nWhat is it?<|im_end|><|im_start|>assistant\n" in prompt
+
+
+def test_medrega_registry_generates_grounds_in_row_major_cells_and_refines(tmp_path, images):
+    original_medrega(tmp_path / "orig")
+    out = convert(tmp_path / "orig", tmp_path / "hf")
+    wrapper = get_model("medrega").create_from_arg_string(f"pretrained={out},device=cpu", {"batch_size": 2})
+    questions = ["What is shown?", "Where is the lesion in this image?"]
+    assert all(isinstance(a, str) for a in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3})))
+    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
+    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, gen))]
+    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    assert wrapper.adapter.cell_order == [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15]  # v1's transposed 4 x 4 grid
+    t = wrapper.adapter.transform(images[0])
+    assert (t.rows, t.cols, t.cell) == (4, 4, 28.0)
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
+    refined = get_model("medrega_vgrefine").create_from_arg_string(f"pretrained={out},device=cpu,heads={heads}", {})
+    outs = [
+        outputs.decode(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}}))
+    ]
+    assert all(o.knockout_layers == (1,) and 0.3 <= o.knocked_fraction <= 0.7 for o in outs)
+
+
+def test_medrega_with_another_llm_or_tiling_says_what_to_do(tmp_path):
+    original_medrega(tmp_path / "orig")
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    (tmp_path / "orig" / "config.json").write_text(json.dumps({**config, "dynamic_image_size": True}))
+    with pytest.raises(ConversionError, match="dynamic_image_size"):
+        convert(tmp_path / "orig", tmp_path / "hf")
+    config["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="InternLM2ForCausalLM LLM"):
+        convert(tmp_path / "orig", tmp_path / "hf")
