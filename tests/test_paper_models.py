@@ -622,3 +622,19 @@ def test_medrega_with_another_llm_or_tiling_says_what_to_do(tmp_path):
     (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="InternLM2ForCausalLM LLM"):
         convert(tmp_path / "orig", tmp_path / "hf")
+
+
+def test_medrega_marker_lands_where_the_squash_geometry_says(tmp_path):
+    original_medrega(tmp_path / "orig")
+    adapter = (
+        get_model("medrega").create_from_arg_string(f"pretrained={convert(tmp_path / 'orig', tmp_path / 'hf')},device=cpu", {}).adapter
+    )
+    for width, height, box in [(337, 113, (250, 20, 320, 90)), (113, 337, (20, 200, 90, 320)), (200, 200, (30, 120, 90, 180))]:
+        image = marker_image(width, height, box)
+        pixels = adapter.pixel_inputs([image])["pixel_values"][0].float().numpy()  # ImageNet statistics: white ~2.2, black ~-2
+        t = adapter.transform(image)
+        assert pixels.shape[1:] == (t.rows * t.cell, t.cols * t.cell)
+        landed = landed_cells(pixels, int(t.cell))
+        assert landed.any() and not (landed & ~geometry.box_cells([box], "xyxy", t).mask).any(), (width, height)
+        x0, y0, x1, y1 = box
+        assert np.allclose(white_extent(pixels), (x0 * t.scale_x, y0 * t.scale_y, x1 * t.scale_x, y1 * t.scale_y), atol=2.0)
