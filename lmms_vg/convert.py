@@ -168,6 +168,34 @@ def is_open_clip(original: dict, weights: dict, folder: Path | None) -> bool:
     return named or any(k.startswith(TIMM_PREFIX) for k in weights) or bool(folder and (folder / "open_clip_config.json").exists())
 
 
+def make_room_for(image_token_id: int, config, weights: dict[str, torch.Tensor]) -> None:
+    """Grow the vocabulary to hold an added image token; its rows (never read as input) are the mean row, out of the argmax's way."""
+    text_config = config.text_config
+    if image_token_id < text_config.vocab_size:
+        return
+    text_config.vocab_size = image_token_id + 1
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        old = weights[name]
+        weights[name] = torch.cat([old, old.mean(0, keepdim=True).expand(text_config.vocab_size - old.shape[0], -1)])
+    config.text_config = text_config
+
+
+def save_model(model_class, config, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """``model_class(config)`` holding exactly ``weights`` (built on the meta device, no random init), saved as safetensors."""
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ConversionError(
+            f"{model_class.__name__}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if getattr(config.text_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def map_key(key: str) -> str | None:
     for old, new in KEY_MAP:
         if key.startswith(old):
@@ -232,21 +260,8 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, vision
         (unmapped.append(key) if new is None else mapped.__setitem__(new, value))
     if unmapped:
         raise ConversionError(f"{len(unmapped)} tensors have no place in {model_class.__name__}, e.g. {unmapped[:3]}")
-    if image_token_id >= text_config.vocab_size:  # the <image> row is never read as input; keep it out of the argmax
-        text_config.vocab_size = image_token_id + 1
-        for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            old = mapped[name]
-            mapped[name] = torch.cat([old, old.mean(0, keepdim=True).expand(text_config.vocab_size - old.shape[0], -1)])
-        config.text_config = text_config
-    with torch.device("meta"):
-        model = model_class(config)
-    missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ConversionError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights() if getattr(config.text_config, "tie_word_embeddings", False) else None
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    make_room_for(image_token_id, config, mapped)
+    save_model(model_class, config, mapped, out)
     # S2: the processor resizes to the largest scale; one token per (patch x largest/smallest) pixels of it
     size = max(s2_scales) if s2_scales else vision_config.image_size
     patch = vision_config.patch_size * (max(s2_scales) // min(s2_scales) if s2_scales else 1)
@@ -320,20 +335,8 @@ def convert_vila(source: Path, out: Path) -> Path:
         if old is None:
             raise ConversionError(f"mm_projector tensor {key!r} has no place in mlp_downsample")
         weights["model.multi_modal_projector." + VILA_PROJECTOR[old] + key[len(old) :]] = value
-    if image_token_id >= text_config.vocab_size:
-        text_config.vocab_size = image_token_id + 1
-        for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            old = weights[name]
-            weights[name] = torch.cat([old, old.mean(0, keepdim=True).expand(text_config.vocab_size - old.shape[0], -1)])
-        config.text_config = text_config
-    with torch.device("meta"):
-        model = vila.VilaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ConversionError(f"VILA weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    make_room_for(image_token_id, config, weights)
+    save_model(vila.VilaForConditionalGeneration, config, weights, out)
     tokenizer.save_pretrained(out)
     AutoImageProcessor.from_pretrained(source / "vision_tower").save_pretrained(out)
     return out
@@ -450,14 +453,7 @@ def convert_internvl(source: Path, out: Path, original: dict) -> Path:
         (weights.update(mapped) if mapped else unmapped.append(key))
     if unmapped:
         raise ConversionError(f"{len(unmapped)} InternVL tensors have no place in {model_class.__name__}, e.g. {unmapped[:3]}")
-    with torch.device("meta"):
-        model = model_class(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ConversionError(f"InternVL weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_model(model_class, config, weights, out)
     tokenizer.save_pretrained(out)
     SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(out)
     return out

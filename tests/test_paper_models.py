@@ -241,6 +241,33 @@ def test_tri_converted_logits_equal_the_s2_forward(tmp_path):
 # ---- both, through lmms-eval's registry -------------------------------------------------------------------------
 
 
+QUESTIONS = ["What is shown?", "Where is the lesion in this image?"]
+
+
+def converted_and_encoded(model_id: str, tmp_path, image):
+    """``tmp_path/orig`` converted and loaded by ``model_id``; one prompt encoded by its adapter, and where its image tokens are."""
+    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={convert(tmp_path / 'orig', tmp_path / 'hf')},device=cpu", {})
+    inputs = wrapper.adapter.encode([image], ["What is it?"])
+    return wrapper, inputs, inputs["input_ids"][0] == wrapper.adapter.image_token_id
+
+
+def generates_grounds_and_refines(model_id: str, checkpoint, images, tmp_path):
+    """Through lmms-eval's registry: a batch of answers, grounding records with one value per layer, VGRefine's knockout."""
+    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={checkpoint},device=cpu", {"batch_size": 2})
+    answers = wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, {"max_new_tokens": 3}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
+    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, gen))]
+    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
+    refined = get_model(f"{model_id}_vgrefine").create_from_arg_string(f"pretrained={checkpoint},device=cpu,heads={heads}", {})
+    requests = make_requests(refined, images, QUESTIONS, {"max_new_tokens": 3, "lmms_vg": {}})
+    outs = [outputs.decode(o) for o in refined.generate_until(requests)]
+    assert all(o.knockout_layers == (1,) and 0.2 <= o.knocked_fraction <= 0.8 for o in outs)
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_models")
@@ -251,22 +278,9 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("model_id", ["llava_tri", "huatuo_bio"])
 def test_registry_generates_grounds_and_refines(model_id, converted, images, tmp_path):
-    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={converted[model_id]},device=cpu", {"batch_size": 2})
-    questions = ["What is shown?", "Where is the lesion in this image?"]
-    answers = wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3}))
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
-    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, gen))]
-    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    wrapper = generates_grounds_and_refines(model_id, converted[model_id], images, tmp_path)
     t = wrapper.adapter.transform(images[0])
     assert (t.rows, t.cols) == (4, 4)  # S2: the smallest scale's grid; BiomedCLIP: 64 px / 16
-    heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
-    refined = get_model(f"{model_id}_vgrefine").create_from_arg_string(f"pretrained={converted[model_id]},device=cpu,heads={heads}", {})
-    outs = [
-        outputs.decode(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}}))
-    ]
-    assert all(o.knockout_layers == (1,) and 0.3 <= o.knocked_fraction <= 0.7 for o in outs)
 
 
 @pytest.mark.parametrize("model_id", ["llava_tri", "huatuo_bio"])
@@ -389,10 +403,7 @@ def test_vila_fold_order_is_vilas_and_cell_order_makes_it_row_major():
 
 def test_vila_converted_logits_equal_the_original_forward(tmp_path, images):
     text, vision, proj = original_vila(tmp_path / "orig")
-    out = convert(tmp_path / "orig", tmp_path / "hf")
-    wrapper = get_model("vila_m3").create_from_arg_string(f"pretrained={out},device=cpu", {})
-    inputs = wrapper.adapter.encode(images[:1], ["What is it?"])
-    positions = inputs["input_ids"][0] == wrapper.adapter.image_token_id
+    wrapper, inputs, positions = converted_and_encoded("vila_m3", tmp_path, images[0])
     assert int(positions.sum()) == 9  # 70 px / 14 = 5 patches a side, padded to 6, folded to 3 x 3
     with torch.no_grad():
         ours = wrapper.model(**inputs).logits[..., : text.config.vocab_size]
@@ -416,24 +427,12 @@ def vila_dir(tmp_path_factory):
 
 
 def test_vila_registry_generates_grounds_in_row_major_cells_and_refines(vila_dir, images, tmp_path):
-    wrapper = get_model("vila_m3").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {"batch_size": 2})
-    questions = ["What is shown?", "Where is the lesion in this image?"]
-    assert all(isinstance(a, str) for a in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3})))
-    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
-    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, gen))]
-    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    wrapper = generates_grounds_and_refines("vila_m3", vila_dir, images, tmp_path)
     runner = next(iter(wrapper._grounding.values()))
-    batch = runner.passes.batch(images[:1], questions[:1])
+    batch = runner.passes.batch(images[:1], QUESTIONS[:1])
     tokens, _ = batch.question_and_reference(None)
-    cells, _ = runner.question_and_reference_maps(images[:1], questions[:1], [None])
+    cells, _ = runner.question_and_reference_maps(images[:1], QUESTIONS[:1], [None])
     assert torch.allclose(cells, tokens[..., wrapper.adapter.cell_order], atol=1e-6)  # maps reach the metrics in row-major cells
-    heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
-    refined = get_model("vila_m3_vgrefine").create_from_arg_string(f"pretrained={vila_dir},device=cpu,heads={heads}", {})
-    outs = [
-        outputs.decode(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}}))
-    ]
-    assert all(o.knockout_layers == (1,) and 0.2 <= o.knocked_fraction <= 0.8 for o in outs)
 
 
 def test_vila_marker_lands_where_the_squash_geometry_says(vila_dir):
@@ -576,10 +575,7 @@ def original_medrega(folder):
 
 def test_medrega_converted_logits_equal_the_original_forward(tmp_path, images):
     text, vit, mlp1 = original_medrega(tmp_path / "orig")
-    out = convert(tmp_path / "orig", tmp_path / "hf")
-    wrapper = get_model("medrega").create_from_arg_string(f"pretrained={out},device=cpu", {})
-    inputs = wrapper.adapter.encode(images[:1], ["What is it?"])
-    positions = inputs["input_ids"][0] == wrapper.adapter.image_token_id
+    wrapper, inputs, positions = converted_and_encoded("medrega", tmp_path, images[0])
     assert int(positions.sum()) == 16  # 112 px / 14 = 8 patches a side, shuffled 2 x 2
     with torch.no_grad():
         ours = wrapper.model(**inputs).logits[..., : text.config.vocab_size]
@@ -593,23 +589,10 @@ def test_medrega_converted_logits_equal_the_original_forward(tmp_path, images):
 
 def test_medrega_registry_generates_grounds_in_row_major_cells_and_refines(tmp_path, images):
     original_medrega(tmp_path / "orig")
-    out = convert(tmp_path / "orig", tmp_path / "hf")
-    wrapper = get_model("medrega").create_from_arg_string(f"pretrained={out},device=cpu", {"batch_size": 2})
-    questions = ["What is shown?", "Where is the lesion in this image?"]
-    assert all(isinstance(a, str) for a in wrapper.generate_until(make_requests(wrapper, images, questions, {"max_new_tokens": 3})))
-    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
-    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, questions, gen))]
-    assert all(r.skipped is None and len(r.kl) == 3 for r in records)
+    wrapper = generates_grounds_and_refines("medrega", convert(tmp_path / "orig", tmp_path / "hf"), images, tmp_path)
     assert wrapper.adapter.cell_order == [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15]  # v1's transposed 4 x 4 grid
     t = wrapper.adapter.transform(images[0])
     assert (t.rows, t.cols, t.cell) == (4, 4, 28.0)
-    heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"heads": [[1, 0], [2, 1], [0, 3]], "knockout_layers": [1]}))
-    refined = get_model("medrega_vgrefine").create_from_arg_string(f"pretrained={out},device=cpu,heads={heads}", {})
-    outs = [
-        outputs.decode(o) for o in refined.generate_until(make_requests(refined, images, questions, {"max_new_tokens": 3, "lmms_vg": {}}))
-    ]
-    assert all(o.knockout_layers == (1,) and 0.3 <= o.knocked_fraction <= 0.7 for o in outs)
 
 
 def test_medrega_with_another_llm_or_tiling_says_what_to_do(tmp_path):
