@@ -8,7 +8,10 @@ the armed plan,
   in fp32, for those rows alone (no ``output_attentions``, no repeated K for GQA);
 * **knocks out** chosen image columns for chosen query rows, either before the softmax
   (``mask``: the authors' code, remaining weights renormalise) or after it (``zero``: the
-  paper's formula, weights kept, blocked value vectors zeroed for those rows).
+  paper's formula, weights kept, blocked value vectors zeroed for those rows);
+* **steers** the last query row of each call: its pre-softmax logits to chosen columns are
+  edited (PAI's ``a + alpha|a|``, AdaptVis's ``a * w``), in the prefill only or at every decoding
+  step as well.
 
 Positions are indices into the (left-padded) input sequence. A query row's position is
 ``kv_len - q_len + i``, so the same plan works in a plain forward, in the prefill of
@@ -94,11 +97,45 @@ class Knockout:
             raise ValueError("knockout rows and cols must be bool tensors of the same shape [batch, prompt_len]")
 
 
+SteerKind = Literal["amplify", "scale"]
+
+
+@dataclass
+class Steer:
+    """Edit the last query row's pre-softmax logits to ``cols`` at ``layers``, in every call (or the prefill only).
+
+    ``amplify``: ``a + value * |a|`` (PAI); ``scale``: ``a * value`` (AdaptVis). ``value`` is one
+    number per sample (``[batch]``); ``cols`` bool ``[batch, prompt_len]`` (the image tokens).
+    """
+
+    layers: frozenset[int]
+    cols: torch.Tensor
+    kind: SteerKind
+    value: torch.Tensor
+    prefill_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("amplify", "scale"):
+            raise ValueError(f"steer kind {self.kind!r} is not 'amplify' or 'scale'")
+        if self.cols.dtype != torch.bool or self.value.shape != (self.cols.shape[0],):
+            raise ValueError("steer cols must be bool [batch, prompt_len] and value one number per sample [batch]")
+
+    def applies(self, layer: int, q_len: int) -> bool:
+        return layer in self.layers and (q_len > 1 or not self.prefill_only)
+
+    def edit(self, scores: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``[B, H, R, kv]`` (the rows to steer), ``cols`` ``[B, kv]``: the edited logits."""
+        value = self.value.to(scores.device, scores.dtype)[:, None, None, None]
+        edited = scores + value * scores.abs() if self.kind == "amplify" else scores * value
+        return torch.where(cols[:, None, None, :], edited, scores)
+
+
 @dataclass
 class _ArmedPlan:
     layer_of: dict[int, int]  # id(attention module) -> layer index, for the one armed model
     capture: Capture | None
     knockout: Knockout | None
+    steer: Steer | None = None
 
 
 _ACTIVE: contextvars.ContextVar[_ArmedPlan | None] = contextvars.ContextVar("lmms_vg_plan", default=None)
@@ -128,9 +165,12 @@ def vg_attention(
     ko = plan.knockout
     if ko is not None and layer in ko.layers:
         out = _knockout_rows(out, query, key, value, attention_mask, scale, start, ko)
+    steer = plan.steer if plan.steer is not None and plan.steer.applies(layer, query.shape[2]) else None
+    if steer is not None:
+        out = _steer_last_row(out, query, key, value, attention_mask, scale, start, steer)
     cap = plan.capture
     if cap is not None and (cap.layers is None or layer in cap.layers):
-        weights = _capture_rows(query, key, attention_mask, scale, start, cap, ko if ko and layer in ko.layers else None)
+        weights = _capture_rows(query, key, attention_mask, scale, start, cap, ko if ko and layer in ko.layers else None, steer)
         if weights is not None:
             cap.maps[layer] = weights
             if cap.stop_early and cap.layers is not None and layer == max(cap.layers):
@@ -173,7 +213,24 @@ def _knockout_rows(out, query, key, value, attention_mask, scale, start, ko: Kno
     return out
 
 
-def _capture_rows(query, key, attention_mask, scale, start, cap: Capture, ko: Knockout | None) -> torch.Tensor | None:
+def _steer_last_row(out, query, key, value, attention_mask, scale, start, steer: Steer) -> torch.Tensor:
+    """Recompute the chunk's last query row with its logits to the steered columns edited, and write it into ``out``."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    last = torch.tensor([q_len - 1], device=query.device)
+    groups = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, groups).float(), repeat_kv(value, groups).float()
+    scores = query[:, :, q_len - 1 :, :].float() @ k.transpose(-1, -2) * scale  # [B, H, 1, kv]
+    scores = scores.masked_fill(~_allowed(attention_mask, last + start, last, kv_len), float("-inf"))
+    scores = steer.edit(scores, _fit(steer.cols, kv_len).to(query.device))
+    row = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)  # [B, 1, H, D]
+    out = out.clone()
+    out[:, q_len - 1 :] = row.to(out.dtype)
+    return out
+
+
+def _capture_rows(
+    query, key, attention_mask, scale, start, cap: Capture, ko: Knockout | None, steer: Steer | None = None
+) -> torch.Tensor | None:
     """fp32 post-softmax weights ``[batch, heads, rows, n_image]`` for the capture rows, or None if not in this chunk."""
     q_len, kv_len = query.shape[2], key.shape[2]
     local = cap.rows.to(query.device) - start  # [B, R]
@@ -191,7 +248,11 @@ def _capture_rows(query, key, attention_mask, scale, start, cap: Capture, ko: Kn
         blocked = ko_rows.gather(1, local + start)[:, :, None] & ko_cols[:, None, :]
     if blocked is not None and ko.mode == "mask":
         allowed = allowed & ~blocked[:, None]
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if steer is not None:  # the capture rows that are the chunk's last row are steered
+        last = (local == q_len - 1)[:, None, :, None]
+        scores = torch.where(last, steer.edit(scores, _fit(steer.cols, kv_len).to(query.device)), scores)
+    weights = torch.softmax(scores, dim=-1)
     if blocked is not None and ko.mode == "zero":
         weights = weights * (~blocked[:, None]).float()
     cols = cap.cols.to(query.device)
@@ -287,17 +348,23 @@ def _text_sub_config(model: torch.nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def arm(model: torch.nn.Module, capture: Capture | None = None, knockout: Knockout | None = None) -> Iterator[None]:
-    """Arm a capture and/or knockout for the calls made inside the block; nothing stays armed after it."""
+def arm(
+    model: torch.nn.Module, capture: Capture | None = None, knockout: Knockout | None = None, steer: Steer | None = None
+) -> Iterator[None]:
+    """Arm a capture, knockout and/or steer for the calls made inside the block; nothing stays armed after it (an empty arm disarms)."""
     layer_map = getattr(model, "_lmms_vg_layers", None)
     if layer_map is None:
         raise EngineError(f"{type(model).__name__} was not prepared: call lmms_vg.engine.install(model) once after loading")
     n_layers = len(layer_map)
-    for what, layers in (("capture", capture and capture.layers), ("knockout", knockout and knockout.layers)):
+    for what, layers in (
+        ("capture", capture and capture.layers),
+        ("knockout", knockout and knockout.layers),
+        ("steer", steer and steer.layers),
+    ):
         bad = sorted(layer for layer in (layers or ()) if not 0 <= layer < n_layers)
         if bad:
             raise EngineError(f"{what} layers {bad} out of range: the model has {n_layers} text layers (0..{n_layers - 1})")
-    token = _ACTIVE.set(_ArmedPlan(layer_map, capture, knockout))
+    token = _ACTIVE.set(_ArmedPlan(layer_map, capture, knockout, steer))
     try:
         yield
     finally:

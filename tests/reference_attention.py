@@ -8,7 +8,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-REFERENCE = {"knockout": None}  # {"layers", "rows" [B,T] bool, "cols" [B,T] bool, "mode"}
+REFERENCE = {"knockout": None, "steer": None}  # knockout: {"layers", "rows" [B,T], "cols" [B,T], "mode"}; steer: below
 
 
 def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -16,8 +16,22 @@ def reference_attention(module, query, key, value, attention_mask, dropout=0.0, 
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
     scores = query @ k.transpose(-1, -2) * scaling  # [B, H, q, kv]
+    st = REFERENCE["steer"]  # {"layers", "cols" [B,T] bool, "kind", "value" [B], "prefill_only"}
+    steer_here = st is not None and module.layer_idx in st["layers"] and (query.shape[2] > 1 or not st["prefill_only"])
+    image = None
+    if steer_here:
+        image = torch.zeros(query.shape[0], key.shape[2], dtype=torch.bool)
+        image[:, : min(key.shape[2], st["cols"].shape[1])] = st["cols"][:, : key.shape[2]]
+    if steer_here and st["kind"] == "scale":  # AdaptVis: attn_weights[:, :, -1, image] *= weight, before the mask
+        for b in range(query.shape[0]):
+            scores[b, :, -1, image[b]] = scores[b, :, -1, image[b]] * float(st["value"][b])
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        scores = torch.max(scores, torch.tensor(torch.finfo(scores.dtype).min))
+    if steer_here and st["kind"] == "amplify":  # PAI: a[:, :, -1, image] = |a| * alpha + a, after the mask
+        for b in range(query.shape[0]):
+            a = scores[b, :, -1, image[b]]
+            scores[b, :, -1, image[b]] = a.abs() * float(st["value"][b]) + a
     ko = REFERENCE["knockout"]
     q_len, kv_len = query.shape[2], key.shape[2]
     block = None

@@ -282,3 +282,30 @@ def test_capture_under_knockout_equals_hand_masked_weights(llava_dir, images, mo
         assert torch.allclose(ours[:, layer], expected, atol=1e-5, rtol=0), layer
     blocked = torch.stack([ko.cols[b, cols[b]] for b in range(2)])  # [B, N]
     assert (ours[:, 1].permute(1, 0, 2)[:, blocked] == 0).all()  # blocked image columns carry no weight at the knockout layer
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("kind", "values", "prefill_only"), [("amplify", (0.5, 0.2), False), ("scale", (0.5, 2.0), True)])
+def test_steer_inside_generate_matches_the_published_formula(llava_dir, images, batch, kind, values, prefill_only):
+    """PAI (a + alpha|a| on the last row, every step) and AdaptVis (a * w in the prefill) against an eager attention that edits its logits as their code does."""
+    model, processor = load_llava(llava_dir)
+    inputs = llava_batch(processor, images[:batch], QUESTIONS[:batch])
+    image = inputs["input_ids"] == model.config.image_token_id
+    steer = engine.Steer(frozenset({1, 2}), image, kind, torch.tensor(values[:batch]), prefill_only)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    with torch.no_grad(), engine.arm(model, steer=steer):
+        ours = model.generate(**inputs, **kwargs)
+    REFERENCE["steer"] = {"layers": steer.layers, "cols": image, "kind": kind, "value": steer.value, "prefill_only": prefill_only}
+    model.set_attn_implementation({"text_config": "reference_eager"})
+    try:
+        with torch.no_grad():
+            expected = model.generate(**inputs, **kwargs)
+    finally:
+        REFERENCE["steer"] = None
+        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    with torch.no_grad():
+        plain = model.generate(**inputs, **kwargs)
+    assert torch.equal(ours.sequences, expected.sequences)
+    for step_ours, step_ref in zip(ours.logits, expected.logits):
+        assert torch.allclose(step_ours, step_ref, atol=1e-4, rtol=0)
+    assert not torch.allclose(ours.logits[0], plain.logits[0], atol=1e-4), "the steer changed nothing: the test would not see a wrong formula"
