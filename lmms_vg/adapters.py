@@ -34,6 +34,9 @@ class Adapter(Protocol):
     def prompt(self, text: str, n_images: int = 1) -> str:
         """The chat-formatted prompt, with the image placeholders."""
 
+    def text_only_prompt(self, text: str) -> str:
+        """The same prompt with its image placeholder removed (PAI's text-only run)."""
+
     def encode(self, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
         """A left-padded batch of full prompts with their images."""
 
@@ -91,6 +94,10 @@ class LlavaAdapter:
         """The chat-formatted prompt with one image placeholder per image before the text (HuatuoGPT-Vision's order)."""
         message = [{"role": "user", "content": "<image>\n" * n_images + text}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def text_only_prompt(self, text: str) -> str:
+        """The prompt without its image placeholder (what is around it stays, as PAI builds its text-only prompt)."""
+        return self.prompt(text).replace(self.tokenizer.convert_ids_to_tokens(self.image_token_id), "")
 
     def model_image(self, image: Image.Image) -> Image.Image:
         """The image as the processor receives it: 8-bit RGB, padded to square where the model pads."""
@@ -218,6 +225,9 @@ class InternVLAdapter(VilaAdapter):
     def prompt(self, text: str, n_images: int = 1) -> str:
         return super().prompt(text, n_images).replace("<image>", f"<img>{self.context}</img>")
 
+    def text_only_prompt(self, text: str) -> str:
+        return self.prompt(text).replace(f"<img>{self.context}</img>", "")
+
 
 def image_lists(images: list) -> list[list[Image.Image]]:
     """Each prompt's images as a list: a single image becomes a list of one."""
@@ -304,6 +314,11 @@ class Qwen2VLAdapter:
         """The chat template with one image placeholder (vision start, image pad, vision end) per image before the text."""
         message = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def text_only_prompt(self, text: str) -> str:
+        """The prompt without its vision block (vision start, image pad, vision end)."""
+        block = "".join(self.tokenizer.convert_ids_to_tokens([self.model.config.vision_start_token_id, self.image_token_id]))
+        return self.prompt(text).replace(block + self.tokenizer.convert_ids_to_tokens(self.model.config.vision_end_token_id), "")
 
     def model_image(self, image: Image.Image) -> Image.Image:
         """The image as the processor receives it: 8-bit RGB, padded to square only when asked."""

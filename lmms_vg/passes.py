@@ -141,10 +141,10 @@ def suffix_generate(
 
 
 def generate_new_tokens(
-    model, inputs: dict, knockout: engine.Knockout | None = None, **generate_kwargs
+    model, inputs: dict, knockout: engine.Knockout | None = None, steer: engine.Steer | None = None, **generate_kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``generate()`` under an optional knockout: the new tokens ``[B, new]`` and, with ``output_logits=True``, the first step's logits."""
-    with torch.no_grad(), engine.arm(model, knockout=knockout):
+    """``generate()`` under an optional knockout or steer: the new tokens ``[B, new]`` and, with ``output_logits=True``, the first step's raw logits."""
+    with torch.no_grad(), engine.arm(model, knockout=knockout, steer=steer):
         out = model.generate(**inputs, return_dict_in_generate=True, **generate_kwargs)
     first = out.logits[0] if getattr(out, "logits", None) else None
     return out.sequences[:, inputs["input_ids"].shape[1] :], first

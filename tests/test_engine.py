@@ -308,4 +308,6 @@ def test_steer_inside_generate_matches_the_published_formula(llava_dir, images, 
     assert torch.equal(ours.sequences, expected.sequences)
     for step_ours, step_ref in zip(ours.logits, expected.logits):
         assert torch.allclose(step_ours, step_ref, atol=1e-4, rtol=0)
-    assert not torch.allclose(ours.logits[0], plain.logits[0], atol=1e-4), "the steer changed nothing: the test would not see a wrong formula"
+    assert not torch.allclose(ours.logits[0], plain.logits[0], atol=1e-4), (
+        "the steer changed nothing: the test would not see a wrong formula"
+    )

@@ -1,0 +1,123 @@
+"""PAI and AdaptVis against references written here from their published code (an eager attention that
+edits the logits as theirs does, a step-by-step greedy loop with PAI's guidance formula): same tokens,
+logits within 1e-4 in fp32, for one prompt and a left-padded batch."""
+
+import math
+
+import pytest
+import torch
+from reference_attention import REFERENCE
+from test_engine import QUESTIONS, llava_batch, load_llava
+
+from lmms_vg import engine, methods
+from lmms_vg.adapters import LlavaAdapter
+
+STEPS = 4
+
+
+def eager(model):
+    model.set_attn_implementation({"text_config": "reference_eager"})
+
+
+def ours(model):
+    model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+
+
+def last_logits(model, ids, mask, pixel_values=None):
+    """A full forward (no cache), positions from the left padding; the last position's logits."""
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values).logits[:, -1].float()
+
+
+def pai_reference(model, processor, inputs, questions, alpha, gamma, start_layer):
+    """PAI as its code runs: attention edit on the last row of every step; CFGLogits against the text-only prompt."""
+    layers = frozenset(range(start_layer, model.config.text_config.num_hidden_layers))
+    image = inputs["input_ids"] == model.config.image_token_id
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False, add_generation_prompt=True).replace(
+            "<image>", ""
+        )
+        for q in questions
+    ]
+    text = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask, t_ids, t_mask = inputs["input_ids"], inputs["attention_mask"], text["input_ids"], text["attention_mask"]
+    eager(model)
+    first, new = None, []
+    try:
+        for _ in range(STEPS):
+            REFERENCE["steer"] = {
+                "layers": layers,
+                "cols": image,
+                "kind": "amplify",
+                "value": torch.full((ids.shape[0],), alpha),
+                "prefill_only": False,
+            }
+            mm = last_logits(model, ids, mask, inputs["pixel_values"])
+            REFERENCE["steer"] = None  # use_cfg: the text-only run is not edited
+            t = torch.log_softmax(last_logits(model, t_ids, t_mask), -1)
+            first = mm if first is None else first
+            logp = torch.log_softmax(mm, -1)
+            guided = gamma * (logp - t) + t
+            guided = guided.masked_fill(logp < math.log(0.1) + logp.max(-1, keepdim=True).values, float("-inf"))
+            token = guided.argmax(-1, keepdim=True)
+            new.append(token)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            t_ids, t_mask = torch.cat([t_ids, token], 1), torch.cat([t_mask, torch.ones_like(token)], 1)
+            image = torch.cat([image, torch.zeros_like(token, dtype=torch.bool)], 1)
+    finally:
+        REFERENCE["steer"] = None
+        ours(model)
+    return torch.cat(new, 1), first
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("gamma", [1.0, 1.1])
+def test_pai_equals_its_published_formula(llava_dir, images, batch, gamma):
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    config = methods.PaiConfig(alpha=0.5, gamma=gamma, start_layer=1)
+    kwargs = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "output_logits": True}
+    got = methods.pai_generate(adapter, images[:batch], QUESTIONS[:batch], config, **kwargs)
+    inputs = llava_batch(processor, images[:batch], QUESTIONS[:batch])
+    if batch == 2:
+        assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch must be left-padded"
+    tokens, first = pai_reference(model, processor, inputs, QUESTIONS[:batch], 0.5, gamma, 1)
+    assert torch.equal(got.tokens, tokens)
+    assert torch.allclose(got.first_logits.float(), first, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("threshold", [0.0, 1.0])  # every sample above (weight2) / below (weight1) it
+def test_adaptvis_equals_its_published_formula(llava_dir, images, batch, threshold):
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    config = methods.AdaptVisConfig(threshold=threshold, weight1=0.5, weight2=2.0)
+    kwargs = {"max_new_tokens": STEPS, "do_sample": False, "output_logits": True}
+    got = methods.adaptvis_generate(adapter, images[:batch], QUESTIONS[:batch], config, **kwargs)
+    inputs = llava_batch(processor, images[:batch], QUESTIONS[:batch])
+    eager(model)
+    try:
+        with torch.no_grad():
+            plain = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        confidence = [round(float(torch.softmax(plain.scores[0][b], -1).max()), 2) for b in range(batch)]  # its np.round(max(softmax), 2)
+        weights = torch.tensor([0.5 if c < threshold else 2.0 for c in confidence])
+        image = inputs["input_ids"] == model.config.image_token_id
+        layers = frozenset(range(model.config.text_config.num_hidden_layers))  # its `idx < 32`: every layer of a 7B
+        REFERENCE["steer"] = {"layers": layers, "cols": image, "kind": "scale", "value": weights, "prefill_only": True}
+        with torch.no_grad():
+            expected = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+    finally:
+        REFERENCE["steer"] = None
+        ours(model)
+    assert [d["adaptvis_weight"] for d in got.details] == weights.tolist()
+    assert torch.equal(got.tokens, expected.sequences[:, inputs["input_ids"].shape[1] :])
+    assert torch.allclose(got.first_logits.float(), expected.logits[0].float(), atol=1e-4, rtol=0)
+
+
+def test_settings_from_model_args_are_checked():
+    assert methods.config_from_args("pai", {"alpha": "0.3", "gamma": "1"}) == methods.PaiConfig(alpha=0.3, gamma=1.0)
+    with pytest.raises(methods.MethodConfigError, match="unknown settings"):
+        methods.config_from_args("adaptvis", {"weight": "2"})
+    with pytest.raises(methods.MethodConfigError, match="out of range"):
+        methods.config_from_args("adaptvis", {"threshold": "1.5"})
