@@ -10,7 +10,7 @@ answer, so outputs for lmms-eval's own tasks stay plain text.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 TAG = "lmms_vg"
 
@@ -23,10 +23,12 @@ class Answer:
     knocked_fraction: float | None = None
     knockout_layers: tuple[int, ...] = ()
     vgrefine: str | None = None  # why VGRefine was not applied to this sample (e.g. several images)
+    method: dict = field(default_factory=dict)  # PAI / AdaptVis: its name and what it did (e.g. AdaptVis's confidence and weight)
 
     def log_fields(self) -> dict:
         """What the per-sample log keeps beside the text (only what applies)."""
         extra = {"knocked_fraction": self.knocked_fraction, "knockout_layers": list(self.knockout_layers), "vgrefine": self.vgrefine}
+        extra["method"] = self.method or None
         return {k: v for k, v in extra.items() if v not in (None, [])}
 
 

@@ -190,7 +190,9 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
     )
 }
-GENERIC_MODEL_ID = "lmms_vg_llava"  # any LLaVA checkpoint, pretrained= required
+GENERIC_MODEL_ID = "lmms_vg_llava"
+METHODS = ("vgrefine", "pai", "adaptvis")  # inference-time methods a model id can run (README 'Methods')
+METHOD_SUFFIXES = tuple(f"_{m}" for m in METHODS)  # any LLaVA checkpoint, pretrained= required
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
@@ -208,5 +210,13 @@ def class_name(model_id: str) -> str:
 
 
 def model_ids() -> list[str]:
-    """Every LLaVA-family model id lmms-vg registers, each preset with its _vgrefine twin."""
-    return [mid + suffix for mid in (GENERIC_MODEL_ID, *PRESETS) for suffix in ("", "_vgrefine")]
+    """Every model id lmms-vg registers: each preset, and its twin per method (``_vgrefine``, ``_pai``, ``_adaptvis``)."""
+    return [mid + suffix for mid in (GENERIC_MODEL_ID, *PRESETS) for suffix in ("", *METHOD_SUFFIXES)]
+
+
+def split_model_id(model_id: str) -> tuple[str, str | None]:
+    """``huatuo_pai`` -> (``huatuo``, ``pai``); an id without a method suffix -> (id, None)."""
+    for suffix in METHOD_SUFFIXES:
+        if model_id.endswith(suffix):
+            return model_id.removesuffix(suffix), suffix[1:]
+    return model_id, None

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics, settings
+from .presets import METHODS, split_model_id
 from .prompts import INSTRUCTIONS
 
 # the paper's column order; any other accuracy task found is appended after these
@@ -24,6 +25,7 @@ VQA_NAMES = {
     "mmmu_med": "MMMU H&M",
 }
 GROUPS = ("medvqa", "medvqa_open", "vgmed")
+METHOD_NAMES = {"vgrefine": "VGRefine", "pai": "PAI", "adaptvis": "AdaptVis"}
 CONTROL_MARKERS = ("coco", "random")  # natural-image or control tasks: dashed lines
 
 
@@ -81,8 +83,8 @@ class Run:
     """One model's results, merged from every lmms-eval results file found for it (newest per task)."""
 
     model: str  # the model id as given to --model
-    base: str  # the model without its VGRefine switch
-    vgrefine: bool
+    base: str  # the model without its method
+    method: str | None  # "vgrefine", "pai", "adaptvis" or None (the baseline)
     results: dict  # task -> metrics
     samples: dict[str, int]  # task -> docs evaluated
     path: Path  # the newest file that contributed
@@ -90,7 +92,16 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.base} + VGRefine" if self.vgrefine else self.base
+        return f"{self.base} + {METHOD_NAMES[self.method]}" if self.method else self.base
+
+    @property
+    def vgrefine(self) -> bool:
+        return self.method == "vgrefine"
+
+    @property
+    def order(self) -> tuple:
+        """Sort key: by model, the baseline first, then its methods in presets.METHODS order."""
+        return self.base, -1 if self.method is None else METHODS.index(self.method)
 
     def vqa(self, task: str) -> VqaResult | None:
         """The task's closed-ended result, if it has one."""
@@ -135,12 +146,13 @@ def load_runs(folders: list[str | Path]) -> Runs:
             continue
         model = str(config.get("model", "model"))
         args = str(config.get("model_args", "")).lower().replace(" ", "")
-        vgrefine = model.endswith("_vgrefine") or any(f"vgrefine={w}" in args for w in settings.TRUE_WORDS)
-        base = model.removesuffix("_vgrefine")
+        base, method = split_model_id(model)
+        if method is None and any(f"vgrefine={w}" in args for w in settings.TRUE_WORDS):
+            method = "vgrefine"
         if base.startswith("lmms_vg_llava"):  # the generic id: name the run by its checkpoint folder or id
             base = str(data.get("model_name") or base).rstrip("/").split("/")[-1]
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
-        found = Run(model, base, vgrefine, {}, {}, path)
+        found = Run(model, base, method, {}, {}, path)
         run = runs.setdefault(found.label, found)
         run.results.update(results)
         run.samples.update(samples)
@@ -165,7 +177,7 @@ def _scored_vqa(run: Run, task: str) -> VqaResult | None:
 
 
 def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Models x benchmarks (closed-ended accuracy, %), the Avg. weighted by items scored, and VGRefine - baseline rows.
+    """Models x benchmarks (closed-ended accuracy, %), the Avg. weighted by items scored, and a method - baseline row per method run.
 
     When one of the paper's benchmarks was scored on another item set than the paper's, the Avg.
     column is headed "Avg. (not the paper's item sets)"; :func:`item_set_notes` says which sets.
@@ -177,20 +189,20 @@ def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     other_sets = {v.item_set for r in runs for t in tasks if t in VQA_TASKS and (v := _scored_vqa(r, t))} - {"paper", ""}
     header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg. (not the paper's item sets)" if other_sets else "Avg."]
     rows, values = [], {}
-    for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
+    for run in sorted(runs, key=lambda r: r.order):
         results = [_scored_vqa(run, t) for t in tasks]
         accs = [v.accuracy if v else None for v in results]
         pairs = [(v.accuracy, v.scored) for v in results if v and v.scored > 0]
         avg = sum(a * w for a, w in pairs) / sum(w for _, w in pairs) if pairs else None
         values[run.label] = accs + [avg]
         rows.append([run.label] + [_fmt(v) for v in accs + [avg]])
-    bases = {r.base for r in runs}
-    for base in sorted(bases):
-        with_vg, without = values.get(f"{base} + VGRefine"), values.get(base)
-        if with_vg and without:
+    for run in sorted(runs, key=lambda r: r.order):
+        without = values.get(run.base)
+        if run.method and without:
+            name = METHOD_NAMES[run.method]
             rows.append(
-                [f"{base}: VGRefine - baseline"]
-                + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(with_vg, without)]
+                [f"{run.base}: {name} - baseline"]
+                + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(values[run.label], without)]
             )
     return header, rows
 
@@ -209,7 +221,7 @@ def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Per model and grounding task: the best layer (lowest mean KL) with its AR, KL and JS, and the sample counts."""
     header = ["Model", "Task", "Best layer", "AR", "KL", "JS", "Scored", "Skipped"]
     rows = []
-    for run in sorted(runs, key=lambda r: (r.base, r.vgrefine)):
+    for run in sorted(runs, key=lambda r: r.order):
         for task in run.grounding_tasks():
             g = run.grounding(task)
             rows.append(

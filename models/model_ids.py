@@ -6,14 +6,14 @@ lmms-eval imports a model's class from here (``lmms_vg_models.model_ids.<ClassNa
 
 from __future__ import annotations
 
-from lmms_vg.presets import PRESETS, ModelPreset, class_name, model_ids
+from lmms_vg.presets import METHOD_SUFFIXES, PRESETS, ModelPreset, class_name, model_ids, split_model_id
 from lmms_vg_models.wrapper import VGModel
 
 
 def _make(model_id: str) -> type[VGModel]:
-    """The class for a model id: its preset (None for the generic id), and VGRefine on for ``*_vgrefine``."""
-    preset = PRESETS.get(model_id.removesuffix("_vgrefine"))
-    attrs = {"preset": preset, "vgrefine_default": model_id.endswith("_vgrefine"), "__module__": __name__}
+    """The class for a model id: its preset (None for the generic id) and its method (``*_vgrefine``, ``*_pai``, ``*_adaptvis``)."""
+    base, method = split_model_id(model_id)
+    attrs = {"preset": PRESETS.get(base), "method_default": method, "__module__": __name__}
     return type(class_name(model_id), (VGModel,), attrs)
 
 
@@ -37,7 +37,7 @@ def register_preset(preset: ModelPreset) -> list:
 
     PRESETS[preset.model_id] = preset
     manifests = []
-    for mid in (preset.model_id, f"{preset.model_id}_vgrefine"):
+    for mid in (preset.model_id, *(preset.model_id + suffix for suffix in METHOD_SUFFIXES)):
         cls = MODEL_CLASSES[mid] = _make(mid)
         manifests.append(ModelManifest(model_id=mid, simple_class_path=f"{__name__}.{cls.__name__}"))
     return manifests

@@ -121,3 +121,34 @@ def test_settings_from_model_args_are_checked():
         methods.config_from_args("adaptvis", {"weight": "2"})
     with pytest.raises(methods.MethodConfigError, match="out of range"):
         methods.config_from_args("adaptvis", {"threshold": "1.5"})
+
+
+@pytest.mark.parametrize("method", ["pai", "adaptvis"])
+def test_method_ids_answer_through_the_registry_and_say_what_they_did(method, llava_dir, images):
+    from lmms_eval.models import get_model
+    from test_models import make_requests
+
+    from lmms_vg import outputs
+    from lmms_vg.grounding import GroundingRecord
+
+    wrapper = get_model(f"huatuo_{method}").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {"batch_size": 2})
+    answers = [
+        outputs.decode(o) for o in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, {"max_new_tokens": 3, "lmms_vg": {}}))
+    ]
+    assert all(a.method["name"] == method for a in answers)
+    if method == "adaptvis":  # the tiny model is unsure of everything: weight1 for every sample
+        assert all(a.method["adaptvis_confidence"] < 0.3 and a.method["adaptvis_weight"] == 0.5 for a in answers)
+    gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
+    records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, gen))]
+    assert all(r.skipped and "not implemented yet" in r.skipped for r in records)
+
+
+def test_method_settings_belong_to_their_ids(llava_dir):
+    from lmms_eval.models import get_model
+
+    with pytest.raises(ValueError, match="alpha: settings of the _pai / _adaptvis ids"):
+        get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu,alpha=0.3", {})
+    with pytest.raises(methods.MethodConfigError, match="pai: unknown settings \\['threshold'\\]"):
+        get_model("huatuo_pai").create_from_arg_string(f"pretrained={llava_dir},device=cpu,threshold=0.3", {})
+    wrapper = get_model("huatuo_pai").create_from_arg_string(f"pretrained={llava_dir},device=cpu,alpha=0.7,gamma=1", {})
+    assert wrapper.method_config == methods.PaiConfig(alpha=0.7, gamma=1.0)

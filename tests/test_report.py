@@ -10,7 +10,7 @@ from cli import FEW_TOKENS, run_lmms_eval
 from fixtures import write_coco, write_vgmed_v1
 from PIL import Image
 
-from lmms_vg import cli
+from lmms_vg import cli, report
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,33 @@ def test_newest_file_wins_per_task(tmp_path):
     write("20260101_120000_results.json", "pathvqa", 30.0)
     (run,) = report.load_runs([tmp_path])
     assert run.results["vqa_rad"]["accuracy,none"] == 20.0 and run.results["pathvqa"]["accuracy,none"] == 30.0
+
+
+def test_leaderboard_has_a_delta_row_per_method(tmp_path):
+    """Baseline, VGRefine, PAI and AdaptVis runs of one model (results files as lmms-eval writes them): a delta row for each method."""
+    acc = {"huatuo": (50.0, 40.0), "huatuo_vgrefine": (55.0, 41.0), "huatuo_pai": (52.0, 38.0), "huatuo_adaptvis": (49.0, 44.0)}
+    for i, (model, (rad, pmc)) in enumerate(acc.items()):
+        folder = tmp_path / model / "checkpoint"
+        folder.mkdir(parents=True)
+        results = {
+            "results": {
+                "vqa_rad": {"accuracy,none": rad, "samples,none": {"scored": 10, "item_set": "paper"}},
+                "pmc_vqa": {"accuracy,none": pmc, "samples,none": {"scored": 30, "item_set": "paper"}},
+            },
+            "config": {"model": model, "model_args": "pretrained=checkpoint"},
+            "n-samples": {"vqa_rad": {"original": 10, "effective": 10}, "pmc_vqa": {"original": 30, "effective": 30}},
+        }
+        (folder / f"20261124_00000{i}_results.json").write_text(json.dumps(results))
+    header, rows = report.leaderboard(report.load_runs([tmp_path]))
+    assert header == ["Model", "VQA-RAD", "PMC-VQA", "Avg."]
+    assert [r[0] for r in rows] == [
+        "huatuo",
+        "huatuo + VGRefine",
+        "huatuo + PAI",
+        "huatuo + AdaptVis",
+        "huatuo: VGRefine - baseline",
+        "huatuo: PAI - baseline",
+        "huatuo: AdaptVis - baseline",
+    ]
+    assert rows[5][1:] == ["+2.0", "-2.0", "-1.0"]  # PAI: 52-50, 38-40, (52*10+38*30)/40 - (50*10+40*30)/40
+    assert rows[6][1:] == ["-1.0", "+4.0", "+2.8"]
