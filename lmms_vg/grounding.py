@@ -73,9 +73,14 @@ class GroundingRunner:
         head_level: bool = False,
         save_maps: str | Path | None = None,
         knockout: KnockoutPlan | None = None,
+        steering=None,
     ):
-        """``knockout`` (e.g. a VGRefine config): measure the question's attention with its knockout in place."""
+        """``knockout`` (e.g. a VGRefine config): measure the question's attention with its knockout in place.
+
+        ``steering`` (``(images, questions) -> passes.Steering``, e.g. PAI's): measure it under that method's steer.
+        """
         self.adapter = adapter
+        self.steering = steering
         self.passes = Passes(adapter, reference_cache_size)
         self.knockout = knockout
         self.reference_prompt = reference_prompt
@@ -88,7 +93,8 @@ class GroundingRunner:
     def question_and_reference_maps(self, images, questions, image_keys) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw maps ``[B, L, H, N]`` for the questions and for the generic prompt (None if normalisation is off)."""
         batch = self.passes.batch(images, questions, image_keys)
-        question, reference = batch.question_and_reference(self.reference_prompt)
+        steer = self.steering(images, questions) if self.steering is not None else None
+        question, reference = batch.question_and_reference(self.reference_prompt, steer=steer)
         plan = self.knockout
         if plan is not None:  # the same question, now with the knockout in place
             keep = plan.keep(question, reference)

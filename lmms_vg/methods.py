@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import engine, settings
-from .passes import generate_new_tokens
+from .passes import Steering, generate_new_tokens
 
 
 class MethodConfigError(ValueError):
@@ -136,15 +136,38 @@ def pai_generate(adapter, images, texts, config: PaiConfig, **generate_kwargs) -
     return MethodOutcome(tokens, first, [{"pai_alpha": config.alpha, "pai_gamma": config.gamma} for _ in texts])
 
 
+def adaptvis_weights(adapter, batch: dict, config: AdaptVisConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's confidence (a plain pass's top first-token probability, rounded to 2 places as its code does) and weight."""
+    with torch.no_grad(), engine.arm(adapter.model):
+        first = adapter.model(**batch, logits_to_keep=1).logits[:, -1].float()
+    confidence = torch.round(torch.softmax(first, dim=-1).max(dim=-1).values * 100) / 100
+    return confidence.cpu(), torch.where(confidence < config.threshold, config.weight1, config.weight2).cpu()
+
+
 def adaptvis_generate(adapter, images, texts, config: AdaptVisConfig, **generate_kwargs) -> MethodOutcome:
     """AdaptVis answers for a batch: the confidence of a plain pass picks each sample's weight."""
     model = adapter.model
     batch = adapter.encode(images, texts)
-    with torch.no_grad(), engine.arm(model):
-        first = model(**batch, logits_to_keep=1).logits[:, -1].float()
-    confidence = torch.round(torch.softmax(first, dim=-1).max(dim=-1).values * 100) / 100  # as its code: np.round(..., 2)
-    weights = torch.where(confidence < config.threshold, config.weight1, config.weight2)
+    confidence, weights = adaptvis_weights(adapter, batch, config)
     steer = image_steer(batch, adapter.image_token_id, range(model.config.text_config.num_hidden_layers), "scale", weights, True)
     tokens, logits = generate_new_tokens(model, batch, steer=steer, **generate_kwargs)
     details = [{"adaptvis_confidence": float(c), "adaptvis_weight": float(w)} for c, w in zip(confidence, weights)]
     return MethodOutcome(tokens, logits, details)
+
+
+def steering(method: str, config: PaiConfig | AdaptVisConfig, adapter):
+    """The method's steer for a batch of (image, question) pairs, for grounding under it: ``(images, texts) -> Steering``.
+
+    PAI steers every pass's last row at its layers; AdaptVis needs each question's confidence first
+    (one plain pass of the questions), and steers with the weight it picks, question and generic prompt alike.
+    """
+    n_layers = adapter.model.config.text_config.num_hidden_layers
+    if method == "pai":
+        layers = frozenset(range(config.start_layer, n_layers))
+        return lambda images, texts: Steering("amplify", layers, torch.full((len(texts),), config.alpha), False)
+
+    def adaptvis(images, texts) -> Steering:
+        _, weights = adaptvis_weights(adapter, adapter.encode(images, texts), config)
+        return Steering("scale", frozenset(range(n_layers)), weights, True)
+
+    return adaptvis

@@ -81,6 +81,7 @@ def suffix_maps(
     pad_id: int,
     layers: frozenset[int] | None = None,
     knockout: engine.Knockout | None = None,
+    steer: Steering | None = None,
 ) -> list[torch.Tensor]:
     """Last-token attention to the image tokens for each set of suffixes, in one batched pass.
 
@@ -100,8 +101,12 @@ def suffix_maps(
     wide = PrefixState(state.cache, state.prefix_ids.repeat_interleave(k, 0), state.image_cols.repeat_interleave(k, 0))
     last = torch.full((ids.shape[0], 1), state.prefix_len + ids.shape[1] - 1, device=model.device)
     cap = engine.Capture(rows=last, cols=wide.image_cols, layers=layers, stop_early=layers is not None)
+    plan = None
+    if steer is not None:  # the widened batch's layout: prefix + padded suffix, sample b's sets side by side
+        cols = torch.zeros(ids.shape[0], state.prefix_len + ids.shape[1], dtype=torch.bool)
+        plan = steer.plan(cols.scatter_(1, wide.image_cols.cpu(), True), k)
     try:
-        with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
+        with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout, steer=plan):
             model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
     except engine.CaptureComplete:
         pass
@@ -159,27 +164,32 @@ def suffix_rows(state: PrefixState, suffixes: list[list[int]]) -> torch.Tensor:
     return engine.span_mask(total, starts, ends)
 
 
-def full_prompt_maps(adapter, images, text_sets: list[list[str]], layers: frozenset[int] | None = None) -> list[torch.Tensor]:
+def full_prompt_maps(
+    adapter, images, text_sets: list[list[str]], layers: frozenset[int] | None = None, steer: Steering | None = None
+) -> list[torch.Tensor]:
     """Without a shared prefix: every (image, text) as a full prompt, all sets in one left-padded batch.
 
     ``text_sets[j][b]`` is sample b's j-th prompt text; returns one ``[B, layers, heads, N]`` per set.
     """
     k = len(text_sets)
     batch = adapter.encode([img for img in images for _ in range(k)], [text_sets[j][b] for b in range(len(images)) for j in range(k)])
-    maps = last_row_maps(adapter, batch, layers)
+    plan = steer.plan((batch["input_ids"] == adapter.image_token_id).cpu(), k) if steer is not None else None
+    maps = last_row_maps(adapter, batch, layers, steer=plan)
     return [maps[j::k] for j in range(k)]
 
 
-def last_row_maps(adapter, batch: dict, layers: frozenset[int] | None = None, knockout: engine.Knockout | None = None) -> torch.Tensor:
+def last_row_maps(
+    adapter, batch: dict, layers: frozenset[int] | None = None, knockout: engine.Knockout | None = None, steer: engine.Steer | None = None
+) -> torch.Tensor:
     """Last-token attention to the image tokens of an encoded left-padded batch: ``[B, layers, heads, N]`` fp32.
 
-    With ``layers`` given, the forward stops after the deepest of them; a ``knockout`` is applied while capturing.
+    With ``layers`` given, the forward stops after the deepest of them; a ``knockout`` or ``steer`` is applied while capturing.
     """
     cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id, adapter.name)
     last = torch.full((cols.shape[0], 1), batch["input_ids"].shape[1] - 1, device=cols.device)
     cap = engine.Capture(rows=last, cols=cols, layers=layers, stop_early=layers is not None)
     try:
-        with torch.no_grad(), engine.arm(adapter.model, capture=cap, knockout=knockout):
+        with torch.no_grad(), engine.arm(adapter.model, capture=cap, knockout=knockout, steer=steer):
             adapter.model(**batch, logits_to_keep=1)
     except engine.CaptureComplete:
         pass
@@ -193,6 +203,20 @@ def full_prompt_knockout(adapter, batch: dict, keep: torch.Tensor, layers: tuple
     rows = engine.span_mask(ids.shape[1], (cols[:, -1] + 1).cpu(), [ids.shape[1]] * ids.shape[0])
     blocked = torch.zeros(ids.shape, dtype=torch.bool).scatter_(1, cols.cpu(), ~keep.cpu())
     return engine.Knockout(layers=frozenset(layers), rows=rows, cols=blocked, mode=mode)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A method's steer for a batch of samples, before a pass's layout is known: its kind, layers, one value per sample."""
+
+    kind: engine.SteerKind
+    layers: frozenset[int]
+    values: torch.Tensor  # [B]
+    prefill_only: bool
+
+    def plan(self, cols: torch.Tensor, repeats: int = 1) -> engine.Steer:
+        """The engine's steer for a pass whose rows are each sample ``repeats`` times in a row, image tokens at ``cols``."""
+        return engine.Steer(self.layers, cols, self.kind, self.values.repeat_interleave(repeats), self.prefill_only)
 
 
 class KnockoutPlan(Protocol):
@@ -249,8 +273,11 @@ class PassBatch:
     def __init__(self, adapter, images: list, texts: list[str], image_keys: list[str | None], cache: ReferenceCache):
         self.adapter, self.images, self.texts, self.image_keys, self.cache = adapter, images, texts, image_keys, cache
 
-    def maps(self, text_sets: list[list[str]], layers: frozenset[int] | None = None) -> list[torch.Tensor]:
-        """Last-token attention to the image tokens, ``[B, layers, heads, N]`` per set; ``text_sets[j][b]`` is sample b's j-th text."""
+    def maps(self, text_sets: list[list[str]], layers: frozenset[int] | None = None, steer: Steering | None = None) -> list[torch.Tensor]:
+        """Last-token attention to the image tokens, ``[B, layers, heads, N]`` per set; ``text_sets[j][b]`` is sample b's j-th text.
+
+        Under a ``steer`` (a method such as PAI), every set's last row is steered with its sample's value.
+        """
         raise NotImplementedError
 
     def knockout(self, keep: torch.Tensor, layers: tuple[int, ...], mode: str) -> engine.Knockout:
@@ -265,18 +292,21 @@ class PassBatch:
         """New tokens ``[B, new]`` after each question (and, with ``output_logits=True``, the first step's logits ``[B, vocab]``)."""
         raise NotImplementedError
 
-    def question_and_reference(self, prompt: str | None, layers: frozenset[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def question_and_reference(
+        self, prompt: str | None, layers: frozenset[int] | None = None, steer: Steering | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Maps ``[B, L, H, N]`` for the questions and for the generic ``prompt`` (None: no reference, normalisation off).
 
         The prompt's maps come from the cache, or are computed in the same batched pass as the
         questions and cached.
         """
-        keys = [(k, prompt, layers) if k is not None and prompt else None for k in self.image_keys]
+        how = [None] * len(self.texts) if steer is None else [(steer.kind, float(v)) for v in steer.values]  # a steered map is another map
+        keys = [(k, prompt, layers, h) if k is not None and prompt else None for k, h in zip(self.image_keys, how)]
         cached = [self.cache.get(k) for k in keys]
         if prompt is None or all(c is not None for c in cached):
-            question = self.maps([self.texts], layers)[0]
+            question = self.maps([self.texts], layers, steer)[0]
             return question, (torch.stack(cached) if prompt else None)
-        question, fresh = self.maps([self.texts, [prompt] * len(self.texts)], layers)
+        question, fresh = self.maps([self.texts, [prompt] * len(self.texts)], layers, steer)
         for i, key in enumerate(keys):
             if cached[i] is None:
                 cached[i] = fresh[i]
@@ -297,8 +327,8 @@ class SharedPrefixBatch(PassBatch):
     def _suffixes(self, texts: list[str]) -> list[list[int]]:
         return self.suffixes if texts is self.texts else self.adapter.split_prompts(self.images, texts).suffix
 
-    def maps(self, text_sets, layers=None):
-        return suffix_maps(self.adapter.model, self.state, [self._suffixes(t) for t in text_sets], self.pad, layers=layers)
+    def maps(self, text_sets, layers=None, steer=None):
+        return suffix_maps(self.adapter.model, self.state, [self._suffixes(t) for t in text_sets], self.pad, layers=layers, steer=steer)
 
     def knockout(self, keep, layers, mode):
         rows = suffix_rows(self.state, self.suffixes)
@@ -326,8 +356,8 @@ class FullPromptBatch(PassBatch):
             self._encoded = self.adapter.encode(self.images, self.texts)
         return self._encoded
 
-    def maps(self, text_sets, layers=None):
-        return full_prompt_maps(self.adapter, self.images, text_sets, layers)
+    def maps(self, text_sets, layers=None, steer=None):
+        return full_prompt_maps(self.adapter, self.images, text_sets, layers, steer)
 
     def knockout(self, keep, layers, mode):
         return full_prompt_knockout(self.adapter, self.encoded, keep, layers, mode)

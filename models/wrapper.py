@@ -344,9 +344,6 @@ class VGModel(lmms):
         return visuals, keep, errors
 
     def _ground(self, args_list, vg: dict) -> list[str]:
-        if self.method_config is not None:  # each sample says so in the results' skip reasons; the run goes on
-            why = f"not measured: grounding under {self.method} is not implemented yet; run the grounding tasks with the base id"
-            return [outputs.encode(GroundingRecord(skipped=why)) for _ in args_list]
         reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None
         runner = self._grounding.get(reference)
         if runner is None:
@@ -357,6 +354,7 @@ class VGModel(lmms):
                 head_level=self.head_level or bool(vg.get("head_level")),
                 save_maps=self.save_maps,
                 knockout=self.refiner.config if self.refiner else None,  # a _vgrefine model measures with its knockout in place
+                steering=methods.steering(self.method, self.method_config, self.adapter) if self.method_config else None,
             )
         visuals, todo, errors = self._load_visuals(args_list)
         records = [GroundingRecord(skipped=errors[j]) if j in errors else None for j in range(len(args_list))]

@@ -140,7 +140,7 @@ def test_method_ids_answer_through_the_registry_and_say_what_they_did(method, ll
         assert all(a.method["adaptvis_confidence"] < 0.3 and a.method["adaptvis_weight"] == 0.5 for a in answers)
     gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
     records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, gen))]
-    assert all(r.skipped and "not implemented yet" in r.skipped for r in records)
+    assert all(r.skipped is None and len(r.kl) == 3 for r in records)  # grounding under the method
 
 
 def test_method_settings_belong_to_their_ids(llava_dir):
@@ -152,3 +152,35 @@ def test_method_settings_belong_to_their_ids(llava_dir):
         get_model("huatuo_pai").create_from_arg_string(f"pretrained={llava_dir},device=cpu,threshold=0.3", {})
     wrapper = get_model("huatuo_pai").create_from_arg_string(f"pretrained={llava_dir},device=cpu,alpha=0.7,gamma=1", {})
     assert wrapper.method_config == methods.PaiConfig(alpha=0.7, gamma=1.0)
+
+
+@pytest.mark.parametrize("method", ["pai", "adaptvis"])
+def test_grounding_under_a_method_equals_eager_maps_under_its_formula(method, llava_dir, images):
+    """Question and generic-prompt maps on the shared image prefix, under the method's steer, equal an eager forward's."""
+    from lmms_vg.grounding import GroundingRunner
+    from lmms_vg.prompts import GENERIC_PROMPT
+
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    config = methods.PaiConfig(alpha=0.5, start_layer=1) if method == "pai" else methods.AdaptVisConfig(threshold=1.0, weight1=3.0)
+    runner = GroundingRunner(adapter, GENERIC_PROMPT, steering=methods.steering(method, config, adapter))
+    question, reference = runner.question_and_reference_maps(images, QUESTIONS, [None, None])
+    n_layers = model.config.text_config.num_hidden_layers
+    eager(model)
+    try:
+        for b, (image, text) in enumerate(zip(images, QUESTIONS)):
+            if method == "adaptvis":  # its weight comes from the question's own confidence (here every sample below 1.0: weight1)
+                spec = {"layers": frozenset(range(n_layers)), "kind": "scale", "value": torch.tensor([3.0]), "prefill_only": True}
+            else:
+                spec = {"layers": frozenset(range(1, n_layers)), "kind": "amplify", "value": torch.tensor([0.5]), "prefill_only": False}
+            for prompt, maps in ((text, question), (GENERIC_PROMPT, reference)):
+                inputs = llava_batch(processor, [image], [prompt])
+                cols = inputs["input_ids"][0] == model.config.image_token_id
+                REFERENCE["steer"] = {**spec, "cols": cols[None]}
+                with torch.no_grad():
+                    attentions = model(**inputs, output_attentions=True).attentions
+                expected = torch.stack([a[0, :, -1, cols] for a in attentions])  # [L, H, N]
+                assert torch.allclose(maps[b], expected.float(), atol=1e-5, rtol=0), (method, b, prompt)
+    finally:
+        REFERENCE["steer"] = None
+        ours(model)
