@@ -11,6 +11,10 @@ Each runs on the attention engine of any supported model, as its public code doe
   probability, rounded to 2 places); then generation with the last query's logits to the image
   tokens multiplied by ``weight1`` (confidence below ``threshold``) or ``weight2``, in every layer,
   in the prefill only.
+- **ViCrop** (saccharomycetes/mllms_know, ``rel_att``): the last token's head-averaged attention to
+  the image at one layer (LLaVA-1.5: 14, Qwen2.5-VL: 22), divided by the generic prompt's; its
+  adaptive sliding-window search (:func:`vicrop_box`) picks a crop; the answer comes from the
+  original image and the crop together.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import engine, settings
-from .passes import Steering, generate_new_tokens
+from .passes import Passes, Steering, generate_new_tokens
+from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
 
 class MethodConfigError(ValueError):
@@ -59,9 +64,35 @@ class AdaptVisConfig:
             raise MethodConfigError(f"AdaptVis settings out of range: {self}; threshold in [0, 1], weights > 0")
 
 
-def config_from_args(method: str, args: dict) -> PaiConfig | AdaptVisConfig:
+@dataclass(frozen=True)
+class ViCropConfig:
+    """ViCrop's settings: the attention ``layer`` and the crop's base size ``bbox_size`` (0: the model's defaults).
+
+    Defaults as its code: layer 14 and the 336-px input size for LLaVA-1.5-style models, layer 22 and
+    224 px for the Qwen2-VL family.
+    """
+
+    layer: int = 0
+    bbox_size: int = 0
+
+    def __post_init__(self):
+        if self.layer < 0 or self.bbox_size < 0:
+            raise MethodConfigError(f"ViCrop settings out of range: {self}; layer and bbox_size are >= 0 (0: the model's default)")
+
+    def resolved(self, adapter) -> tuple[int, int]:
+        qwen = not adapter.shares_prefix  # the Qwen2-VL family
+        layer = self.layer or (22 if qwen else 14)
+        n_layers = adapter.model.config.text_config.num_hidden_layers
+        if layer >= n_layers:
+            raise MethodConfigError(f"ViCrop layer={layer} but {adapter.name} has {n_layers} text layers; give layer= in --model_args")
+        return layer, self.bbox_size or (
+            224 if qwen else int(getattr(adapter, "size", 0) or adapter.processor.image_processor.crop_size["height"])
+        )
+
+
+def config_from_args(method: str, args: dict) -> PaiConfig | AdaptVisConfig | ViCropConfig:
     """A method's settings from ``--model_args`` values (strings or numbers), checked; unknown names are an error."""
-    known = {"pai": PaiConfig, "adaptvis": AdaptVisConfig}
+    known = {"pai": PaiConfig, "adaptvis": AdaptVisConfig, "vicrop": ViCropConfig}
     cls = known.get(method)
     if cls is None:
         raise MethodConfigError(f"unknown method {method!r}: one of {sorted(known)} (VGRefine has its own settings)")
@@ -171,3 +202,67 @@ def steering(method: str, config: PaiConfig | AdaptVisConfig, adapter):
         return Steering("scale", frozenset(range(n_layers)), weights, True)
 
     return adaptvis
+
+
+def vicrop_box(att_map, image_size: tuple[int, int], bbox_size: int = 336) -> tuple[float, float, float, float]:
+    """ViCrop's ``bbox_from_att_image_adaptive``, step for step: a crop of ``bbox_size x r`` (r in 1 .. 2) around the
+    window of most attention, the ratio whose window stands out most from its neighbours (x1, y1, x2, y2 in pixels)."""
+    import numpy as np
+
+    ratios = [1, 1.2, 1.4, 1.6, 1.8, 2]
+    rows, cols = att_map.shape
+    block_size = image_size[0] / cols, image_size[1] / rows
+    positions, differences, block_nums = [], [], []
+    for ratio in ratios:
+        block_num = min(int(bbox_size * ratio / block_size[0]), cols), min(int(bbox_size * ratio / block_size[1]), rows)
+        if cols - block_num[0] < 1 and rows - block_num[1] < 1:
+            if ratio == 1:
+                return 0, 0, image_size[0], image_size[1]
+            continue
+        block_nums.append(block_num)
+        sliding = np.zeros((rows - block_num[1] + 1, cols - block_num[0] + 1))
+        best, best_pos = -np.inf, (0, 0)
+        for x in range(cols - block_num[0] + 1):  # column-major scan: the first maximum wins, as in its code
+            for y in range(rows - block_num[1] + 1):
+                sliding[y, x] = att_map[y : y + block_num[1], x : x + block_num[0]].sum()
+                if sliding[y, x] > best:
+                    best, best_pos = sliding[y, x], (x, y)
+        x, y = best_pos
+        neighbours = [sliding[y, x - 1]] if x > 0 else []
+        neighbours += [sliding[y, x + 1]] if x < sliding.shape[1] - 1 else []
+        neighbours += [sliding[y - 1, x]] if y > 0 else []
+        neighbours += [sliding[y + 1, x]] if y < sliding.shape[0] - 1 else []
+        differences.append((best - np.mean(neighbours)) / (block_num[0] * block_num[1]))
+        positions.append(best_pos)
+    pick = int(np.argmax(differences))
+    (x, y), block_num = positions[pick], block_nums[pick]
+    size = bbox_size * ratios[pick]  # its code indexes the ratios with the kept windows' index: the same when none was skipped
+    x_center = int(x * block_size[0] + block_size[0] * block_num[0] / 2)
+    y_center = int(y * block_size[1] + block_size[1] * block_num[1] / 2)
+    x_center = min(max(x_center, size // 2), image_size[0] - size // 2)
+    y_center = min(max(y_center, size // 2), image_size[1] - size // 2)
+    return (
+        max(0, x_center - size // 2),
+        max(0, y_center - size // 2),
+        min(image_size[0], x_center + size // 2),
+        min(image_size[1], y_center + size // 2),
+    )
+
+
+def vicrop_generate(adapter, images, texts, config: ViCropConfig, **generate_kwargs) -> MethodOutcome:
+    """ViCrop answers for a batch (one image per prompt): the relative-attention crop, then the original and the crop together."""
+    layer, bbox_size = config.resolved(adapter)
+    batch = Passes(adapter, reference_cache_size=0).batch(images, texts)
+    question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
+    relative = (question[:, layer].mean(1) / reference[:, layer].mean(1)).cpu()  # [B, N], no epsilon, as its code
+    order = adapter.cell_order
+    crops, boxes = [], []
+    for image, ratio in zip(images, relative):
+        t = adapter.transform(image)
+        grid = (ratio[order] if order is not None else ratio).reshape(t.rows, t.cols).numpy()
+        box = vicrop_box(grid, image.size, bbox_size)
+        boxes.append([round(float(v), 2) for v in box])
+        crops.append(image.crop(box))
+    encoded = adapter.encode([[image, crop] for image, crop in zip(images, crops)], texts)
+    tokens, first = generate_new_tokens(adapter.model, encoded, **generate_kwargs)
+    return MethodOutcome(tokens, first, [{"vicrop_box": box, "vicrop_layer": layer} for box in boxes])

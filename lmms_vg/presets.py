@@ -191,7 +191,7 @@ PRESETS: dict[str, ModelPreset] = {
     )
 }
 GENERIC_MODEL_ID = "lmms_vg_llava"
-METHODS = ("vgrefine", "pai", "adaptvis")  # inference-time methods a model id can run (README 'Methods')
+METHODS = ("vgrefine", "pai", "adaptvis", "vicrop")  # inference-time methods a model id can run (README 'Methods')
 METHOD_SUFFIXES = tuple(f"_{m}" for m in METHODS)  # any LLaVA checkpoint, pretrained= required
 
 

@@ -25,7 +25,7 @@ VQA_NAMES = {
     "mmmu_med": "MMMU H&M",
 }
 GROUPS = ("medvqa", "medvqa_open", "vgmed")
-METHOD_NAMES = {"vgrefine": "VGRefine", "pai": "PAI", "adaptvis": "AdaptVis"}
+METHOD_NAMES = {"vgrefine": "VGRefine", "pai": "PAI", "adaptvis": "AdaptVis", "vicrop": "ViCrop"}
 CONTROL_MARKERS = ("coco", "random")  # natural-image or control tasks: dashed lines
 
 

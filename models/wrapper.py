@@ -78,6 +78,8 @@ class VGModel(lmms):
         threshold=None,
         weight1=None,
         weight2=None,
+        layer=None,
+        bbox_size=None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -102,12 +104,13 @@ class VGModel(lmms):
             method = "vgrefine" if settings.as_bool("vgrefine", vgrefine) else (None if method == "vgrefine" else method)
         use_vgrefine = method == "vgrefine"
         given = {"alpha": alpha, "gamma": gamma, "start_layer": start_layer, "threshold": threshold, "weight1": weight1, "weight2": weight2}
-        given = {k: v for k, v in given.items() if v is not None}
-        if method in ("pai", "adaptvis"):
+        given = {k: v for k, v in {**given, "layer": layer, "bbox_size": bbox_size}.items() if v is not None}
+        if method in ("pai", "adaptvis", "vicrop"):
             self.method_config = methods.config_from_args(method, given)
         elif given:
             raise ValueError(
-                f"{', '.join(sorted(given))}: settings of the _pai / _adaptvis ids (README 'Methods'); this id runs {method or 'no method'}"
+                f"{', '.join(sorted(given))}: settings of the _pai / _adaptvis / _vicrop ids (README 'Methods'); "
+                f"this id runs {method or 'no method'}"
             )
         else:
             self.method_config = None
@@ -295,12 +298,17 @@ class VGModel(lmms):
             for n, row, frac in zip(members, outcome.tokens, outcome.knocked_fraction):
                 tokens[n] = row
                 extras[n] = {"knocked_fraction": round(frac, 6), "knockout_layers": tuple(self.refiner.config.knockout_layers)}
-        if plain and self.method_config is not None:  # PAI / AdaptVis: every item, its image tokens however many images
-            run = methods.pai_generate if self.method == "pai" else methods.adaptvis_generate
-            outcome = run(self.adapter, [visuals[n] for n in plain], [texts[n] for n in plain], self.method_config, **kwargs)
-            for n, row, details in zip(plain, outcome.tokens, outcome.details):
-                tokens[n], extras[n] = row, {"method": {"name": self.method, **details}}
-            plain = []
+        if plain and self.method_config is not None:  # PAI / AdaptVis: every item; ViCrop: one image (it crops it)
+            chosen = [n for n in plain if self.method != "vicrop" or len(visuals[n]) == 1]
+            run = {"pai": methods.pai_generate, "adaptvis": methods.adaptvis_generate, "vicrop": methods.vicrop_generate}[self.method]
+            if chosen:
+                images = [visuals[n] if self.method != "vicrop" else visuals[n][0] for n in chosen]
+                outcome = run(self.adapter, images, [texts[n] for n in chosen], self.method_config, **kwargs)
+                for n, row, details in zip(chosen, outcome.tokens, outcome.details):
+                    tokens[n], extras[n] = row, {"method": {"name": self.method, **details}}
+            plain = sorted(set(plain) - set(chosen))
+            for n in plain:
+                extras[n] = {"method": {"name": self.method, "applied": f"no: {len(visuals[n])} images (ViCrop crops one)"}}
         if plain:
             batch = self.adapter.encode([visuals[n] for n in plain], [texts[n] for n in plain])
             with torch.no_grad():
@@ -354,7 +362,8 @@ class VGModel(lmms):
                 head_level=self.head_level or bool(vg.get("head_level")),
                 save_maps=self.save_maps,
                 knockout=self.refiner.config if self.refiner else None,  # a _vgrefine model measures with its knockout in place
-                steering=methods.steering(self.method, self.method_config, self.adapter) if self.method_config else None,
+                # PAI and AdaptVis change the attention itself; ViCrop changes the input, its grounding is the model's own
+                steering=methods.steering(self.method, self.method_config, self.adapter) if self.method in ("pai", "adaptvis") else None,
             )
         visuals, todo, errors = self._load_visuals(args_list)
         records = [GroundingRecord(skipped=errors[j]) if j in errors else None for j in range(len(args_list))]

@@ -123,21 +123,23 @@ def test_settings_from_model_args_are_checked():
         methods.config_from_args("adaptvis", {"threshold": "1.5"})
 
 
-@pytest.mark.parametrize("method", ["pai", "adaptvis"])
-def test_method_ids_answer_through_the_registry_and_say_what_they_did(method, llava_dir, images):
+@pytest.mark.parametrize(("method", "args"), [("pai", ""), ("adaptvis", ""), ("vicrop", ",layer=1")])
+def test_method_ids_answer_through_the_registry_and_say_what_they_did(method, args, llava_dir, images):
     from lmms_eval.models import get_model
     from test_models import make_requests
 
     from lmms_vg import outputs
     from lmms_vg.grounding import GroundingRecord
 
-    wrapper = get_model(f"huatuo_{method}").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {"batch_size": 2})
+    wrapper = get_model(f"huatuo_{method}").create_from_arg_string(f"pretrained={llava_dir},device=cpu{args}", {"batch_size": 2})
     answers = [
         outputs.decode(o) for o in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, {"max_new_tokens": 3, "lmms_vg": {}}))
     ]
     assert all(a.method["name"] == method for a in answers)
     if method == "adaptvis":  # the tiny model is unsure of everything: weight1 for every sample
         assert all(a.method["adaptvis_confidence"] < 0.3 and a.method["adaptvis_weight"] == 0.5 for a in answers)
+    if method == "vicrop":
+        assert all(len(a.method["vicrop_box"]) == 4 and a.method["vicrop_layer"] == 1 for a in answers)
     gen = {"max_new_tokens": 1, "lmms_vg": {"mode": "grounding", "boxes": "vg_boxes"}}
     records = [GroundingRecord.from_output(r) for r in wrapper.generate_until(make_requests(wrapper, images, QUESTIONS, gen))]
     assert all(r.skipped is None and len(r.kl) == 3 for r in records)  # grounding under the method
@@ -146,7 +148,7 @@ def test_method_ids_answer_through_the_registry_and_say_what_they_did(method, ll
 def test_method_settings_belong_to_their_ids(llava_dir):
     from lmms_eval.models import get_model
 
-    with pytest.raises(ValueError, match="alpha: settings of the _pai / _adaptvis ids"):
+    with pytest.raises(ValueError, match="alpha: settings of the _pai / _adaptvis / _vicrop ids"):
         get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu,alpha=0.3", {})
     with pytest.raises(methods.MethodConfigError, match="pai: unknown settings \\['threshold'\\]"):
         get_model("huatuo_pai").create_from_arg_string(f"pretrained={llava_dir},device=cpu,threshold=0.3", {})
@@ -184,3 +186,91 @@ def test_grounding_under_a_method_equals_eager_maps_under_its_formula(method, ll
     finally:
         REFERENCE["steer"] = None
         ours(model)
+
+
+def vicrop_reference_box(att_map, image_size, bbox_size):
+    """mllms_know's bbox_from_att_image_adaptive, written with array operations: window sums by 2-D correlation, the
+    first maximum in its column-major scan, the sharpest ratio, the centred crop clamped inside the image."""
+    import numpy as np
+    from scipy.signal import correlate2d
+
+    rows, cols = att_map.shape
+    bw, bh = image_size[0] / cols, image_size[1] / rows
+    candidates = []
+    for ratio in (1, 1.2, 1.4, 1.6, 1.8, 2):
+        nx, ny = min(int(bbox_size * ratio / bw), cols), min(int(bbox_size * ratio / bh), rows)
+        if cols - nx < 1 and rows - ny < 1:
+            if ratio == 1:
+                return 0, 0, image_size[0], image_size[1]
+            continue
+        sums = correlate2d(att_map, np.ones((ny, nx)), mode="valid")
+        x, y = divmod(int(np.argmax(sums.T)), sums.shape[0])  # x-major order, first maximum
+        around = [
+            sums[y + dy, x + dx]
+            for dy, dx in ((0, -1), (0, 1), (-1, 0), (1, 0))
+            if 0 <= y + dy < sums.shape[0] and 0 <= x + dx < sums.shape[1]
+        ]
+        candidates.append(((sums[y, x] - np.mean(around)) / (nx * ny), ratio, x, y, nx, ny))
+    _, ratio, x, y, nx, ny = max(candidates, key=lambda c: c[0])  # max keeps the first of equal differences, as argmax
+    half = bbox_size * ratio // 2
+    cx = min(max(int(x * bw + bw * nx / 2), half), image_size[0] - half)
+    cy = min(max(int(y * bh + bh * ny / 2), half), image_size[1] - half)
+    return max(0, cx - half), max(0, cy - half), min(image_size[0], cx + half), min(image_size[1], cy + half)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_vicrop_equals_its_published_method(llava_dir, images, batch):
+    """Relative attention at the layer (eager, head mean, last token) -> its crop search -> the answer from image + crop."""
+    from PIL import Image
+
+    from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
+
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    wide = [Image.fromarray(__import__("numpy").asarray(img.resize((150, 90)))) for img in images]  # crops smaller than the image
+    config = methods.ViCropConfig(layer=1, bbox_size=40)
+    kwargs = {"max_new_tokens": STEPS, "do_sample": False, "output_logits": True}
+    got = methods.vicrop_generate(adapter, wide[:batch], QUESTIONS[:batch], config, **kwargs)
+    eager(model)
+    try:
+        expected_boxes, crops = [], []
+        for image, question in zip(wide[:batch], QUESTIONS[:batch]):
+            maps = []
+            for prompt in (question, GENERIC_PROMPT + SHORT_ANSWER):
+                inputs = llava_batch(processor, [image], [prompt])
+                cols = inputs["input_ids"][0] == model.config.image_token_id
+                with torch.no_grad():
+                    maps.append(model(**inputs, output_attentions=True).attentions[1][0, :, -1, cols].mean(0))
+            side = int(maps[0].numel() ** 0.5)
+            box = vicrop_reference_box((maps[0] / maps[1]).reshape(side, side).numpy(), image.size, 40)
+            expected_boxes.append([round(float(v), 2) for v in box])
+            crops.append(image.crop(box))
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": f"<image>\n<image>\n{q}"}], tokenize=False, add_generation_prompt=True
+            )
+            for q in QUESTIONS[:batch]
+        ]
+        pairs = [img for pair in zip(wide[:batch], crops) for img in pair]
+        inputs = processor(images=[adapter.model_image(i) for i in pairs], text=texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            expected = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+    finally:
+        ours(model)
+    assert [d["vicrop_box"] for d in got.details] == expected_boxes
+    assert any(box != [0, 0, 150, 90] for box in expected_boxes), "the crop must not be the whole image for the test to mean anything"
+    assert torch.equal(got.tokens, expected.sequences[:, inputs["input_ids"].shape[1] :])
+    assert torch.allclose(got.first_logits.float(), expected.logits[0].float(), atol=1e-4, rtol=0)
+
+
+def test_vicrop_box_search_on_many_maps():
+    """The crop search against the array-operation reference, over map shapes, image sizes and base sizes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        rows, cols = [(24, 24), (8, 12), (6, 6), (16, 10)][trial % 4]
+        att = rng.random((rows, cols)) ** 4  # peaked, as relative attention is
+        size = (int(rng.integers(200, 1200)), int(rng.integers(200, 1200)))
+        bbox = int(rng.choice([224, 336]))
+        assert methods.vicrop_box(att, size, bbox) == pytest.approx(vicrop_reference_box(att, size, bbox)), (trial, size, bbox)
