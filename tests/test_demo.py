@@ -22,11 +22,16 @@ def demo(tmp_path_factory):
 def test_demo_writes_results_tables_and_figures(demo):
     out, seconds = demo
     print(f"\ndemo: {seconds:.0f}s on this machine")
-    for model in ("lmms_vg_demo", "lmms_vg_demo_vgrefine"):
+    for model in ("lmms_vg_demo", "lmms_vg_demo_vgrefine", "lmms_vg_demo_pai", "lmms_vg_demo_adaptvis", "lmms_vg_demo_vicrop"):
         assert list((out / "results" / model).rglob("*_results.json")), model
     rows = list(csv.reader((out / "report" / "leaderboard.csv").read_text().splitlines()))
     assert rows[0] == ["Model", "medvqa_demo", "Avg."]
-    assert [r[0] for r in rows[1:]] == ["lmms_vg_demo", "lmms_vg_demo + VGRefine", "lmms_vg_demo: VGRefine - baseline"]
+    methods = ("VGRefine", "PAI", "AdaptVis", "ViCrop")
+    assert [r[0] for r in rows[1:]] == [
+        "lmms_vg_demo",
+        *(f"lmms_vg_demo + {m}" for m in methods),
+        *(f"lmms_vg_demo: {m} - baseline" for m in methods),
+    ]
     assert (out / "report" / "leaderboard.md").read_text().startswith("| Model | medvqa_demo | Avg. |")
     grounding = list(csv.reader((out / "report" / "grounding.csv").read_text().splitlines()))
     assert len(grounding) == 5  # two models x (task, control)
@@ -39,7 +44,7 @@ def test_demo_writes_results_tables_and_figures(demo):
 def test_grounding_metrics_tell_grounded_from_ungrounded(demo):
     """The trained demo model looks at the target: AR well above 1; with the box moved at random, AR near 1."""
     out, _ = demo
-    run = next(r for r in report.load_runs([out / "results"]) if not r.vgrefine)
+    run = next(r for r in report.load_runs([out / "results"]) if r.method is None)
     true_ar = max(run.results["vgmed_demo"]["ar_by_layer,none"])
     random_ar = run.results["vgmed_demo_random"]["ar_by_layer,none"]
     best = run.results["vgmed_demo"]["best_layer,none"]

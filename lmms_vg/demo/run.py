@@ -1,10 +1,12 @@
-"""The main job on the embedded default: lmms-eval with the bundled model, baseline and VGRefine, then the report.
+"""The main job on the embedded default: lmms-eval with the bundled model, baseline, VGRefine and the other methods, then the report.
 
     lmms-vg demo --out lmms_vg_demo
 
-Runs offline on the bundled demo model and data: the grounding task (and its random-box control)
-and the multiple-choice task, for ``lmms_vg_demo`` and ``lmms_vg_demo_vgrefine``; then writes the
-leaderboard, the grounding table, the layer curves and the heatmaps under ``<out>/report``.
+Runs offline on the bundled demo model and data, in one lmms-eval process (its ``--config`` list):
+the grounding task (and its random-box control) and the multiple-choice task for ``lmms_vg_demo``
+and ``lmms_vg_demo_vgrefine``, the multiple-choice task for the PAI, AdaptVis and ViCrop ids; then
+writes the leaderboard (a method - baseline row each), the grounding table, the layer curves and
+the heatmaps under ``<out>/report``.
 """
 
 from __future__ import annotations
@@ -19,55 +21,75 @@ from pathlib import Path
 
 from .. import report
 
-TASKS = "vgmed_demo,vgmed_demo_random,medvqa_demo"
-MODELS = ("lmms_vg_demo", "lmms_vg_demo_vgrefine")
+GROUNDING = "vgmed_demo,vgmed_demo_random"
+VQA = "medvqa_demo"
+MODELS = ("lmms_vg_demo", "lmms_vg_demo_vgrefine")  # grounding and VQA; the heatmaps compare these two
+METHOD_MODELS = {  # VQA; ViCrop's layer: the demo model has 4 text layers (its published 14 and 22 are for 7B models)
+    "lmms_vg_demo_pai": "",
+    "lmms_vg_demo_adaptvis": "",
+    "lmms_vg_demo_vicrop": ",layer=2",
+}
 
 
-def run_lmms_eval(model: str, out: Path, device: str) -> Path:
-    """One lmms-eval run; its results file, or an error with the log's tail (the CLI exits 0 on failure)."""
-    results = out / "results" / model
-    maps = out / "maps" / model
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmms_eval",
-        "--model",
-        model,
-        "--model_args",
-        f"device={device},save_maps={maps}",
-        "--tasks",
-        TASKS,
-        "--batch_size",
-        "8",
-        "--output_path",
-        str(results),
-        "--log_samples",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def runs(out: Path, device: str) -> list[dict]:
+    """The demo's lmms-eval runs, as entries of its ``--config`` list."""
+    entries = []
+    for model in (*MODELS, *METHOD_MODELS):
+        args = f"device={device}" + (f",save_maps={out / 'maps' / model}" if model in MODELS else METHOD_MODELS[model])
+        tasks = f"{GROUNDING},{VQA}" if model in MODELS else VQA
+        entries.append(
+            {
+                "model": model,
+                "model_args": args,
+                "tasks": tasks,
+                "batch_size": 8,
+                "output_path": str(out / "results" / model),
+                "log_samples": True,
+            }
+        )
+    return entries
+
+
+def run_lmms_eval(out: Path, device: str) -> list[Path]:
+    """All runs in one lmms-eval process (it is imported once); each run's results file, or an error with the log's tail.
+
+    lmms-eval exits 0 even when a run fails, so every run's results file and tasks are checked.
+    """
+    entries = runs(out, device)
+    for entry in entries:  # a run again into the same folder must never report the last run's results
+        shutil.rmtree(entry["output_path"], ignore_errors=True)
+        shutil.rmtree(out / "maps" / entry["model"], ignore_errors=True)
     workdir = out / "work"  # empty: lmms-eval reads --tasks X as a folder when ./X exists
     workdir.mkdir(parents=True, exist_ok=True)
-    for previous in (results, maps):  # a run again into the same folder must never report the last run's results
-        shutil.rmtree(previous, ignore_errors=True)
-    log = out / f"{model}.log"
+    config = out / "demo_runs.json"  # JSON is YAML: lmms-eval's --config reads it
+    config.write_text(json.dumps(entries, indent=1))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = out / "lmms_eval.log"
     with open(log, "w") as fh:
+        cmd = [sys.executable, "-m", "lmms_eval", "--config", str(config)]
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    found = sorted(results.rglob("*_results.json"))
     tail = log.read_text()[-3000:]
-    if not found:
-        raise RuntimeError(f"lmms-eval wrote no results for {model} (exit {proc.returncode}); its log ({log}) ends with:\n{tail}")
-    done = json.loads(found[-1].read_text()).get("results", {})
-    missing = [t for t in TASKS.split(",") if t not in done]
-    if missing:
-        raise RuntimeError(f"lmms-eval's results for {model} lack {missing}; its log ({log}) ends with:\n{tail}")
-    return found[-1]
+    found = []
+    for entry in entries:
+        files = sorted(Path(entry["output_path"]).rglob("*_results.json"))
+        if not files:
+            raise RuntimeError(
+                f"lmms-eval wrote no results for {entry['model']} (exit {proc.returncode}); its log ({log}) ends with:\n{tail}"
+            )
+        done = json.loads(files[-1].read_text()).get("results", {})
+        missing = [t for t in entry["tasks"].split(",") if t not in done]
+        if missing:
+            raise RuntimeError(f"lmms-eval's results for {entry['model']} lack {missing}; its log ({log}) ends with:\n{tail}")
+        found.append(files[-1])
+    return found
 
 
 def run_demo(out: Path, device: str = "cpu") -> list[Path]:
     out = out.resolve()
     t0 = time.time()
-    for model in MODELS:
-        path = run_lmms_eval(model, out, device)
-        print(f"{model}: {path} ({time.time() - t0:.0f}s)")
+    for path in run_lmms_eval(out, device):
+        print(f"{path.parent.parent.name}: {path}")
+    print(f"lmms-eval runs done ({time.time() - t0:.0f}s)")
     runs = report.load_runs([out / "results"])
     target = out / "report"
     shutil.rmtree(target, ignore_errors=True)
