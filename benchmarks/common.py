@@ -45,6 +45,17 @@ def build(shape: str, device: str, dtype: str) -> LlavaAdapter:
     return LlavaAdapter(model, AutoProcessor.from_pretrained(folder))
 
 
+def spread_vgrefine_config(model, reference_prompt: str | None = None):
+    """A VGRefine config for a random model: 20 heads spread over the middle layers, knockout at the middle layer."""
+    from lmms_vg.vgrefine import VGRefineConfig
+
+    text = model.config.text_config
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    head_list = tuple((layer, h) for layer in range(1, layers - 1) for h in range(heads))[::2][:20]
+    extra = {"reference_prompt": reference_prompt} if reference_prompt else {}
+    return VGRefineConfig(heads=head_list, knockout_layers=(layers // 2,), **extra)
+
+
 def images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((300 + 10 * i, 360, 3)) * 255).astype("uint8")) for i in range(n)]

@@ -12,11 +12,11 @@ cost is printed as a ratio to the baseline measured in the same run, and its pas
 from __future__ import annotations
 
 import torch
-from common import build, images, interleaved, parser, report
+from common import build, images, interleaved, parser, report, spread_vgrefine_config
 
 from lmms_vg import methods
 from lmms_vg.prompts import MC_INSTRUCTION
-from lmms_vg.vgrefine import VGRefineConfig, VGRefiner
+from lmms_vg.vgrefine import VGRefiner
 
 QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION}"
 
@@ -33,10 +33,8 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     adapter = build(args.shape, args.device, args.dtype)
     model, image = adapter.model, images(1)[0]
-    text = model.config.text_config
-    layers, heads = text.num_hidden_layers, text.num_attention_heads
-    head_list = tuple((layer, h) for layer in range(1, layers - 1) for h in range(heads))[::2][:20]
-    refiner = VGRefiner(adapter, VGRefineConfig(heads=head_list, knockout_layers=(layers // 2,)), reference_cache_size=0)
+    layers = model.config.text_config.num_hidden_layers
+    refiner = VGRefiner(adapter, spread_vgrefine_config(model), reference_cache_size=0)
     configs = {
         "PAI": methods.PaiConfig(),
         "AdaptVis": methods.AdaptVisConfig(),

@@ -10,11 +10,11 @@ once and only the short suffixes three times. Target: <= 1.3x the baseline for o
 from __future__ import annotations
 
 import torch
-from common import build, images, interleaved, parser, report
+from common import build, images, interleaved, parser, report, spread_vgrefine_config
 
 from lmms_vg import engine
 from lmms_vg.prompts import GENERIC_PROMPT, MC_INSTRUCTION
-from lmms_vg.vgrefine import VGRefineConfig, VGRefiner, triage_keep, triage_map
+from lmms_vg.vgrefine import VGRefiner, triage_keep, triage_map
 
 QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION}"
 REFERENCE = f"{GENERIC_PROMPT}\n{MC_INSTRUCTION}"
@@ -24,10 +24,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     adapter = build(args.shape, args.device, args.dtype)
     model, image = adapter.model, images(1)[0]
-    cfg_text = model.config.text_config
-    layers, heads = cfg_text.num_hidden_layers, cfg_text.num_attention_heads
-    head_list = tuple((l, h) for l in range(1, layers - 1) for h in range(heads))[::2][:20]
-    config = VGRefineConfig(heads=head_list, knockout_layers=(layers // 2,), reference_prompt=REFERENCE)
+    config = spread_vgrefine_config(model, REFERENCE)
     refiner = VGRefiner(adapter, config, reference_cache_size=0)  # every image new: no help from the cache
     pad = adapter.tokenizer.pad_token_id
 
