@@ -46,6 +46,9 @@ class Adapter(Protocol):
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
         """Token ids split after the image tokens (needed where ``shares_prefix``)."""
 
+    def prefix_inputs(self, prefix_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model needs beside the ids and pixels to run an image prefix alone (Qwen2-VL: the token types)."""
+
     def transform(self, image: Image.Image) -> geometry.ImageTransform:
         """How the image's pixels reach its token grid."""
 
@@ -121,22 +124,10 @@ class LlavaAdapter:
         return batch
 
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
-        """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens.
+        return split_after_image(self, images, texts)
 
-        Special tokens are added as the processor adds them to a full prompt (a Llama or Mistral
-        tokenizer's BOS), so that the shared prefix is the full prompt's beginning, token for token.
-        """
-        prefix, suffix = [], []
-        for image, text in zip(images, texts):
-            ids = self.tokenizer(self.prompt(text))["input_ids"]
-            if ids.count(self.image_token_id) != 1:
-                raise EngineError(
-                    f"{self.name}: the prompt must hold exactly one image placeholder, found {ids.count(self.image_token_id)}"
-                )
-            cut = ids.index(self.image_token_id)
-            prefix.append(ids[:cut] + [self.image_token_id] * self.image_tokens(image))
-            suffix.append(ids[cut + 1 :])
-        return Prompts(prefix, suffix)
+    def prefix_inputs(self, prefix_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
 
     def image_tokens(self, image: Image.Image) -> int:
         """How many tokens the processor expands the placeholder to for this image (fixed grid for LLaVA-1.5)."""
@@ -229,6 +220,26 @@ class InternVLAdapter(VilaAdapter):
         return self.prompt(text).replace(f"<img>{self.context}</img>", "")
 
 
+def split_after_image(adapter, images: list[Image.Image], texts: list[str]) -> Prompts:
+    """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens.
+
+    The placeholder is expanded to the image's token count (``adapter.image_tokens``). Special tokens
+    are added as the processor adds them to a full prompt (a Llama or Mistral tokenizer's BOS), so
+    that the shared prefix is the full prompt's beginning, token for token.
+    """
+    prefix, suffix = [], []
+    for image, text in zip(images, texts):
+        ids = adapter.tokenizer(adapter.prompt(text))["input_ids"]
+        if ids.count(adapter.image_token_id) != 1:
+            raise EngineError(
+                f"{adapter.name}: the prompt must hold exactly one image placeholder, found {ids.count(adapter.image_token_id)}"
+            )
+        cut = ids.index(adapter.image_token_id)
+        prefix.append(ids[:cut] + [adapter.image_token_id] * adapter.image_tokens(image))
+        suffix.append(ids[cut + 1 :])
+    return Prompts(prefix, suffix)
+
+
 def image_lists(images: list) -> list[list[Image.Image]]:
     """Each prompt's images as a list: a single image becomes a list of one."""
     return [[item] if isinstance(item, Image.Image) else list(item) for item in images]
@@ -282,14 +293,15 @@ def rgb(image: Image.Image) -> Image.Image:
 
 
 class Qwen2VLAdapter:
-    """Qwen2-VL / Qwen2.5-VL: dynamic resolution, one ``<|image_pad|>`` per merged 2x2 patch block.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic resolution, one ``<|image_pad|>`` per merged 2x2 patch block.
 
-    Its multimodal RoPE gives text after the image positions that depend on the image grid, so
-    this adapter does not share an image prefix between prompts (``shares_prefix = False``): the
-    grounding runner and VGRefine run full prompts, which is exact and costs more.
+    Its multimodal RoPE gives the text after the image positions shifted by the image grid; the
+    image prefix is still shared (``shares_prefix``): the prefix pass computes the shift, and the
+    suffix passes and generation add it (:func:`lmms_vg.passes.run_prefix`), so every token keeps
+    the position it has in the whole prompt.
     """
 
-    shares_prefix = False
+    shares_prefix = True
     cell_order = None  # merged 2 x 2 blocks in row-major order
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
@@ -314,6 +326,17 @@ class Qwen2VLAdapter:
         """The chat template with one image placeholder (vision start, image pad, vision end) per image before the text."""
         message = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
+        return split_after_image(self, images, texts)
+
+    def prefix_inputs(self, prefix_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The token types M-RoPE needs to lay out the image's 3-D positions."""
+        return {"mm_token_type_ids": (prefix_ids == self.image_token_id).long()}
+
+    def image_tokens(self, image: Image.Image) -> int:
+        t = self.transform(image)
+        return t.rows * t.cols
 
     def text_only_prompt(self, text: str) -> str:
         """The prompt without its vision block (vision start, image pad, vision end)."""

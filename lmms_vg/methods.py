@@ -252,9 +252,15 @@ def vicrop_box(att_map, image_size: tuple[int, int], bbox_size: int = 336) -> tu
 def vicrop_generate(adapter, images, texts, config: ViCropConfig, **generate_kwargs) -> MethodOutcome:
     """ViCrop answers for a batch (one image per prompt): the relative-attention crop, then the original and the crop together."""
     layer, bbox_size = config.resolved(adapter)
-    batch = Passes(adapter, reference_cache_size=0).batch(images, texts)
-    question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
-    relative = (question[:, layer].mean(1) / reference[:, layer].mean(1)).cpu()  # [B, N], no epsilon, as its code
+    passes, relative = Passes(adapter, reference_cache_size=0), [None] * len(images)
+    groups: dict[int, list[int]] = {}
+    for i, image in enumerate(images):  # one shared image prefix per token count (dynamic-resolution models vary)
+        groups.setdefault(adapter.image_tokens(image), []).append(i)
+    for members in groups.values():
+        batch = passes.batch([images[i] for i in members], [texts[i] for i in members])
+        question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
+        for i, ratio in zip(members, (question[:, layer].mean(1) / reference[:, layer].mean(1)).cpu()):
+            relative[i] = ratio  # [N]: no epsilon, as its code
     order = adapter.cell_order
     crops, boxes = [], []
     for image, ratio in zip(images, relative):

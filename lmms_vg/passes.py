@@ -38,21 +38,32 @@ class PrefixState:
     cache: object  # transformers Cache, cropped back to prefix_len after every suffix pass
     prefix_ids: torch.Tensor  # [B, P]
     image_cols: torch.Tensor  # [B, N] positions of the image tokens (inside the prefix)
+    position_offset: torch.Tensor | None = None  # [B, 1]: M-RoPE's shift of the text after the image (Qwen2-VL family)
 
     @property
     def prefix_len(self) -> int:
         return self.prefix_ids.shape[1]
 
 
-def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_id: int) -> PrefixState:
-    """Vision tower + prefix tokens once, into a KV cache. All prefixes must have the same length."""
+def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_id: int, extra: dict | None = None) -> PrefixState:
+    """Vision tower + prefix tokens once, into a KV cache. All prefixes must have the same length.
+
+    A model with multimodal RoPE (Qwen2-VL family) computes the prefix's 3-D positions itself and
+    keeps ``rope_deltas``: how far the text after the image is shifted from its index. The suffix
+    passes add it to their positions, and ``generate()`` reads it from the model, so every suffix
+    token gets the position it has in the whole prompt.
+    """
     lengths = {len(p) for p in prefix}
     if len(lengths) != 1:
         raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
     ids = torch.tensor(prefix, device=model.device)
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None  # recomputed for this prefix
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs)
-    return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id))
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs, **(extra or {}))
+    offset = getattr(inner, "rope_deltas", None)
+    return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id), offset)
 
 
 def pad_suffixes(suffixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +82,8 @@ def suffix_inputs(state: PrefixState, suffix_ids: torch.Tensor, suffix_mask: tor
     """Model kwargs for running a suffix on the cached prefix."""
     mask = torch.cat([torch.ones_like(state.prefix_ids), suffix_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, state.prefix_len :]
+    if state.position_offset is not None:
+        positions = positions + state.position_offset.to(positions.device)
     return {"input_ids": suffix_ids, "attention_mask": mask, "position_ids": positions}
 
 
@@ -98,7 +111,8 @@ def suffix_maps(
     ids, mask = pad_suffixes(interleaved, pad_id, model.device)
     if k > 1:
         state.cache.batch_repeat_interleave(k)
-    wide = PrefixState(state.cache, state.prefix_ids.repeat_interleave(k, 0), state.image_cols.repeat_interleave(k, 0))
+    offset = None if state.position_offset is None else state.position_offset.repeat_interleave(k, 0)
+    wide = PrefixState(state.cache, state.prefix_ids.repeat_interleave(k, 0), state.image_cols.repeat_interleave(k, 0), offset)
     last = torch.full((ids.shape[0], 1), state.prefix_len + ids.shape[1] - 1, device=model.device)
     cap = engine.Capture(rows=last, cols=wide.image_cols, layers=layers, stop_early=layers is not None)
     plan = None
@@ -140,6 +154,8 @@ def suffix_generate(
     ids, mask = pad_suffixes(suffixes, pad_id, model.device)
     full_ids = torch.cat([state.prefix_ids, ids], dim=1)
     full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
+    if state.position_offset is not None:  # generate() shifts the text positions by the model's stored deltas: this prefix's
+        model.model.rope_deltas = state.position_offset
     return generate_new_tokens(
         model, {"input_ids": full_ids, "attention_mask": full_mask, "past_key_values": state.cache}, knockout, **generate_kwargs
     )
@@ -321,7 +337,8 @@ class SharedPrefixBatch(PassBatch):
         super().__init__(adapter, images, texts, image_keys, cache)
         prompts = adapter.split_prompts(images, texts)
         self.suffixes = prompts.suffix
-        self.state = run_prefix(adapter.model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id)
+        extra = adapter.prefix_inputs(torch.tensor(prompts.prefix, device=adapter.device))
+        self.state = run_prefix(adapter.model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id, extra)
         self.pad = adapter.tokenizer.pad_token_id
 
     def _suffixes(self, texts: list[str]) -> list[list[int]]:

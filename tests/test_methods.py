@@ -274,3 +274,19 @@ def test_vicrop_box_search_on_many_maps():
         size = (int(rng.integers(200, 1200)), int(rng.integers(200, 1200)))
         bbox = int(rng.choice([224, 336]))
         assert methods.vicrop_box(att, size, bbox) == pytest.approx(vicrop_reference_box(att, size, bbox)), (trial, size, bbox)
+
+
+def test_vicrop_on_a_dynamic_resolution_model_with_images_of_two_sizes(qwen2_vl_dir, images):
+    """Qwen2-VL: images of different grids in one batch (one shared prefix per grid), each answered with its crop."""
+    from lmms_eval.models import get_model
+    from test_models import make_requests
+
+    from lmms_vg import outputs
+
+    wrapper = get_model("qwen25vl_vicrop").create_from_arg_string(f"pretrained={qwen2_vl_dir},device=cpu,layer=1", {"batch_size": 2})
+    pair = [images[0], images[1].resize((60, 150))]
+    assert wrapper.adapter.image_tokens(pair[0]) != wrapper.adapter.image_tokens(pair[1])
+    answers = [
+        outputs.decode(o) for o in wrapper.generate_until(make_requests(wrapper, pair, QUESTIONS, {"max_new_tokens": 2, "lmms_vg": {}}))
+    ]
+    assert all(a.method["name"] == "vicrop" and len(a.method["vicrop_box"]) == 4 for a in answers)

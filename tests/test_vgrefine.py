@@ -12,6 +12,7 @@ from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
 from lmms_vg import engine
 from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
+from lmms_vg.prompts import GENERIC_PROMPT
 from lmms_vg.vgrefine import HeadRanking, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
 
 HEADS = ((1, 0), (2, 3), (0, 1), (1, 2), (2, 0))
@@ -171,3 +172,31 @@ def test_triage_keeps_at_or_above_percentile_by_hand():
     ref[0, 1] = torch.tensor([[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]])  # layer 1 head-mean [2, 2, 2]
     expected = (torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([1.0, 1.0, 4.0])) / 2
     assert torch.allclose(triage_map(q, ref, ((1, 0), (0, 1))), expected[None].double().float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("checkpoint", ["qwen2_vl_dir", "qwen2_5_vl_dir", "qwen3_vl_dir"])
+def test_qwen_family_shared_prefix_equals_full_prompts(checkpoint, batch, request, images):
+    """M-RoPE: the image prefix runs once and the suffixes take their whole-prompt positions, so maps, VGRefine's
+    triage and answers equal those of full prompts (themselves equal to transformers' eager forward, test_engine)."""
+    from lmms_vg.adapters import Qwen2VLAdapter
+    from lmms_vg.passes import FullPromptBatch, ReferenceCache, SharedPrefixBatch
+    from lmms_vg.presets import FAMILIES
+    from lmms_vg_models.loading import load_checkpoint
+
+    model, processor = load_checkpoint(
+        str(request.getfixturevalue(checkpoint)), FAMILIES["qwen2_vl"].model_types, torch.float32, None, "main", False
+    )
+    engine.install(model)
+    adapter = Qwen2VLAdapter(model, processor)
+    imgs, texts = [images[0]] * batch, QUESTIONS[:batch]  # one grid per batch; questions of different lengths: left padding
+    shared, full = (kind(adapter, imgs, texts, [None] * batch, ReferenceCache(0)) for kind in (SharedPrefixBatch, FullPromptBatch))
+    (q_s, r_s), (q_f, r_f) = (b.question_and_reference(GENERIC_PROMPT) for b in (shared, full))
+    assert torch.allclose(q_s, q_f, atol=1e-5, rtol=0) and torch.allclose(r_s, r_f, atol=1e-5, rtol=0)
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (0, 3)), knockout_layers=(1,), top_k=3)
+    keep = config.keep(*shared.question_and_reference(GENERIC_PROMPT, config.map_layers))
+    assert torch.equal(keep, config.keep(*full.question_and_reference(GENERIC_PROMPT, config.map_layers)))
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "pad_token_id": adapter.tokenizer.pad_token_id}
+    tokens_s, logits_s = shared.generate(shared.knockout(keep, config.knockout_layers, config.mode), **kwargs)
+    tokens_f, logits_f = full.generate(full.knockout(keep, config.knockout_layers, config.mode), **kwargs)
+    assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)
