@@ -80,7 +80,9 @@ class ViCropConfig:
             raise MethodConfigError(f"ViCrop settings out of range: {self}; layer and bbox_size are >= 0 (0: the model's default)")
 
     def resolved(self, adapter) -> tuple[int, int]:
-        qwen = not adapter.shares_prefix  # the Qwen2-VL family
+        from .adapters import Qwen2VLAdapter
+
+        qwen = isinstance(adapter, Qwen2VLAdapter)  # its published settings for Qwen2.5-VL
         layer = self.layer or (22 if qwen else 14)
         n_layers = adapter.model.config.text_config.num_hidden_layers
         if layer >= n_layers:
