@@ -3,10 +3,11 @@
 :class:`Passes` (one per model, holding the per-image reference maps) opens a :class:`PassBatch`
 for a batch of (image, question) pairs. The adapter decides which implementation serves it:
 
-- :class:`SharedPrefixBatch` (``adapter.shares_prefix``): the image prefix runs once into a KV
-  cache and every text (question, generic prompt, knocked-out generation) runs as a suffix on it;
-- :class:`FullPromptBatch`: every (image, text) as a whole left-padded prompt, for models whose
-  text positions depend on the image (Qwen2-VL's M-RoPE).
+- :class:`SharedPrefixBatch` (``adapter.shares_prefix``, every shipped family): the image prefix
+  runs once into a KV cache and every text (question, generic prompt, knocked-out generation) runs
+  as a suffix on it; M-RoPE models (Qwen2-VL family) carry the prefix's position shift over;
+- :class:`FullPromptBatch`: every (image, text) as a whole left-padded prompt, for a family that
+  cannot split its prompt after the image; the tests hold the shared prefix equal to it.
 
 Both offer the same four things: maps for sets of texts, the questions' maps with the generic
 prompt's (from the cache where it has them), a knockout plan for the text after the image, and
