@@ -64,7 +64,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    adapter = build(args.shape, args.device, args.dtype)
+    adapter = build(args.shape, args.device, args.dtype, args.family)
     model = adapter.model
     batch = adapter.encode(images(1), [f"Where is the lesion?{SHORT_ANSWER}"])
     cols = engine.image_token_positions(batch["input_ids"], adapter.image_token_id)

@@ -30,18 +30,27 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--family", choices=["llava", "qwen2_vl"], default="llava", help="the model family's passes (Qwen2-VL: M-RoPE)")
     return p
 
 
-def build(shape: str, device: str, dtype: str) -> LlavaAdapter:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def build(shape: str, device: str, dtype: str, family: str = "llava"):
+    """A random model of the shape and family; its image grid is 24 x 24 (576 tokens) for the benchmark images in both."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_vg.adapters import Qwen2VLAdapter
+    from lmms_vg_models.loading import load_processor
 
     layers, heads, kv_heads, hidden = SHAPES[shape]
-    folder = tiny.build_llava(
-        tempfile.mkdtemp(prefix="lmms_vg_bench_"), layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, image_size=336
-    )
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    folder = tempfile.mkdtemp(prefix="lmms_vg_bench_")
+    if family == "qwen2_vl":  # a 672-px square image: 48 x 48 patches of 14, merged 2 x 2
+        tiny.build_qwen2_vl(folder, layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, max_pixels=672 * 672)
+    else:
+        tiny.build_llava(folder, layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, image_size=336)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     engine.install(model)
+    if family == "qwen2_vl":
+        return Qwen2VLAdapter(model, load_processor(folder, "main", False))
     return LlavaAdapter(model, AutoProcessor.from_pretrained(folder))
 
 
@@ -56,9 +65,11 @@ def spread_vgrefine_config(model, reference_prompt: str | None = None):
     return VGRefineConfig(heads=head_list, knockout_layers=(layers // 2,), **extra)
 
 
-def images(n: int, seed: int = 0) -> list[Image.Image]:
+def images(n: int, seed: int = 0, family: str = "llava") -> list[Image.Image]:
+    """Random images; for the Qwen2-VL family 672-px squares (24 x 24 merged tokens, as LLaVA's 336-px grid)."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((300 + 10 * i, 360, 3)) * 255).astype("uint8")) for i in range(n)]
+    size = (lambda i: (672, 672)) if family == "qwen2_vl" else (lambda i: (300 + 10 * i, 360))
+    return [Image.fromarray((rng.random((*size(i), 3)) * 255).astype("uint8")) for i in range(n)]
 
 
 def sync(device: str) -> None:

@@ -22,8 +22,8 @@ QUESTION = "Where is the liver in this image?" + SHORT_ANSWER
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    adapter = build(args.shape, args.device, args.dtype)
-    model, image = adapter.model, images(1)[0]
+    adapter = build(args.shape, args.device, args.dtype, args.family)
+    model, image = adapter.model, images(1, family=args.family)[0]
     box = [[40, 60, 200, 180]]
     uncached = GroundingRunner(adapter, GENERIC_PROMPT + SHORT_ANSWER, reference_cache_size=0)
     cached = GroundingRunner(adapter, GENERIC_PROMPT + SHORT_ANSWER, reference_cache_size=8)

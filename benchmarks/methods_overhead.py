@@ -31,8 +31,8 @@ PASSES = {  # forward passes over the prompt per sample, from the methods' defin
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    adapter = build(args.shape, args.device, args.dtype)
-    model, image = adapter.model, images(1)[0]
+    adapter = build(args.shape, args.device, args.dtype, args.family)
+    model, image = adapter.model, images(1, family=args.family)[0]
     layers = model.config.text_config.num_hidden_layers
     refiner = VGRefiner(adapter, spread_vgrefine_config(model), reference_cache_size=0)
     configs = {

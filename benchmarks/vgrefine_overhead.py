@@ -22,8 +22,8 @@ REFERENCE = f"{GENERIC_PROMPT}\n{MC_INSTRUCTION}"
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    adapter = build(args.shape, args.device, args.dtype)
-    model, image = adapter.model, images(1)[0]
+    adapter = build(args.shape, args.device, args.dtype, args.family)
+    model, image = adapter.model, images(1, family=args.family)[0]
     config = spread_vgrefine_config(model, REFERENCE)
     refiner = VGRefiner(adapter, config, reference_cache_size=0)  # every image new: no help from the cache
     pad = adapter.tokenizer.pad_token_id

@@ -136,7 +136,14 @@ QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def build_qwen2_vl(
-    out_dir: str | Path, layers: int = 3, heads: int = 4, kv_heads: int = 2, hidden: int = 64, seed: int = 0, kind: str = "qwen2_vl"
+    out_dir: str | Path,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    seed: int = 0,
+    kind: str = "qwen2_vl",
+    max_pixels: int | None = None,
 ) -> Path:
     """Save a tiny Qwen2-VL, Qwen2.5-VL (Lingshu's architecture) or Qwen3-VL checkpoint with its image processor.
 
@@ -156,7 +163,8 @@ def build_qwen2_vl(
         "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n<|assistant|>\n{% endfor %}"
     )
     tc = text_config("qwen2", len(tok), hidden, layers, heads, kv_heads).to_dict()
-    tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    half = hidden // heads // 2  # M-RoPE splits each head's rotary half into (time, height, width) as 2:3:3, Qwen's 16:24:24
+    tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
     patch = 16 if kind == "qwen3_vl" else 14
     vision = {"depth": 2, "hidden_size": hidden, "num_heads": 2, "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
     if kind == "qwen2_vl":
@@ -185,7 +193,9 @@ def build_qwen2_vl(
     out = save_random(getattr(transformers, model_class), cfg, tok, seed, out_dir)
     # the full processors need a video processor, which needs torchvision: save the two parts they wrap.
     factor = patch * 2
-    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(2 * factor) ** 2, max_pixels=(4 * factor) ** 2).save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(2 * factor) ** 2, max_pixels=max_pixels or (4 * factor) ** 2).save_pretrained(
+        out
+    )
     tok.save_pretrained(out)
     return out
 
