@@ -31,6 +31,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--family", choices=["llava", "qwen2_vl"], default="llava", help="the model family's passes (Qwen2-VL: M-RoPE)")
+    p.add_argument("--batches", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 4, 16), help="batch sizes for samples/s")
     return p
 
 
@@ -103,3 +104,25 @@ def report(title: str, seconds: dict[str, float], baseline: str, target: tuple[s
     ok = seconds[name] / seconds[baseline] <= limit
     print(f"target: {name} <= {limit}x {baseline}: {'met' if ok else 'NOT met'} ({seconds[name] / seconds[baseline]:.3f}x)")
     return ok
+
+
+def print_pass_counts(rows: dict[str, list[tuple[int, int]]], layers: int) -> None:
+    """Per sample, from the model's shape alone: each variant's forward passes as (tokens, layers run) pairs.
+
+    Prints the passes (a pass that stops early counts as its share of the layers), the layer passes
+    (on a GPU each one reads that layer's weights: a short pass costs nearly a long one) and the
+    token-layers (the arithmetic). Read with the measured times where no GPU is at hand.
+    """
+    print(f"\n{'variant':<34} {'passes':>8} {'layer passes':>13} {'token-layers':>13}")
+    for name, passes in rows.items():
+        full = sum(depth for _, depth in passes) / layers
+        print(f"{name:<34} {full:>8.2f} {sum(d for _, d in passes):>13} {sum(t * d for t, d in passes):>13}")
+
+
+def throughput(run: Callable[[int], object], batches: tuple[int, ...], repeats: int, device: str) -> dict[int, float]:
+    """Samples per second of ``run(batch_size)`` at each batch size (median of ``repeats``, after a warm-up)."""
+    out = {}
+    for b in batches:
+        seconds = interleaved({str(b): lambda b=b: run(b)}, repeats, device)[str(b)]
+        out[b] = b / seconds
+    return out

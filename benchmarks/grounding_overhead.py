@@ -11,7 +11,7 @@ questions per image); and the naive way, two full forwards. Target: shared prefi
 from __future__ import annotations
 
 import torch
-from common import build, images, interleaved, parser, report
+from common import build, images, interleaved, parser, print_pass_counts, report, throughput
 
 from lmms_vg import engine
 from lmms_vg.grounding import GroundingRunner, GroundingSample
@@ -59,6 +59,37 @@ def main() -> None:
     )
     print(f"shape={args.shape} device={args.device} dtype={args.dtype}")
     report("time per grounding sample", seconds, "plain generation, 1 token", ("grounding, shared image prefix", 1.3))
+    layers = model.config.text_config.num_hidden_layers
+    split = adapter.split_prompts([image], [QUESTION])
+    prefix, question = len(split.prefix[0]), len(split.suffix[0])
+    reference = len(adapter.split_prompts([image], [GENERIC_PROMPT + SHORT_ANSWER]).suffix[0])
+    print_pass_counts(
+        {
+            "plain generation, 1 token": [(prefix + question, layers)],
+            "grounding, shared image prefix": [(prefix, layers), (question + reference, layers)],
+            "grounding, reference cached": [(prefix, layers), (question, layers)],
+            "grounding, naive two passes": [(prefix + question, layers), (prefix + reference, layers)],
+        },
+        layers,
+    )
+    pool = images(16, family=args.family)
+
+    def batched(method, b):
+        if method == "plain":
+            with torch.no_grad():
+                model.generate(
+                    **adapter.encode(pool[:b], [QUESTION] * b),
+                    max_new_tokens=1,
+                    do_sample=False,
+                    pad_token_id=adapter.tokenizer.pad_token_id,
+                )
+        else:
+            uncached.score([GroundingSample(img, QUESTION, box, "xyxy") for img in pool[:b]])
+
+    print("\nsamples per second by batch size")
+    for method in ("plain", "grounding"):
+        rates = throughput(lambda b, m=method: batched(m, b), args.batches, max(1, args.repeats // 3), args.device)
+        print(f"{method:<12} " + "  ".join(f"batch {b}: {r:.2f}/s" for b, r in rates.items()))
 
 
 if __name__ == "__main__":

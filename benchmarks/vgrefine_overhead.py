@@ -10,7 +10,7 @@ once and only the short suffixes three times. Target: <= 1.3x the baseline for o
 from __future__ import annotations
 
 import torch
-from common import build, images, interleaved, parser, report, spread_vgrefine_config
+from common import build, images, interleaved, parser, print_pass_counts, report, spread_vgrefine_config, throughput
 
 from lmms_vg import engine
 from lmms_vg.prompts import GENERIC_PROMPT, MC_INSTRUCTION
@@ -76,6 +76,41 @@ def main() -> None:
             f"baseline, {n} tokens",
             (f"VGRefine (lmms-vg), {n} tokens", 1.3) if n == 1 else None,
         )
+        print_pass_counts(pass_rows(adapter, image, config, n), model.config.text_config.num_hidden_layers)
+    pool = images(16, family=args.family)
+
+    def batched(method, b):
+        batch_images, texts = pool[:b], [QUESTION] * b
+        if method == "baseline":
+            with torch.no_grad():
+                model.generate(**adapter.encode(batch_images, texts), **generation(1))
+        else:
+            refiner.generate(batch_images, texts, **generation(1))
+
+    print("\nsamples per second, one-token answers, by batch size")
+    for method in ("baseline", "VGRefine"):
+        rates = throughput(lambda b, m=method: batched(m, b), args.batches, max(1, args.repeats // 3), args.device)
+        print(f"{method:<12} " + "  ".join(f"batch {b}: {r:.2f}/s" for b, r in rates.items()))
+
+
+def pass_rows(adapter, image, config, n: int) -> dict[str, list[tuple[int, int]]]:
+    """(tokens, layers) of each pass per sample: prefill, VGRefine's shared-prefix passes, the naive three full prompts; n-1 decode steps."""
+    layers = adapter.model.config.text_config.num_hidden_layers
+    split = adapter.split_prompts([image], [QUESTION])
+    prefix, question = len(split.prefix[0]), len(split.suffix[0])
+    reference = len(adapter.split_prompts([image], [REFERENCE]).suffix[0])
+    depth = max(config.map_layers) + 1  # the maps pass stops after the deepest selected head's layer
+    decode = [(1, layers)] * (n - 1)
+    return {
+        f"baseline, {n} tokens": [(prefix + question, layers), *decode],
+        f"VGRefine (lmms-vg), {n} tokens": [(prefix, layers), (question + reference, depth), (question, layers), *decode],
+        f"VGRefine naive 3-pass, {n} tokens": [
+            (prefix + question, layers),
+            (prefix + reference, layers),
+            (prefix + question, layers),
+            *decode,
+        ],
+    }
 
 
 if __name__ == "__main__":
