@@ -100,10 +100,11 @@ def pass_rows(adapter, image, config, n: int) -> dict[str, list[tuple[int, int]]
     prefix, question = len(split.prefix[0]), len(split.suffix[0])
     reference = len(adapter.split_prompts([image], [REFERENCE]).suffix[0])
     depth = max(config.map_layers) + 1  # the maps pass stops after the deepest selected head's layer
+    resume = min(min(config.knockout_layers), depth)  # the knocked-out pass resumes there
     decode = [(1, layers)] * (n - 1)
     return {
         f"baseline, {n} tokens": [(prefix + question, layers), *decode],
-        f"VGRefine (lmms-vg), {n} tokens": [(prefix, layers), (question + reference, depth), (question, layers), *decode],
+        f"VGRefine (lmms-vg), {n} tokens": [(prefix, layers), (question + reference, depth), (question, layers - resume), *decode],
         f"VGRefine naive 3-pass, {n} tokens": [
             (prefix + question, layers),
             (prefix + reference, layers),

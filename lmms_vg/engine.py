@@ -290,6 +290,11 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def text_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The text decoder's layers (a ModuleList the decoder loops over)."""
+    return _text_decoder(model).layers
+
+
 def text_attention_layers(model: torch.nn.Module) -> dict[int, int]:
     """Map id(attention module) -> layer index for the model's text decoder layers."""
     decoder = _text_decoder(model)

@@ -24,7 +24,7 @@ an unpadded single-prompt forward.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -96,8 +96,13 @@ def suffix_maps(
     layers: frozenset[int] | None = None,
     knockout: engine.Knockout | None = None,
     steer: Steering | None = None,
+    keep: Resume | None = None,
 ) -> list[torch.Tensor]:
     """Last-token attention to the image tokens for each set of suffixes, in one batched pass.
+
+    With ``keep`` (a :class:`Resume` with its depth set), the first set's rows are kept as they leave
+    the layers below that depth (their keys and values, and the hidden state), for a later pass that
+    computes the same rows to resume there.
 
     ``suffix_sets[j][b]`` is sample b's j-th suffix (e.g. j=0 the question, j=1 the generic prompt);
     returns one ``[B, layers, heads, N]`` fp32 tensor per set. The cached prefix is repeated for the
@@ -120,17 +125,106 @@ def suffix_maps(
     if steer is not None:  # the widened batch's layout: prefix + padded suffix, sample b's sets side by side
         cols = torch.zeros(ids.shape[0], state.prefix_len + ids.shape[1], dtype=torch.bool)
         plan = steer.plan(cols.scatter_(1, wide.image_cols.cpu(), True), k)
+    hook = None
+    if keep is not None:  # the first set's rows (0::k), their last keep.width columns: the layout of that set padded alone
+        layer = engine.text_decoder_layers(model)[keep.depth - 1]
+        hook = layer.register_forward_hook(lambda _m, _a, out: keep.take_hidden(out[0::k, -keep.width :]))
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout, steer=plan):
             model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
     except engine.CaptureComplete:
         pass
     finally:
+        if hook is not None:
+            hook.remove()
+            end = state.prefix_len + ids.shape[1]
+            for i, cached in enumerate(state.cache.layers[: keep.depth]):
+                keep.keys.append(cached.keys[0::k, :, end - keep.width : end].clone())
+                keep.values.append(cached.values[0::k, :, end - keep.width : end].clone())
         if k > 1:
             state.cache.batch_select_indices(torch.arange(0, batch * k, k, device=model.device))
         truncate(state.cache, state.prefix_len)
     maps = cap.last_row_maps()
     return [maps[j::k] for j in range(k)]
+
+
+@dataclass
+class Resume:
+    """The question rows as they leave the layers below ``depth``: per layer their suffix keys and values, and the hidden state.
+
+    Below the first knockout layer a knocked-out pass computes exactly what the plain question pass
+    computed; resuming from here skips those layers (:func:`resumed_generate`).
+    """
+
+    depth: int
+    width: int  # the questions' suffixes padded alone
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer: [B, kv_heads, width, head_dim]
+    values: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # [B, width, hidden]
+
+    def take_hidden(self, out: torch.Tensor) -> None:
+        self.hidden = out.detach().clone()
+
+    @property
+    def complete(self) -> bool:
+        return self.hidden is not None and len(self.keys) == self.depth
+
+
+class _Resumed(torch.nn.Module):
+    """A decoder layer below the resume depth, for one pass: it appends the kept keys and values and hands on the kept state."""
+
+    def __init__(self, index: int, resume: Resume):
+        super().__init__()
+        self.index, self.resume = index, resume
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        past_key_values.update(self.resume.keys[self.index], self.resume.values[self.index], self.index)
+        return self.resume.hidden if self.index == self.resume.depth - 1 else hidden_states
+
+
+def resumed_generate(
+    model, state: PrefixState, suffixes: list[list[int]], pad_id: int, resume: Resume, knockout: engine.Knockout | None, **generate_kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy generation after the suffixes on the cached prefix, the layers below ``resume.depth`` taken from it, not recomputed.
+
+    The first token comes from one pass through the layers from the resume depth up (under the
+    knockout); the rest from ``generate()`` continuing on the completed cache. Same tokens and
+    logits as :func:`suffix_generate`.
+    """
+    ids, mask = pad_suffixes(suffixes, pad_id, model.device)
+    layers = engine.text_decoder_layers(model)
+    originals = [layers[i] for i in range(resume.depth)]
+    for i in range(resume.depth):
+        layers[i] = _Resumed(i, resume)
+    try:
+        with torch.no_grad(), engine.arm(model, knockout=knockout):
+            out = model(**suffix_inputs(state, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    first_logits = out.logits[:, -1]
+    first = first_logits.argmax(-1, keepdim=True)
+    new = generate_kwargs.get("max_new_tokens", 1)
+    if new > 1:
+        full = torch.cat([state.prefix_ids, ids, first], dim=1)
+        full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask, torch.ones_like(first)], dim=1)
+        if state.position_offset is not None:
+            model.model.rope_deltas = state.position_offset
+        kwargs = {**generate_kwargs, "max_new_tokens": new - 1, "min_new_tokens": max(0, generate_kwargs.get("min_new_tokens", 0) - 1)}
+        kwargs.pop("output_logits", None)
+        rest, _ = generate_new_tokens(model, {"input_ids": full, "attention_mask": full_mask, "past_key_values": state.cache}, **kwargs)
+        eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        done = torch.isin(first[:, 0], torch.tensor(eos, device=first.device)) if eos else torch.zeros_like(first[:, 0], dtype=torch.bool)
+        rest = rest.masked_fill(done[:, None], generate_kwargs.get("pad_token_id", pad_id))  # generate() stops a sample at its EOS
+        first = torch.cat([first, rest], dim=1)
+    return first, (first_logits if generate_kwargs.get("output_logits") else None)
+
+
+def can_resume(generate_kwargs: dict) -> bool:
+    """Greedy, one sequence, no logits processors: the first token is the argmax, which a resumed pass reproduces."""
+    plain = not generate_kwargs.get("do_sample") and generate_kwargs.get("num_beams", 1) == 1
+    return plain and not generate_kwargs.get("logits_processor") and not generate_kwargs.get("repetition_penalty")
 
 
 def truncate(cache, length: int) -> None:
@@ -309,8 +403,12 @@ class PassBatch:
         """New tokens ``[B, new]`` after each question (and, with ``output_logits=True``, the first step's logits ``[B, vocab]``)."""
         raise NotImplementedError
 
+    def resume_point(self, depth: int) -> Resume | None:
+        """Where a knocked-out pass of the questions may resume (layers below ``depth`` kept), or None where it cannot."""
+        return None
+
     def question_and_reference(
-        self, prompt: str | None, layers: frozenset[int] | None = None, steer: Steering | None = None
+        self, prompt: str | None, layers: frozenset[int] | None = None, steer: Steering | None = None, keep: Resume | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Maps ``[B, L, H, N]`` for the questions and for the generic ``prompt`` (None: no reference, normalisation off).
 
@@ -321,9 +419,9 @@ class PassBatch:
         keys = [(k, prompt, layers, h) if k is not None and prompt else None for k, h in zip(self.image_keys, how)]
         cached = [self.cache.get(k) for k in keys]
         if prompt is None or all(c is not None for c in cached):
-            question = self.maps([self.texts], layers, steer)[0]
+            question = self.maps([self.texts], layers, steer, keep)[0]
             return question, (torch.stack(cached) if prompt else None)
-        question, fresh = self.maps([self.texts, [prompt] * len(self.texts)], layers, steer)
+        question, fresh = self.maps([self.texts, [prompt] * len(self.texts)], layers, steer, keep)
         for i, key in enumerate(keys):
             if cached[i] is None:
                 cached[i] = fresh[i]
@@ -345,8 +443,12 @@ class SharedPrefixBatch(PassBatch):
     def _suffixes(self, texts: list[str]) -> list[list[int]]:
         return self.suffixes if texts is self.texts else self.adapter.split_prompts(self.images, texts).suffix
 
-    def maps(self, text_sets, layers=None, steer=None):
-        return suffix_maps(self.adapter.model, self.state, [self._suffixes(t) for t in text_sets], self.pad, layers=layers, steer=steer)
+    def maps(self, text_sets, layers=None, steer=None, keep=None):
+        sets = [self._suffixes(t) for t in text_sets]
+        return suffix_maps(self.adapter.model, self.state, sets, self.pad, layers=layers, steer=steer, keep=keep)
+
+    def resume_point(self, depth: int) -> Resume | None:
+        return Resume(depth, max(len(s) for s in self.suffixes)) if depth > 0 else None
 
     def knockout(self, keep, layers, mode):
         rows = suffix_rows(self.state, self.suffixes)
@@ -356,7 +458,9 @@ class SharedPrefixBatch(PassBatch):
     def question_maps(self, knockout=None):
         return suffix_maps(self.adapter.model, self.state, [self.suffixes], self.pad, knockout=knockout)[0]
 
-    def generate(self, knockout=None, **generate_kwargs):
+    def generate(self, knockout=None, resume: Resume | None = None, **generate_kwargs):
+        if resume is not None and resume.complete and can_resume(generate_kwargs):
+            return resumed_generate(self.adapter.model, self.state, self.suffixes, self.pad, resume, knockout, **generate_kwargs)
         return suffix_generate(self.adapter.model, self.state, self.suffixes, self.pad, knockout=knockout, **generate_kwargs)
 
 
@@ -374,7 +478,7 @@ class FullPromptBatch(PassBatch):
             self._encoded = self.adapter.encode(self.images, self.texts)
         return self._encoded
 
-    def maps(self, text_sets, layers=None, steer=None):
+    def maps(self, text_sets, layers=None, steer=None, keep=None):
         return full_prompt_maps(self.adapter, self.images, text_sets, layers, steer)
 
     def knockout(self, keep, layers, mode):
@@ -383,5 +487,5 @@ class FullPromptBatch(PassBatch):
     def question_maps(self, knockout=None):
         return last_row_maps(self.adapter, self.encoded, knockout=knockout)
 
-    def generate(self, knockout=None, **generate_kwargs):
+    def generate(self, knockout=None, resume: Resume | None = None, **generate_kwargs):
         return generate_new_tokens(self.adapter.model, self.encoded, knockout, **generate_kwargs)

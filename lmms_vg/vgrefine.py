@@ -206,8 +206,10 @@ class RefineOutcome:
 class VGRefiner:
     """Runs VGRefine generation for an adapter's model."""
 
-    def __init__(self, adapter, config: VGRefineConfig, reference_cache_size: int = 64):
+    def __init__(self, adapter, config: VGRefineConfig, reference_cache_size: int = 64, share_layers: bool = True):
+        """``share_layers``: resume the knocked-out pass from the maps pass below the first knockout layer (greedy answers)."""
         self.adapter = adapter
+        self.share_layers = share_layers
         self.config = config
         text = adapter.model.config.text_config
         config.validate_for(text.num_hidden_layers, text.num_attention_heads, adapter.name)
@@ -218,8 +220,11 @@ class VGRefiner:
         cfg = self.config
         prompt = (reference_prompt or cfg.reference_prompt) if cfg.reference_prompt else None
         batch = self.passes.batch(images, texts, image_keys)
-        keep = cfg.keep(*batch.question_and_reference(prompt, cfg.map_layers))  # [B, N]
-        tokens, first_logits = batch.generate(batch.knockout(keep, cfg.knockout_layers, cfg.mode), **generate_kwargs)
+        # below the first knockout layer the knocked-out pass computes what the maps pass computed: it resumes there
+        resume = batch.resume_point(min(min(cfg.knockout_layers), max(cfg.map_layers) + 1)) if self.share_layers else None
+        keep = cfg.keep(*batch.question_and_reference(prompt, cfg.map_layers, keep=resume))  # [B, N]
+        knockout = batch.knockout(keep, cfg.knockout_layers, cfg.mode)
+        tokens, first_logits = batch.generate(knockout, resume=resume, **generate_kwargs)
         return RefineOutcome(tokens, (~keep).float().mean(1).tolist(), cfg.knockout_layers, keep, first_logits)
 
 

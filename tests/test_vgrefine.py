@@ -200,3 +200,33 @@ def test_qwen_family_shared_prefix_equals_full_prompts(checkpoint, batch, reques
     tokens_s, logits_s = shared.generate(shared.knockout(keep, config.knockout_layers, config.mode), **kwargs)
     tokens_f, logits_f = full.generate(full.knockout(keep, config.knockout_layers, config.mode), **kwargs)
     assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("checkpoint", ["llava_dir", "qwen2_vl_dir"])
+def test_knocked_pass_resumes_below_the_knockout_layer(checkpoint, batch, request, images):
+    """Layers below the first knockout layer are not run again for the knocked-out pass: same tokens and logits as running them."""
+    from lmms_vg.adapters import Qwen2VLAdapter
+    from lmms_vg.presets import FAMILIES
+    from lmms_vg_models.loading import load_checkpoint
+
+    family = "qwen2_vl" if checkpoint.startswith("qwen") else "llava"
+    model, processor = load_checkpoint(
+        str(request.getfixturevalue(checkpoint)), FAMILIES[family].model_types, torch.float32, None, "main", False
+    )
+    engine.install(model)
+    adapter = (Qwen2VLAdapter if family == "qwen2_vl" else LlavaAdapter)(model, processor)
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3)
+    calls = []
+    hook = engine.text_decoder_layers(model)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "output_logits": True, "pad_token_id": adapter.tokenizer.pad_token_id}
+    imgs = [images[0]] * batch
+    try:
+        shared = VGRefiner(adapter, config, reference_cache_size=0).generate(imgs, QUESTIONS[:batch], **kwargs)
+        first_runs, calls[:] = len(calls), []
+        full = VGRefiner(adapter, config, reference_cache_size=0, share_layers=False).generate(imgs, QUESTIONS[:batch], **kwargs)
+    finally:
+        hook.remove()
+    assert first_runs == len(calls) - 1  # layer 0 ran once less: the knocked-out prefill resumed at layer 2
+    assert torch.equal(shared.tokens, full.tokens) and torch.equal(shared.keep, full.keep)
+    assert torch.allclose(shared.first_logits, full.first_logits, atol=1e-5, rtol=0)
