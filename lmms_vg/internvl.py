@@ -10,8 +10,10 @@ the adapter's ``cell_order`` maps the maps back to row-major cells for the groun
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForImageTextToText, InternVLConfig
+from transformers import InternVLConfig
 from transformers.models.internvl.modeling_internvl import InternVLForConditionalGeneration, InternVLModel
+
+from .architectures import InnerModelSwap, register
 
 
 class InternVLPs1Config(InternVLConfig):
@@ -26,14 +28,9 @@ class InternVLPs1Model(InternVLModel):
         return super().pixel_shuffle(vision_features, scale_factor).permute(0, 2, 1, 3)
 
 
-class InternVLPs1ForConditionalGeneration(InternVLForConditionalGeneration):
+class InternVLPs1ForConditionalGeneration(InnerModelSwap, InternVLForConditionalGeneration):
     config_class = InternVLPs1Config
-
-    def __init__(self, config: InternVLPs1Config):
-        super().__init__(config)
-        self.model = InternVLPs1Model(config)
-        self.post_init()
+    inner_model_class = InternVLPs1Model
 
 
-AutoConfig.register(InternVLPs1Config.model_type, InternVLPs1Config, exist_ok=True)
-AutoModelForImageTextToText.register(InternVLPs1Config, InternVLPs1ForConditionalGeneration, exist_ok=True)
+register(InternVLPs1Config, InternVLPs1ForConditionalGeneration)

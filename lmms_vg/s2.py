@@ -15,9 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaProcessor
+from transformers import LlavaConfig, LlavaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
+
+from .architectures import InnerModelSwap, register
 
 DEFAULT_SCALES = (336, 672, 1008)  # CLIPVisionTowerS2's default s2_scales
 
@@ -80,15 +82,9 @@ class LlavaS2Model(LlavaModel):
         return BaseModelOutputWithPooling(pooler_output=list(self.multi_modal_projector(features)))
 
 
-class LlavaS2ForConditionalGeneration(LlavaForConditionalGeneration):
+class LlavaS2ForConditionalGeneration(InnerModelSwap, LlavaForConditionalGeneration):
     config_class = LlavaS2Config
-
-    def __init__(self, config: LlavaS2Config):
-        super().__init__(config)
-        self.model = LlavaS2Model(config)
-        self.post_init()
+    inner_model_class = LlavaS2Model
 
 
-AutoConfig.register(LlavaS2Config.model_type, LlavaS2Config, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaS2Config, LlavaS2ForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(LlavaS2Config, LlavaProcessor, exist_ok=True)
+register(LlavaS2Config, LlavaS2ForConditionalGeneration, LlavaProcessor)

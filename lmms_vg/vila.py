@@ -15,9 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig
+from transformers import LlavaConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
+
+from .architectures import InnerModelSwap, register
 
 MERGE = 2  # DownSampleBlock folds 2 x 2 patches
 
@@ -77,14 +79,9 @@ class VilaModel(LlavaModel):
         return BaseModelOutputWithPooling(pooler_output=list(self.multi_modal_projector(fold(hidden))))
 
 
-class VilaForConditionalGeneration(LlavaForConditionalGeneration):
+class VilaForConditionalGeneration(InnerModelSwap, LlavaForConditionalGeneration):
     config_class = VilaConfig
-
-    def __init__(self, config: VilaConfig):
-        super().__init__(config)
-        self.model = VilaModel(config)
-        self.post_init()
+    inner_model_class = VilaModel
 
 
-AutoConfig.register(VilaConfig.model_type, VilaConfig, exist_ok=True)
-AutoModelForImageTextToText.register(VilaConfig, VilaForConditionalGeneration, exist_ok=True)
+register(VilaConfig, VilaForConditionalGeneration)
