@@ -107,10 +107,19 @@ def config_from_args(method: str, args: dict) -> PaiConfig | AdaptVisConfig | Vi
     return cls(**values)
 
 
-def image_steer(batch: dict, image_token_id: int, layers, kind: str, values, prefill_only: bool) -> engine.Steer:
-    """A steer on the image tokens of an encoded batch, one value per sample."""
-    cols = (batch["input_ids"] == image_token_id).cpu()
-    return engine.Steer(frozenset(layers), cols, kind, torch.as_tensor(values, dtype=torch.float32).reshape(cols.shape[0]), prefill_only)
+def pai_steering(config: PaiConfig, n_layers: int, batch_size: int) -> Steering:
+    """PAI's steer: image attention amplified by ``alpha`` from ``start_layer`` on, at every step."""
+    return Steering("amplify", frozenset(range(config.start_layer, n_layers)), torch.full((batch_size,), config.alpha), False)
+
+
+def adaptvis_steering(weights: torch.Tensor, n_layers: int) -> Steering:
+    """AdaptVis's steer: image attention scaled by each sample's weight at every layer, prompt only."""
+    return Steering("scale", frozenset(range(n_layers)), weights, True)
+
+
+def image_steer(batch: dict, image_token_id: int, steering: Steering) -> engine.Steer:
+    """The steer on the image tokens of an encoded batch."""
+    return steering.plan((batch["input_ids"] == image_token_id).cpu())
 
 
 class TextGuidance(LogitsProcessor):
@@ -160,7 +169,7 @@ def pai_generate(adapter, images, texts, config: PaiConfig, **generate_kwargs) -
     if config.start_layer >= n_layers:
         raise MethodConfigError(f"PAI start_layer={config.start_layer} but {adapter.name} has {n_layers} text layers")
     batch = adapter.encode(images, texts)
-    steer = image_steer(batch, adapter.image_token_id, range(config.start_layer, n_layers), "amplify", [config.alpha] * len(texts), False)
+    steer = image_steer(batch, adapter.image_token_id, pai_steering(config, n_layers, len(texts)))
     if config.gamma != 1:
         text_only = adapter.tokenizer([adapter.text_only_prompt(t) for t in texts], return_tensors="pt", padding=True).to(adapter.device)
         processors = LogitsProcessorList([TextGuidance(model, dict(text_only), config.gamma, config.cutoff)])
@@ -182,7 +191,7 @@ def adaptvis_generate(adapter, images, texts, config: AdaptVisConfig, **generate
     model = adapter.model
     batch = adapter.encode(images, texts)
     confidence, weights = adaptvis_weights(adapter, batch, config)
-    steer = image_steer(batch, adapter.image_token_id, range(model.config.text_config.num_hidden_layers), "scale", weights, True)
+    steer = image_steer(batch, adapter.image_token_id, adaptvis_steering(weights, model.config.text_config.num_hidden_layers))
     tokens, logits = generate_new_tokens(model, batch, steer=steer, **generate_kwargs)
     details = [{"adaptvis_confidence": float(c), "adaptvis_weight": float(w)} for c, w in zip(confidence, weights)]
     return MethodOutcome(tokens, logits, details)
@@ -196,12 +205,11 @@ def steering(method: str, config: PaiConfig | AdaptVisConfig, adapter):
     """
     n_layers = adapter.model.config.text_config.num_hidden_layers
     if method == "pai":
-        layers = frozenset(range(config.start_layer, n_layers))
-        return lambda images, texts: Steering("amplify", layers, torch.full((len(texts),), config.alpha), False)
+        return lambda images, texts: pai_steering(config, n_layers, len(texts))
 
     def adaptvis(images, texts) -> Steering:
         _, weights = adaptvis_weights(adapter, adapter.encode(images, texts), config)
-        return Steering("scale", frozenset(range(n_layers)), weights, True)
+        return adaptvis_steering(weights, n_layers)
 
     return adaptvis
 
