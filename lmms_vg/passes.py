@@ -138,7 +138,7 @@ def suffix_maps(
         if hook is not None:
             hook.remove()
             end = state.prefix_len + ids.shape[1]
-            for i, cached in enumerate(state.cache.layers[: keep.depth]):
+            for cached in state.cache.layers[: keep.depth]:
                 keep.keys.append(cached.keys[0::k, :, end - keep.width : end].clone())
                 keep.values.append(cached.values[0::k, :, end - keep.width : end].clone())
         if k > 1:
@@ -206,13 +206,10 @@ def resumed_generate(
     first = first_logits.argmax(-1, keepdim=True)
     new = generate_kwargs.get("max_new_tokens", 1)
     if new > 1:
-        full = torch.cat([state.prefix_ids, ids, first], dim=1)
-        full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask, torch.ones_like(first)], dim=1)
-        if state.position_offset is not None:
-            model.model.rope_deltas = state.position_offset
         kwargs = {**generate_kwargs, "max_new_tokens": new - 1, "min_new_tokens": max(0, generate_kwargs.get("min_new_tokens", 0) - 1)}
         kwargs.pop("output_logits", None)
-        rest, _ = generate_new_tokens(model, {"input_ids": full, "attention_mask": full_mask, "past_key_values": state.cache}, **kwargs)
+        inputs = after_prefix(model, state, torch.cat([ids, first], dim=1), torch.cat([mask, torch.ones_like(first)], dim=1))
+        rest, _ = generate_new_tokens(model, inputs, **kwargs)
         eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         done = torch.isin(first[:, 0], torch.tensor(eos, device=first.device)) if eos else torch.zeros_like(first[:, 0], dtype=torch.bool)
@@ -247,13 +244,16 @@ def suffix_generate(
     Returns the new tokens ``[B, new]`` and, with ``output_logits=True``, the first step's logits ``[B, vocab]``.
     """
     ids, mask = pad_suffixes(suffixes, pad_id, model.device)
-    full_ids = torch.cat([state.prefix_ids, ids], dim=1)
-    full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
+    return generate_new_tokens(model, after_prefix(model, state, ids, mask), knockout, **generate_kwargs)
+
+
+def after_prefix(model, state: PrefixState, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """generate()'s inputs for the rows ``ids`` after the cached prefix (prefix ids included, as generate() expects)."""
     if state.position_offset is not None:  # generate() shifts the text positions by the model's stored deltas: this prefix's
         model.model.rope_deltas = state.position_offset
-    return generate_new_tokens(
-        model, {"input_ids": full_ids, "attention_mask": full_mask, "past_key_values": state.cache}, knockout, **generate_kwargs
-    )
+    full_ids = torch.cat([state.prefix_ids, ids], dim=1)
+    full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
+    return {"input_ids": full_ids, "attention_mask": full_mask, "past_key_values": state.cache}
 
 
 def generate_new_tokens(
