@@ -18,6 +18,7 @@ The output loads with transformers' classes and its processor, weights in safete
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,8 +197,9 @@ def save_model(model_class, config, weights: dict[str, torch.Tensor], out: Path)
     model.save_pretrained(out, safe_serialization=True)
 
 
-def map_key(key: str) -> str | None:
-    for old, new in KEY_MAP:
+def map_key(key: str, table: Iterable[tuple[str, str]] = KEY_MAP) -> str | None:
+    """``key`` with the first of ``table``'s (old prefix, new prefix) that it starts with replaced; None if none does."""
+    for old, new in table:
         if key.startswith(old):
             return new + key[len(old) :]
     return None
@@ -331,10 +333,10 @@ def convert_vila(source: Path, out: Path) -> Path:
     weights = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in load_weights(source / "llm").items()}
     weights |= {"model.vision_tower." + k: v for k, v in load_weights(source / "vision_tower").items()}
     for key, value in load_weights(source / "mm_projector").items():
-        old = next((o for o in VILA_PROJECTOR if key.startswith(o)), None)
-        if old is None:
+        new = map_key(key, VILA_PROJECTOR.items())
+        if new is None:
             raise ConversionError(f"mm_projector tensor {key!r} has no place in mlp_downsample")
-        weights["model.multi_modal_projector." + VILA_PROJECTOR[old] + key[len(old) :]] = value
+        weights["model.multi_modal_projector." + new] = value
     make_room_for(image_token_id, config, weights)
     save_model(vila.VilaForConditionalGeneration, config, weights, out)
     tokenizer.save_pretrained(out)
@@ -367,16 +369,16 @@ def internvl_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     }
     if key.startswith("vision_model.embeddings."):
         rest = key.removeprefix("vision_model.embeddings.")
-        old = next((o for o in embeddings if rest.startswith(o)), None)
-        return {} if old is None else {"model.vision_tower.embeddings." + embeddings[old] + rest[len(old) :]: value}
+        new = map_key(rest, embeddings.items())
+        return {} if new is None else {"model.vision_tower.embeddings." + new: value}
     if key.startswith("vision_model.encoder.layers."):
         index, rest = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
         layer = f"model.vision_tower.encoder.layer.{index}."
         if rest.startswith("attn.qkv."):
             part = rest.removeprefix("attn.qkv.")
             return {f"{layer}attention.{n}.{part}": c for n, c in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3))}
-        old = next((o for o in INTERN_VIT_LAYER if rest.startswith(o)), None)
-        return {} if old is None else {layer + INTERN_VIT_LAYER[old] + rest[len(old) :]: value}
+        new = map_key(rest, INTERN_VIT_LAYER.items())
+        return {} if new is None else {layer + new: value}
     if key.startswith("mlp1."):
         index, part = key.removeprefix("mlp1.").split(".", 1)
         name = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}.get(index)
