@@ -26,7 +26,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import engine, settings
-from .passes import Passes, Steering, generate_new_tokens
+from .passes import Passes, Steering, generate_new_tokens, same_grid
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
 
@@ -263,10 +263,7 @@ def vicrop_generate(adapter, images, texts, config: ViCropConfig, **generate_kwa
     """ViCrop answers for a batch (one image per prompt): the relative-attention crop, then the original and the crop together."""
     layer, bbox_size = config.resolved(adapter)
     passes, relative = Passes(adapter, reference_cache_size=0), [None] * len(images)
-    groups: dict[int, list[int]] = {}
-    for i, image in enumerate(images):  # one shared image prefix per token count (dynamic-resolution models vary)
-        groups.setdefault(adapter.image_tokens(image), []).append(i)
-    for members in groups.values():
+    for members in same_grid(adapter, images):
         batch = passes.batch([images[i] for i in members], [texts[i] for i in members])
         question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
         for i, ratio in zip(members, (question[:, layer].mean(1) / reference[:, layer].mean(1)).cpu()):

@@ -365,6 +365,15 @@ class ReferenceCache:
             self._items.popitem(last=False)
 
 
+def same_grid(adapter, images) -> list[list[int]]:
+    """Indices of ``images`` grouped by token grid: a batch's shared prefix holds one image-token count (one group for LLaVA's fixed grid)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, image in enumerate(images):
+        t = adapter.transform(image)
+        groups.setdefault((t.rows, t.cols), []).append(n)
+    return list(groups.values())
+
+
 class Passes:
     """One model's passes: opens a batch on the implementation its adapter allows; keeps the reference maps across batches."""
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from lmms_vg import engine, methods, outputs, settings
 from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
+from lmms_vg.passes import same_grid
 from lmms_vg.presets import FAMILIES, ModelPreset, resolve_checkpoint
 from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.reasons import located
@@ -286,7 +287,7 @@ class VGModel(lmms):
         plain = sorted(set(range(len(keep))) - set(refine))
         tokens: list = [None] * len(keep)
         extras: list[dict] = [{} for _ in keep]
-        for group in self._same_grid([visuals[n][0] for n in refine]):  # the engine takes one image-token count per batch
+        for group in same_grid(self.adapter, [visuals[n][0] for n in refine]):
             members = [refine[g] for g in group]
             outcome = self.refiner.generate(
                 [visuals[n][0] for n in members],
@@ -391,18 +392,10 @@ class VGModel(lmms):
                     ),
                 )
             )
-        for group in self._same_grid([s.image for _, s in samples]):
+        for group in same_grid(self.adapter, [s.image for _, s in samples]):
             for n, record in zip(group, runner.score([samples[n][1] for n in group])):
                 records[samples[n][0]] = record
         return [outputs.encode(r) for r in records]
-
-    def _same_grid(self, images) -> list[list[int]]:
-        """Indices of the images grouped by token grid (one group for LLaVA's fixed grid)."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for n, image in enumerate(images):
-            t = self.adapter.transform(image)
-            groups.setdefault((t.rows, t.cols), []).append(n)
-        return list(groups.values())
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results = []
