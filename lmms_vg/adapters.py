@@ -29,6 +29,7 @@ class Adapter(Protocol):
     name: str
     image_token_id: int
     shares_prefix: bool  # one image prefix serves every prompt (False: its text positions depend on the image)
+    positions_by_index: bool  # a token's position is its index (1-D RoPE): texts may ride on the prefix's pass with given positions
     cell_order: list[int] | None  # image tokens -> row-major cells, where the model orders them otherwise
 
     def prompt(self, text: str, n_images: int = 1) -> str:
@@ -70,6 +71,7 @@ class LlavaAdapter:
     """
 
     shares_prefix = True  # the image tokens' positions do not depend on the text: one prefix serves every prompt
+    positions_by_index = True
     cell_order: list[int] | None = None  # image tokens in row-major cell order already (see VilaAdapter)
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
@@ -302,6 +304,7 @@ class Qwen2VLAdapter:
     """
 
     shares_prefix = True
+    positions_by_index = False  # M-RoPE: 3-D positions laid out by the image grid
     cell_order = None  # merged 2 x 2 blocks in row-major order
 
     def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):

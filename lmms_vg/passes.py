@@ -67,6 +67,72 @@ def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_i
     return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id), offset)
 
 
+def prefix_with_maps(
+    model,
+    prefix: list[list[int]],
+    suffix_sets: list[list[list[int]]],
+    pixel_inputs: dict,
+    image_token_id: int,
+    pad_id: int,
+    layers: frozenset[int] | None = None,
+    keep: Resume | None = None,
+    extra: dict | None = None,
+) -> tuple[PrefixState, list[torch.Tensor]]:
+    """The image prefix's pass with one or two sets of suffixes riding on it; the maps of :func:`suffix_maps`, without its pass.
+
+    Each sample's row is ``[prefix][set 0][set 1]``, every set left-padded in its own region and
+    given the positions it has after the prefix alone (for models whose positions are token
+    indices); set 1's rows are blocked from set 0's region at every layer, so each set sees the
+    prefix and itself only, as in a pass of its own. The cache is cropped back to the prefix.
+    With ``keep``, set 0's rows are kept below its depth (their layout is that of the set padded alone).
+    """
+    if len(suffix_sets) not in (1, 2):
+        raise ValueError(f"{len(suffix_sets)} sets of suffixes; the prefix pass carries one or two")
+    lengths = {len(p) for p in prefix}
+    if len(lengths) != 1:
+        raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
+    prefix_ids = torch.tensor(prefix, device=model.device)
+    batch, width = prefix_ids.shape
+    regions = [pad_suffixes(s, pad_id, model.device) for s in suffix_sets]
+    ids = torch.cat([prefix_ids, *(r_ids for r_ids, _ in regions)], dim=1)
+    mask = torch.cat([torch.ones_like(prefix_ids), *(r_mask for _, r_mask in regions)], dim=1)
+    positions = torch.cat(
+        [torch.arange(width, device=model.device).expand(batch, width)]
+        + [width + (r_mask.cumsum(-1) - 1).clamp(min=0) for _, r_mask in regions],
+        dim=1,
+    )
+    ends = (width + torch.tensor([r_ids.shape[1] for r_ids, _ in regions]).cumsum(0)).tolist()
+    total = ids.shape[1]
+    image_cols = engine.image_token_positions(prefix_ids, image_token_id)
+    cap = engine.Capture(rows=torch.tensor(ends, device=model.device).expand(batch, -1) - 1, cols=image_cols, layers=layers)
+    knockout = None
+    if len(regions) == 2:  # set 1 must not see set 0, at every layer up to the deepest captured (above it nothing reads set 1)
+        depth = max(layers) + 1 if layers else len(engine.text_decoder_layers(model))
+        rows = engine.span_mask(total, [ends[0]] * batch, [ends[1]] * batch)
+        cols = engine.span_mask(total, [width] * batch, [ends[0]] * batch)
+        knockout = engine.Knockout(frozenset(range(depth)), rows, cols, mode="mask")
+    hook = keep.watch(model, slice(None), width) if keep is not None else None
+    try:
+        with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **pixel_inputs,
+                **(extra or {}),
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
+    if keep is not None:
+        keep.take_cache(out.past_key_values, slice(None), width)
+    truncate(out.past_key_values, width)
+    rows = cap.stacked()  # [B, layers, heads, sets, N]
+    return PrefixState(out.past_key_values, prefix_ids, image_cols), [rows[:, :, :, j] for j in range(len(regions))]
+
+
 def pad_suffixes(suffixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad suffixes to one length: ids ``[B, S]``, mask ``[B, S]``."""
     width = max(len(s) for s in suffixes)
@@ -125,10 +191,8 @@ def suffix_maps(
     if steer is not None:  # the widened batch's layout: prefix + padded suffix, sample b's sets side by side
         cols = torch.zeros(ids.shape[0], state.prefix_len + ids.shape[1], dtype=torch.bool)
         plan = steer.plan(cols.scatter_(1, wide.image_cols.cpu(), True), k)
-    hook = None
-    if keep is not None:  # the first set's rows (0::k), their last keep.width columns: the layout of that set padded alone
-        layer = engine.text_decoder_layers(model)[keep.depth - 1]
-        hook = layer.register_forward_hook(lambda _m, _a, out: keep.take_hidden(out[0::k, -keep.width :]))
+    # with ``keep``: the first set's rows (0::k), their last keep.width columns: the layout of that set padded alone
+    hook = keep.watch(model, slice(0, None, k), ids.shape[1] - keep.width) if keep is not None else None
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout, steer=plan):
             model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
@@ -137,10 +201,7 @@ def suffix_maps(
     finally:
         if hook is not None:
             hook.remove()
-            end = state.prefix_len + ids.shape[1]
-            for cached in state.cache.layers[: keep.depth]:
-                keep.keys.append(cached.keys[0::k, :, end - keep.width : end].clone())
-                keep.values.append(cached.values[0::k, :, end - keep.width : end].clone())
+            keep.take_cache(state.cache, slice(0, None, k), state.prefix_len + ids.shape[1] - keep.width)
         if k > 1:
             state.cache.batch_select_indices(torch.arange(0, batch * k, k, device=model.device))
         truncate(state.cache, state.prefix_len)
@@ -162,8 +223,20 @@ class Resume:
     values: list[torch.Tensor] = field(default_factory=list)
     hidden: torch.Tensor | None = None  # [B, width, hidden]
 
-    def take_hidden(self, out: torch.Tensor) -> None:
-        self.hidden = out.detach().clone()
+    def watch(self, model, rows: slice, start: int):
+        """A hook (remove it after the pass) keeping ``rows``' hidden state as it leaves the layers below the depth, ``width`` columns from ``start`` of the pass."""
+        layer = engine.text_decoder_layers(model)[self.depth - 1]
+
+        def take(_module, _args, out):
+            self.hidden = out[rows, start : start + self.width].detach().clone()
+
+        return layer.register_forward_hook(take)
+
+    def take_cache(self, cache, rows: slice, start: int) -> None:
+        """After the pass: ``rows``' keys and values in the layers below the depth, ``width`` cache positions from ``start``."""
+        for cached in cache.layers[: self.depth]:
+            self.keys.append(cached.keys[rows, :, start : start + self.width].clone())
+            self.values.append(cached.values[rows, :, start : start + self.width].clone())
 
     @property
     def complete(self) -> bool:
@@ -439,22 +512,42 @@ class PassBatch:
 
 
 class SharedPrefixBatch(PassBatch):
-    """The image prefix once, in a KV cache; every text a suffix on it (generation consumes the cache)."""
+    """The image prefix once, in a KV cache; every text a suffix on it (generation consumes the cache).
+
+    The prefix runs with the batch's first maps where the model's positions are token indices (the
+    texts ride on its pass: :func:`prefix_with_maps`), else on its own before them.
+    """
 
     def __init__(self, adapter, images, texts, image_keys, cache):
         super().__init__(adapter, images, texts, image_keys, cache)
         prompts = adapter.split_prompts(images, texts)
-        self.suffixes = prompts.suffix
-        extra = adapter.prefix_inputs(torch.tensor(prompts.prefix, device=adapter.device))
-        self.state = run_prefix(adapter.model, prompts.prefix, adapter.pixel_inputs(images), adapter.image_token_id, extra)
+        self.prefix, self.suffixes = prompts.prefix, prompts.suffix
         self.pad = adapter.tokenizer.pad_token_id
+        self._state: PrefixState | None = None
+
+    @property
+    def state(self) -> PrefixState:
+        """The image prefix in the KV cache (run now if no pass has run it yet)."""
+        if self._state is None:
+            adapter = self.adapter
+            extra = adapter.prefix_inputs(torch.tensor(self.prefix, device=adapter.device))
+            self._state = run_prefix(adapter.model, self.prefix, adapter.pixel_inputs(self.images), adapter.image_token_id, extra)
+        return self._state
 
     def _suffixes(self, texts: list[str]) -> list[list[int]]:
         return self.suffixes if texts is self.texts else self.adapter.split_prompts(self.images, texts).suffix
 
     def maps(self, text_sets, layers=None, steer=None, keep=None):
         sets = [self._suffixes(t) for t in text_sets]
-        return suffix_maps(self.adapter.model, self.state, sets, self.pad, layers=layers, steer=steer, keep=keep)
+        adapter = self.adapter
+        if self._state is None and steer is None and len(sets) <= 2 and adapter.positions_by_index:
+            ids = torch.tensor(self.prefix, device=adapter.device)
+            pixels, extra = adapter.pixel_inputs(self.images), adapter.prefix_inputs(ids)
+            self._state, maps = prefix_with_maps(
+                adapter.model, self.prefix, sets, pixels, adapter.image_token_id, self.pad, layers, keep, extra
+            )
+            return maps
+        return suffix_maps(adapter.model, self.state, sets, self.pad, layers=layers, steer=steer, keep=keep)
 
     def resume_point(self, depth: int) -> Resume | None:
         return Resume(depth, max(len(s) for s in self.suffixes)) if depth > 0 else None

@@ -175,23 +175,34 @@ def test_triage_keeps_at_or_above_percentile_by_hand():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("checkpoint", ["qwen2_vl_dir", "qwen2_5_vl_dir", "qwen3_vl_dir"])
-def test_qwen_family_shared_prefix_equals_full_prompts(checkpoint, batch, request, images):
-    """M-RoPE: the image prefix runs once and the suffixes take their whole-prompt positions, so maps, VGRefine's
-    triage and answers equal those of full prompts (themselves equal to transformers' eager forward, test_engine)."""
+@pytest.mark.parametrize("checkpoint", ["llava_dir", "qwen2_vl_dir", "qwen2_5_vl_dir", "qwen3_vl_dir"])
+def test_shared_prefix_equals_full_prompts(checkpoint, batch, request, images):
+    """The image prefix runs once and every text is a suffix on it, with its whole-prompt positions, so maps, VGRefine's
+    triage and answers equal those of full prompts (themselves equal to transformers' eager forward, test_engine).
+
+    LLaVA (1-D positions): the question and the generic prompt ride on the prefix's own pass, side by side, the
+    second blocked from the first; M-RoPE (Qwen2-VL family): the prefix runs alone and the suffixes add its shift."""
     from lmms_vg.adapters import Qwen2VLAdapter
     from lmms_vg.passes import FullPromptBatch, ReferenceCache, SharedPrefixBatch
     from lmms_vg.presets import FAMILIES
     from lmms_vg_models.loading import load_checkpoint
 
+    family = "llava" if checkpoint == "llava_dir" else "qwen2_vl"
     model, processor = load_checkpoint(
-        str(request.getfixturevalue(checkpoint)), FAMILIES["qwen2_vl"].model_types, torch.float32, None, "main", False
+        str(request.getfixturevalue(checkpoint)), FAMILIES[family].model_types, torch.float32, None, "main", False
     )
     engine.install(model)
-    adapter = Qwen2VLAdapter(model, processor)
+    adapter = (LlavaAdapter if family == "llava" else Qwen2VLAdapter)(model, processor)
     imgs, texts = [images[0]] * batch, QUESTIONS[:batch]  # one grid per batch; questions of different lengths: left padding
     shared, full = (kind(adapter, imgs, texts, [None] * batch, ReferenceCache(0)) for kind in (SharedPrefixBatch, FullPromptBatch))
-    (q_s, r_s), (q_f, r_f) = (b.question_and_reference(GENERIC_PROMPT) for b in (shared, full))
+    runs = []
+    hook = engine.text_decoder_layers(model)[0].register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        q_s, r_s = shared.question_and_reference(GENERIC_PROMPT)
+    finally:
+        hook.remove()
+    assert len(runs) == (1 if family == "llava" else 2)  # one pass for prefix and both texts, or the prefix then the texts
+    q_f, r_f = full.question_and_reference(GENERIC_PROMPT)
     assert torch.allclose(q_s, q_f, atol=1e-5, rtol=0) and torch.allclose(r_s, r_f, atol=1e-5, rtol=0)
     config = VGRefineConfig(heads=((1, 0), (2, 1), (0, 3)), knockout_layers=(1,), top_k=3)
     keep = config.keep(*shared.question_and_reference(GENERIC_PROMPT, config.map_layers))
