@@ -327,8 +327,10 @@ def load_maps(folder: Path, pattern: str = "*") -> dict[str, dict]:
     return maps
 
 
-def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6, pattern: str = "*") -> list[Path]:
-    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine).
+def heatmaps(
+    panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6, pattern: str = "*", stem: str = "heatmaps"
+) -> list[Path]:
+    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine), into ``<stem>.png/.svg``.
 
     ``pattern`` picks sample files by name (e.g. ``vgmed_loc_*``); the samples shown are those all runs share.
     """
@@ -361,7 +363,7 @@ def heatmaps(panels: dict[str, Path], out: Path, layer: int | None = None, limit
                 ax.set_title(f"{name} (layer {layer})", fontsize=10)
         axes[row][0].set_ylabel(question_label(str(first[sample]["question"])), fontsize=8)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "heatmaps.png", out / "heatmaps.svg"]
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
     for p in paths:
         fig.savefig(p, dpi=120)
     plt.close(fig)

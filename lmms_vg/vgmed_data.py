@@ -193,14 +193,15 @@ def check_images(docs: list[dict], var: str) -> list[dict]:
     return docs
 
 
-def demo_grounding_docs(random_boxes: bool = False) -> list[dict]:
-    """The bundled synthetic grounding set; ``random_boxes``: the control, each box moved to a random place (same size)."""
+def demo_grounding_docs(random_boxes: bool = False, shifted: bool = False) -> list[dict]:
+    """The bundled synthetic grounding set; ``random_boxes``: the control, each box moved to a random place (same size);
+    ``shifted``: the same questions on the shifted domain's images."""
     import random
 
     root = demo_dir()
     rng = random.Random(0)
     docs = []
-    for i, row in enumerate(read_jsonl(root / "grounding.jsonl")):
+    for i, row in enumerate(read_jsonl(root / ("grounding_shifted.jsonl" if shifted else "grounding.jsonl"))):
         x0, y0, x1, y1 = row["bbox"]
         if random_boxes:
             from PIL import Image
@@ -212,7 +213,7 @@ def demo_grounding_docs(random_boxes: bool = False) -> list[dict]:
             x1, y1 = x0 + w, y0 + h
         docs.append(
             {
-                "id": f"demo_{i}",
+                "id": f"demo_shifted_{i}" if shifted else f"demo_{i}",
                 "question": row["question"],
                 "vg_image_path": str(root / row["image"]),
                 "vg_image_key": row["image"],

@@ -41,19 +41,20 @@ class HeadRanking:
     source: str = ""
     samples: int | None = None
     scores: tuple[float, ...] = ()
+    percentile: float | None = None  # the triage percentile chosen with the ranking (None: the paper's 50)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "model": self.model,
-                "source": self.source,
-                "samples": self.samples,
-                "knockout_layers": list(self.knockout_layers),
-                "heads": [list(h) for h in self.heads],
-                "mean_kl": list(self.scores),
-            },
-            indent=1,
-        )
+        record = {
+            "model": self.model,
+            "source": self.source,
+            "samples": self.samples,
+            "knockout_layers": list(self.knockout_layers),
+            "heads": [list(h) for h in self.heads],
+            "mean_kl": list(self.scores),
+        }
+        if self.percentile is not None:
+            record["percentile"] = self.percentile
+        return json.dumps(record, indent=1)
 
 
 def load_heads(name_or_path: str) -> HeadRanking:
@@ -77,6 +78,7 @@ def load_heads(name_or_path: str) -> HeadRanking:
         data = json.loads(text)
         heads = tuple((int(layer), int(head)) for layer, head in data["heads"])
         knockout_layers = tuple(int(x) for x in data.get("knockout_layers", ()))
+        percentile = None if data.get("percentile") is None else float(data["percentile"])
     except json.JSONDecodeError as err:
         raise VGRefineConfigError(f"heads file '{path}' is not valid JSON ({err}); rewrite it with `lmms-vg calibrate`") from err
     except KeyError as err:
@@ -94,6 +96,7 @@ def load_heads(name_or_path: str) -> HeadRanking:
         source=data.get("source", ""),
         samples=data.get("samples"),
         scores=tuple(data.get("mean_kl", ())),
+        percentile=percentile,
     )
 
 
@@ -111,7 +114,7 @@ def config_from_args(
 
     ``heads``: a shipped ranking name or a calibration JSON; knockout layers from the arguments, else
     the head ranking's, else ``default_layers`` (the model preset's); K defaults to 20 (the paper's) or
-    to every head the ranking lists, if fewer.
+    to every head the ranking lists, if fewer; the percentile to the ranking's, else the paper's 50.
     """
     if not heads:
         raise ValueError(
@@ -123,7 +126,10 @@ def config_from_args(
         heads=ranking.heads,
         knockout_layers=layers,
         top_k=settings.as_int("top_k", top_k, minimum=1) if top_k is not None else min(20, len(ranking.heads)),
-        percentile=settings.as_float("percentile", percentile),  # its range is checked by VGRefineConfig
+        # its range is checked by VGRefineConfig
+        percentile=settings.as_float("percentile", percentile)
+        if percentile is not None
+        else (ranking.percentile if ranking.percentile is not None else 50.0),
         mode=str(mode),
         reference_prompt=(GENERIC_PROMPT + SHORT_ANSWER) if normalise else None,
     )

@@ -339,15 +339,16 @@ def bundle_benchmark(name: str) -> str | None:
     return None
 
 
-def demo() -> list[dict]:
-    """The bundled synthetic multiple-choice set (category = question kind)."""
+def demo(shifted: bool = False) -> list[dict]:
+    """The bundled synthetic multiple-choice set (category = question kind), in the source domain or the shifted one."""
     from .files import demo_dir, read_jsonl
 
     root = demo_dir()
+    name = "demo_shifted" if shifted else "demo"
     return [
         _doc(
-            id=f"demo_vqa_{i}",
-            benchmark="medvqa_demo",
+            id=f"{name}_vqa_{i}",
+            benchmark=f"medvqa_{name}",
             question=r["question"],
             options=r["options"],
             answer=r["answer"],
@@ -355,7 +356,7 @@ def demo() -> list[dict]:
             item_set="lmms-vg demo",
             image_paths=[str(root / r["image"])],
         )
-        for i, r in enumerate(read_jsonl(root / "vqa.jsonl"))
+        for i, r in enumerate(read_jsonl(root / f"vqa{'_shifted' if shifted else ''}.jsonl"))
     ]
 
 
@@ -367,6 +368,7 @@ CLOSED_LOADERS = {
     "omnimedvqa": omnimedvqa,
     "mmmu_med": mmmu_med,
     "demo": demo,
+    "demo_shifted": lambda: demo(shifted=True),
 }
 OPEN_LOADERS = {"vqa_rad": lambda: vqa_rad(False), "slake": lambda: slake(False), "pathvqa": lambda: pathvqa(False)}
 
@@ -378,8 +380,8 @@ def closed_docs(benchmark: str):
     the source...) are left out here, before the model runs, and counted per reason in ``LEFT_OUT``.
     """
     mode = os.environ.get(SOURCE_VAR, "hf")
-    if benchmark == "demo":  # bundled with lmms-vg, whatever the source setting
-        docs = demo()
+    if benchmark.startswith("demo"):  # bundled with lmms-vg, whatever the source setting
+        docs = CLOSED_LOADERS[benchmark]()
     elif mode == "bundle":
         docs = bundle(benchmark)
     elif mode != "hf":

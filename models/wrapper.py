@@ -64,7 +64,7 @@ class VGModel(lmms):
         vgrefine: bool | None = None,
         heads: str | None = None,
         top_k: int | None = None,
-        percentile: float = 50.0,
+        percentile: float | None = None,
         knockout_layers=None,
         knockout_mode: str = "mask",
         reference_prompt: bool = True,

@@ -3,10 +3,11 @@
     lmms-vg demo --out lmms_vg_demo
 
 Runs offline on the bundled demo model and data, in one lmms-eval process (its ``--config`` list):
-the grounding task (and its random-box control) and the multiple-choice task for ``lmms_vg_demo``
-and ``lmms_vg_demo_vgrefine``, the multiple-choice task for the PAI, AdaptVis and ViCrop ids; then
-writes the leaderboard (a method - baseline row each), the grounding table, the layer curves and
-the heatmaps under ``<out>/report``.
+the grounding task (and its random-box control) and the multiple-choice task, each in the source
+domain and the shifted one, for ``lmms_vg_demo`` and ``lmms_vg_demo_vgrefine``; the multiple-choice
+tasks for the PAI, AdaptVis and ViCrop ids; then writes the leaderboard (a column per domain, a
+method - baseline row each), the grounding table, the layer curves (source vs shifted) and the
+heatmaps of each domain under ``<out>/report``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from .. import report
 
-GROUNDING = "vgmed_demo,vgmed_demo_random"
-VQA = "medvqa_demo"
+GROUNDING = "vgmed_demo,vgmed_demo_random,vgmed_demo_shifted"
+VQA = "medvqa_demo,medvqa_demo_shifted"
 MODELS = ("lmms_vg_demo", "lmms_vg_demo_vgrefine")  # grounding and VQA; the heatmaps compare these two
 METHOD_MODELS = {  # VQA; ViCrop's layer: the demo model has 4 text layers (its published 14 and 22 are for 7B models)
     "lmms_vg_demo_pai": "",
@@ -95,8 +96,8 @@ def run_demo(out: Path, device: str = "cpu") -> list[Path]:
     shutil.rmtree(target, ignore_errors=True)
     written = report.write_leaderboards(runs, target)
     written += report.layer_curves(runs, target)
-    written += report.heatmaps(
-        {"baseline": out / "maps" / MODELS[0], "VGRefine": out / "maps" / MODELS[1]}, target, pattern="vgmed_demo_[0-9]*"
-    )
+    panels = {"baseline": out / "maps" / MODELS[0], "VGRefine": out / "maps" / MODELS[1]}
+    written += report.heatmaps(panels, target, pattern="vgmed_demo_[0-9]*")
+    written += report.heatmaps(panels, target, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted")
     print(f"demo done in {time.time() - t0:.0f}s; report in {target}")
     return written

@@ -1,6 +1,9 @@
 """Synthetic scenes: a coloured shape among grey ones, with grounding and VQA questions about it.
 
-Everything is drawn from a seeded generator, so the demo data and the training stream are reproducible.
+Two domains: the source (what the demo model is trained and its heads calibrated on) and a shifted
+one (:func:`shifted`): sensor noise over the whole image, and a large salient structure that no
+question is about, as a marker, a tube or a bright bone sits in a medical image. Everything is drawn from a
+seeded generator, so the demo data and the training stream are reproducible.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 112  # 8x8 patches of 14 px
@@ -66,6 +70,27 @@ def scene(rng: random.Random, distractors: bool = True) -> tuple[Image.Image, li
         color = rng.choice(list(COLORS)) if i == 0 else f"grey{rng.randint(110, 200)}"
         things.append(Thing(shape, color, (x, y, x + size, y + size)))
     return draw(things, rng), things
+
+
+SHIFT_COLOR = (220, 40, 220)  # magenta: salient, coloured, and no option's colour
+SHIFT_SIZE = 27  # px: a disc filling one 28 px cell of the layout (its 2 x 2 patches)
+SHIFT_NOISE = 20.0  # std of the Gaussian noise added to every pixel (grey levels, the same on the three channels)
+
+
+def shifted(image: Image.Image, things: list[Thing], rng: random.Random) -> Image.Image:
+    """The scene in the shifted domain: a large magenta disc in a free cell of the layout (never on a shape), then noise."""
+    taken = {thing_cell(t) for t in things}
+    cell = rng.choice([c for c in range(16) if c not in taken])
+    x, y = (cell % 4) * CELL + 1, (cell // 4) * CELL + 1
+    out = image.copy()
+    ImageDraw.Draw(out).ellipse([x, y, x + SHIFT_SIZE - 1, y + SHIFT_SIZE - 1], fill=SHIFT_COLOR)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, SHIFT_NOISE, (out.height, out.width, 1))
+    return Image.fromarray(np.clip(np.asarray(out, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+def thing_cell(t: Thing) -> int:
+    """The layout cell (0..15, row-major) a thing was placed in."""
+    return (t.box[0] + t.box[2]) // 2 // CELL + 4 * ((t.box[1] + t.box[3]) // 2 // CELL)
 
 
 def question(things: list[Thing], rng: random.Random, kinds: tuple[str, ...] = ("color", "side", "shape")) -> Question:
