@@ -35,7 +35,7 @@ def cmd_heatmaps(args) -> list[Path]:
     panels = {"baseline": Path(args.baseline)}
     if args.vgrefine:
         panels["VGRefine"] = Path(args.vgrefine)
-    return report.heatmaps(panels, Path(args.out), layer=args.layer, limit=args.limit)
+    return report.heatmaps(panels, Path(args.out), layer=args.layer, limit=args.limit, normalised=not args.question_attention)
 
 
 def cmd_report(args) -> list[Path]:
@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "--layer", type=int, default=None, help="default: the layer where the last run (VGRefine) puts the most attention in the boxes"
     )
     s.add_argument("--limit", type=int, default=6)
+    s.add_argument(
+        "--question-attention",
+        action="store_true",
+        help="draw the question's own attention, not divided by the generic prompt's: where a knockout's effect on a distractor shows",
+    )
     s.add_argument("--out", default="lmms_vg_report")
     s.set_defaults(fn=cmd_heatmaps)
 

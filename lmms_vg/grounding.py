@@ -145,23 +145,28 @@ class GroundingRunner:
             head_maps = q if ref is None else metrics.normalise_by_reference(q, ref)
             record.head_kl = metrics.kl_to_box(head_maps, box).tolist()
         if self.save_maps:
-            self._save(sample, transform, layer_maps, c.mask)
+            self._save(sample, transform, layer_maps, c.mask, layer_q)
         return record
 
-    def _save(self, sample: GroundingSample, transform, layer_maps: torch.Tensor, box: np.ndarray) -> None:
-        """One sample's normalised maps (float16) with what a heatmap needs: the image, the boxes, the geometry."""
+    def _save(self, sample: GroundingSample, transform, layer_maps: torch.Tensor, box: np.ndarray, question: torch.Tensor) -> None:
+        """One sample's normalised maps and the question's own head-averaged maps (float16), with what a heatmap needs:
+        the image, the boxes, the geometry."""
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
         thumb = sample.image.convert("RGB")
         shrink = min(1.0, 336 / max(thumb.size))
         if shrink < 1.0:
             thumb = thumb.resize((round(thumb.width * shrink), round(thumb.height * shrink)))
         boxes = [geometry.to_xyxy(b, sample.box_format) for b in sample.boxes]
+
         # ratios to a near-zero reference overflow float16 (max 65504); every metric is scale-invariant per layer,
         # so each layer is saved scaled to a maximum of 1
-        peak = layer_maps.amax(-1, keepdim=True).clamp_min(torch.finfo(layer_maps.dtype).tiny)
+        def scaled(maps: torch.Tensor) -> np.ndarray:
+            return (maps / maps.amax(-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)).numpy().astype(np.float16)
+
         np.savez_compressed(
             self.save_maps / f"{name}.npz",
-            maps=(layer_maps / peak).numpy().astype(np.float16),  # [layers, rows * cols], each layer's max = 1
+            maps=scaled(layer_maps),  # [layers, rows * cols], each layer's max = 1
+            question_maps=scaled(question),  # the same, not divided by the reference: where the question's attention goes
             box=box,
             grid=np.array([transform.rows, transform.cols]),
             transform=np.array([transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y, transform.cell]),

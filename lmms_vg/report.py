@@ -328,11 +328,19 @@ def load_maps(folder: Path, pattern: str = "*") -> dict[str, dict]:
 
 
 def heatmaps(
-    panels: dict[str, Path], out: Path, layer: int | None = None, limit: int = 6, pattern: str = "*", stem: str = "heatmaps"
+    panels: dict[str, Path],
+    out: Path,
+    layer: int | None = None,
+    limit: int = 6,
+    pattern: str = "*",
+    stem: str = "heatmaps",
+    normalised: bool = True,
 ) -> list[Path]:
-    """Normalised attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine), into ``<stem>.png/.svg``.
+    """Attention over the image, the box drawn, one column per run (e.g. baseline, VGRefine), into ``<stem>.png/.svg``.
 
     ``pattern`` picks sample files by name (e.g. ``vgmed_loc_*``); the samples shown are those all runs share.
+    ``normalised``: the maps divided by the generic prompt's (the metrics' maps); else the question's own
+    attention, where a knockout's effect on a distracting structure shows (maps saved by this version on).
     """
     import matplotlib
 
@@ -341,6 +349,9 @@ def heatmaps(
     from matplotlib import patches
 
     loaded = {name: load_maps(folder, pattern) for name, folder in panels.items()}
+    field = "maps" if normalised else "question_maps"
+    if not normalised and any(field not in m for maps in loaded.values() for m in maps.values()):
+        raise ReportError("these map files hold no question_maps (saved by an older version): draw the normalised maps")
     common = sorted(set.intersection(*(set(m) for m in loaded.values())))[:limit]
     if not common:
         raise ReportError("the map folders share no sample: run the same grounding task for each")
@@ -348,7 +359,7 @@ def heatmaps(
     if layer is None:
         # the layer where the last run (e.g. VGRefine) puts the most attention in the boxes, at or after its knockout
         # layer when it has one (below it, baseline and VGRefine maps are the same by construction)
-        ar = np.mean([box_ratio(last[s]["maps"], last[s]["box"]) for s in common], axis=0)
+        ar = np.mean([box_ratio(last[s][field], last[s]["box"]) for s in common], axis=0)
         knocked = last[common[0]].get("knockout_layers", np.array([], dtype=np.int64))
         start = int(knocked.min()) if knocked.size else 0
         layer = start + int(np.argmax(ar[start:]))
@@ -358,9 +369,9 @@ def heatmaps(
     for row, sample in enumerate(common):
         for col, (name, maps) in enumerate(loaded.items()):
             ax, m = axes[row][col], maps[sample]
-            _draw_heatmap(ax, m, layer, patches)
+            _draw_heatmap(ax, m, layer, patches, field)
             if row == 0:
-                ax.set_title(f"{name} (layer {layer})", fontsize=10)
+                ax.set_title(f"{name} (layer {layer}{'' if normalised else ', not normalised'})", fontsize=10)
         axes[row][0].set_ylabel(question_label(str(first[sample]["question"])), fontsize=8)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
@@ -386,14 +397,14 @@ def question_label(question: str, width: int = 34) -> str:
     return "\n".join(textwrap.wrap(question.strip(), width)[:3])
 
 
-def _draw_heatmap(ax, m: dict, layer: int, patches) -> None:
+def _draw_heatmap(ax, m: dict, layer: int, patches, field: str = "maps") -> None:
     """The map's grid cells are laid back on the original image through the saved preprocessing geometry."""
     width, height = (int(v) for v in m["image_size"])
     rows, cols = (int(v) for v in m["grid"])
     sx, sy, ox, oy, cell = (float(v) for v in m["transform"])
     import matplotlib.pyplot as plt
 
-    heat = np.asarray(m["maps"][layer], np.float64).reshape(rows, cols)
+    heat = np.asarray(m[field][layer], np.float64).reshape(rows, cols)
     heat = heat / heat.max() if heat.max() > 0 else heat
     overlay = plt.get_cmap("jet")(heat)
     overlay[..., 3] = 0.1 + 0.6 * heat  # low attention lets the image show through

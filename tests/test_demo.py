@@ -156,3 +156,28 @@ def test_shifted_domain_loses_grounding_and_vgrefine_recovers_accuracy():
         f"share of disagreements VGRefine wins {gained / (gained + lost):.2f} [{lo:.2f}, {hi:.2f}])"
     )
     assert lo > 0.5  # beyond noise: VGRefine wins significantly more of the items the two disagree on
+
+
+def test_shifted_heatmaps_show_the_knockout_removing_the_disc(demo):
+    """The saved question maps of the shifted task: the baseline's attention reaches the salient disc; under VGRefine,
+    at the knockout layer, the disc's cells (found from the image's magenta pixels) get none."""
+    from lmms_vg.demo import synthetic
+
+    out, _ = demo
+    base, refined = (report.load_maps(out / "maps" / m, "vgmed_demo_shifted_*") for m in ("lmms_vg_demo", "lmms_vg_demo_vgrefine"))
+    layer = int(next(iter(refined.values()))["knockout_layers"][0])
+    shares = {"baseline": [], "VGRefine": []}
+    for name, m in base.items():
+        rows, cols = (int(v) for v in m["grid"])
+        image = np.asarray(m["image"], dtype=int)
+        disc = np.abs(image - np.array(synthetic.SHIFT_COLOR)).sum(-1) < 120  # magenta through the noise
+        cells = disc.reshape(rows, image.shape[0] // rows, cols, image.shape[1] // cols).mean((1, 3)).flatten() > 0.5
+        for label, maps in (("baseline", m), ("VGRefine", refined[name])):
+            q = np.asarray(maps["question_maps"][layer], dtype=np.float64)
+            shares[label].append(q[cells].sum() / q.sum())
+    print(
+        f"\nshare of the question's attention on the disc at layer {layer}: "
+        + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in shares.items())
+    )
+    assert np.mean(shares["baseline"]) > 0.05
+    assert np.mean(shares["VGRefine"]) < np.mean(shares["baseline"]) / 10

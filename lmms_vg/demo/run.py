@@ -98,6 +98,7 @@ def run_demo(out: Path, device: str = "cpu") -> list[Path]:
     written += report.layer_curves(runs, target)
     panels = {"baseline": out / "maps" / MODELS[0], "VGRefine": out / "maps" / MODELS[1]}
     written += report.heatmaps(panels, target, pattern="vgmed_demo_[0-9]*")
-    written += report.heatmaps(panels, target, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted")
+    # the shifted domain's figure shows the question's own attention: the disc's share of it, and the knockout removing it
+    written += report.heatmaps(panels, target, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted", normalised=False)
     print(f"demo done in {time.time() - t0:.0f}s; report in {target}")
     return written
