@@ -7,6 +7,8 @@ to a baseline measured in the same run, so machine noise hits every variant alik
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -44,6 +46,7 @@ def build(shape: str, device: str, dtype: str, family: str = "llava"):
 
     layers, heads, kv_heads, hidden = SHAPES[shape]
     folder = tempfile.mkdtemp(prefix="lmms_vg_bench_")
+    atexit.register(shutil.rmtree, folder, True)  # the random checkpoint is loaded once and not needed after the run
     if family == "qwen2_vl":  # a 672-px square image: 48 x 48 patches of 14, merged 2 x 2
         tiny.build_qwen2_vl(folder, layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, max_pixels=672 * 672)
     else:

@@ -181,3 +181,30 @@ def test_shifted_heatmaps_show_the_knockout_removing_the_disc(demo):
     )
     assert np.mean(shares["baseline"]) > 0.05
     assert np.mean(shares["VGRefine"]) < np.mean(shares["baseline"]) / 10
+
+
+def test_the_trainer_runs_end_to_end(tmp_path, monkeypatch):
+    """``python -m lmms_vg.demo.train``, shortened (2 steps, a few scenes): the model folder loads and the heads file
+    carries the ranked heads, the knockout layer and the percentile. The shipped model was trained on this path."""
+    import sys
+
+    from transformers import LlavaForConditionalGeneration
+
+    from lmms_vg.demo import train
+    from lmms_vg.vgrefine import load_heads
+
+    monkeypatch.setattr(train, "RANKING_SCENES", 4)
+    monkeypatch.setattr(train, "SELECTION_SCENES", 8)
+    monkeypatch.setattr(train, "SETTINGS", [(75.0, 8)])
+    heads = tmp_path / "heads.json"
+    argv = ["train", "--steps", "2", "--batch", "4", "--out", str(tmp_path / "model"), "--heads-out", str(heads)]
+    monkeypatch.setattr(sys, "argv", argv)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train.main()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    ranking = load_heads(str(heads))
+    assert len(ranking.heads) == 8 and ranking.percentile == 75.0 and len(ranking.knockout_layers) == 1
+    assert "held-out shifted scenes" in ranking.source
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")

@@ -109,6 +109,7 @@ def target_map(adapter: LlavaAdapter, example) -> np.ndarray:
 
 
 def evaluate(adapter: LlavaAdapter, rng: random.Random, n: int = 128) -> float:
+    """Exact-answer accuracy on the questions of ``n`` fresh source examples (the generic prompt's left out)."""
     examples = [sample(rng) for _ in range(n)]
     examples = [e for e in examples if not e[1].startswith(GENERIC_PROMPT)]  # the demo's questions only
     n = len(examples)
@@ -153,11 +154,17 @@ def vgrefine_accuracy(adapter: LlavaAdapter, config, items: list[tuple]) -> floa
 SETTINGS = [(p, k) for p in (50.0, 75.0, 90.0) for k in (8, 4)]  # the paper's p = 50 first: ties keep it
 
 
-def choose_settings(adapter: LlavaAdapter, heads: tuple, rng: random.Random, n: int = 192) -> tuple[tuple[int, float, int], dict]:
+RANKING_SCENES, SELECTION_SCENES = (
+    96,
+    192,
+)  # fresh source scenes the heads are ranked on; held-out shifted scenes the settings are chosen on
+
+
+def choose_settings(adapter: LlavaAdapter, heads: tuple, rng: random.Random) -> tuple[tuple[int, float, int], dict]:
     """(knockout layer, percentile, K) with the best VGRefine accuracy on held-out shifted scenes, and every setting's accuracy."""
     from lmms_vg.vgrefine import VGRefineConfig
 
-    items = mc_items(rng, n, shift=True)
+    items = mc_items(rng, SELECTION_SCENES, shift=True)
     reference = GENERIC_PROMPT + "\n" + MC_INSTRUCTION  # the demo's VQA task: multiple choice
     scores = {}
     for layer in range(adapter.model.config.text_config.num_hidden_layers):
@@ -167,12 +174,12 @@ def choose_settings(adapter: LlavaAdapter, heads: tuple, rng: random.Random, n: 
     return max(scores, key=scores.get), scores
 
 
-def calibrate_heads(adapter: LlavaAdapter, rng: random.Random, n: int = 96, top_k: int = 8):
+def calibrate_heads(adapter: LlavaAdapter, rng: random.Random, top_k: int = 8):
     """Heads ranked by mean KL to the target's box on fresh source scenes; the other settings chosen on held-out shifted ones."""
     from lmms_vg.grounding import GroundingRunner, GroundingSample
 
     runner = GroundingRunner(adapter, GENERIC_PROMPT + SHORT_ANSWER, head_level=True)
-    total = None
+    n, total = RANKING_SCENES, None
     for _ in range(n):
         image, things = synthetic.scene(rng)
         q = synthetic.question(things, rng)
@@ -185,7 +192,7 @@ def calibrate_heads(adapter: LlavaAdapter, rng: random.Random, n: int = 96, top_
     print(f"VGRefine accuracy on held-out shifted scenes by (knockout layer, percentile, K): {scores}")
     source = (
         f"heads: mean KL to the box on {n} fresh source scenes (lmms_vg.demo.synthetic); knockout layer, percentile and K: "
-        f"the best VGRefine multiple-choice accuracy on 192 held-out shifted scenes of their own seed, of layers x {SETTINGS}"
+        f"the best VGRefine multiple-choice accuracy on {SELECTION_SCENES} held-out shifted scenes of their own seed, of layers x {SETTINGS}"
     )
     best = calibrate(mean, k, (layer,), "lmms-vg demo model", source, n)
     return dataclasses.replace(best, percentile=percentile)
@@ -223,7 +230,7 @@ def main() -> None:
     adapter = LlavaAdapter(model, AutoProcessor.from_pretrained(out), name="demo")
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    tail = int(0.3 * args.steps)  # constant rate, then a cosine decay over the last 30%
+    tail = max(1, int(0.3 * args.steps))  # constant rate, then a cosine decay over the last 30%
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 1.0 if s < args.steps - tail else 0.5 * (1 + math.cos(math.pi * (s - args.steps + tail) / tail))
     )
