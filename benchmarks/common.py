@@ -109,8 +109,9 @@ def report(title: str, seconds: dict[str, float], baseline: str, target: tuple[s
     return ok
 
 
-def print_pass_counts(rows: dict[str, list[tuple[int, int]]], layers: int) -> None:
-    """Per sample, from the model's shape alone: each variant's forward passes as (tokens, layers run) pairs.
+def print_pass_counts(rows: dict[str, list], layers: int) -> None:
+    """Per sample, from the model's shape alone: each variant's forward passes, each a (tokens, layers run) pair, or a
+    list of them for a pass whose rows leave at different depths (texts riding on the image prefix's pass).
 
     Prints the passes (a pass that stops early counts as its share of the layers), the layer passes
     (on a GPU each one reads that layer's weights: a short pass costs nearly a long one) and the
@@ -118,8 +119,10 @@ def print_pass_counts(rows: dict[str, list[tuple[int, int]]], layers: int) -> No
     """
     print(f"\n{'variant':<34} {'passes':>8} {'layer passes':>13} {'token-layers':>13}")
     for name, passes in rows.items():
-        full = sum(depth for _, depth in passes) / layers
-        print(f"{name:<34} {full:>8.2f} {sum(d for _, d in passes):>13} {sum(t * d for t, d in passes):>13}")
+        groups = [p if isinstance(p, list) else [p] for p in passes]
+        depths = [max(d for _, d in g) for g in groups]
+        work = sum(t * d for g in groups for t, d in g)
+        print(f"{name:<34} {sum(depths) / layers:>8.2f} {sum(depths):>13} {work:>13}")
 
 
 def throughput(run: Callable[[int], object], batches: tuple[int, ...], repeats: int, device: str) -> dict[int, float]:

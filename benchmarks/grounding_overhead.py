@@ -68,7 +68,7 @@ def main() -> None:
     ride = adapter.positions_by_index  # the texts ride on the prefix's pass, else a suffix pass after it
 
     def shared(*texts):
-        return [(prefix + sum(texts), layers)] if ride else [(prefix, layers), (sum(texts), layers)]
+        return [[(prefix, layers), (sum(texts), layers)]] if ride else [(prefix, layers), (sum(texts), layers)]
 
     print_pass_counts(
         {

@@ -101,8 +101,8 @@ def pass_rows(adapter, image, config, n: int) -> dict[str, list[tuple[int, int]]
     depth = max(config.map_layers) + 1  # the maps pass stops after the deepest selected head's layer
     resume = min(min(config.knockout_layers), depth)  # the knocked-out pass resumes there
     decode = [(1, layers)] * (n - 1)
-    if adapter.positions_by_index:  # one pass for the prefix and both texts
-        maps = [(prefix + question + reference, layers)]
+    if adapter.positions_by_index:  # one pass: the prefix through every layer, both texts to the depth
+        maps = [[(prefix, layers), (question + reference, depth)]]
     else:  # the prefix, then both texts as one batched suffix pass that stops at the depth
         maps = [(prefix, layers), (question + reference, depth)]
     return {

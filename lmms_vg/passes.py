@@ -111,7 +111,10 @@ def prefix_with_maps(
         rows = engine.span_mask(total, [ends[0]] * batch, [ends[1]] * batch)
         cols = engine.span_mask(total, [width] * batch, [ends[0]] * batch)
         knockout = engine.Knockout(frozenset(range(depth)), rows, cols, mode="mask")
-    hook = keep.watch(model, slice(None), width) if keep is not None else None
+    hooks = [keep.watch(model, slice(None), width)] if keep is not None else []
+    if layers:  # above the deepest captured layer the texts are done: only the prefix rows go on, to fill its cache
+        for layer in engine.text_decoder_layers(model)[max(layers) + 1 :]:
+            hooks.append(layer.register_forward_pre_hook(prefix_rows_only(width), with_kwargs=True))
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
             out = model(
@@ -124,13 +127,35 @@ def prefix_with_maps(
                 **(extra or {}),
             )
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     if keep is not None:
         keep.take_cache(out.past_key_values, slice(None), width)
     truncate(out.past_key_values, width)
     rows = cap.stacked()  # [B, layers, heads, sets, N]
     return PrefixState(out.past_key_values, prefix_ids, image_cols), [rows[:, :, :, j] for j in range(len(regions))]
+
+
+def prefix_rows_only(width: int):
+    """A forward pre-hook (with kwargs) that runs a decoder layer on the first ``width`` rows of the pass only.
+
+    The rows after them leave the pass: the prefix's rows never attend to later ones, so theirs are
+    the values the prefix alone gives. The layer's hidden states, attention mask, positions and
+    position embeddings are cut to those rows (the decoder hands every layer the full-length ones).
+    """
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = mask[..., :width, :width]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., :width]
+        if kwargs.get("position_embeddings") is not None:
+            kwargs["position_embeddings"] = tuple(t[:, :width] for t in kwargs["position_embeddings"])
+        return (hidden[:, :width], *args[1:]), kwargs
+
+    return hook
 
 
 def pad_suffixes(suffixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
