@@ -22,7 +22,7 @@ QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION
 
 PASSES = {  # forward passes over the prompt per sample, from the methods' definitions (decode steps aside)
     "baseline": "1 full prompt",
-    "VGRefine": "1 image prefix + 1 batched suffix pass (question and generic prompt) + 1 suffix pass under knockout",
+    "VGRefine": "1 pass of the image prefix with the question and the generic prompt riding on it + the question from the knockout layer up",
     "PAI": "1 full prompt (steered) + 1 text-only prompt (guidance); each decode step: 2 tokens",
     "AdaptVis": "2 full prompts (a plain one for the confidence, then the steered one)",
     "ViCrop": "1 batched pass of 2 full prompts up to its layer + 1 prompt with 2 images",
