@@ -272,7 +272,8 @@ def write_table(header, rows, out: Path, stem: str, notes: list[str] = ()) -> li
 
 
 def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list[Path]:
-    """AR, KL and JS against layer for every model and grounding task (medical solid, natural/control dashed)."""
+    """AR, KL and JS against layer for every model (a colour each) and grounding task (a marker each; medical solid,
+    natural/control dashed), e.g. the demo's source and shifted domains side by side."""
     import matplotlib
     import matplotlib.ticker
 
@@ -285,6 +286,7 @@ def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     model_colour = {label: colours[i % len(colours)] for i, label in enumerate(sorted({r.label for r, _ in curves}))}
+    task_marker = {task: "os^DvP*X"[i % 8] for i, task in enumerate(sorted({t for _, t in curves}))}
     for ax, (metric, title) in zip(
         axes,
         (("ar", "Attention ratio (higher: in the box)"), ("kl", "KL(G || P) (lower is better)"), ("js", "JS divergence (lower is better)")),
@@ -296,8 +298,8 @@ def layer_curves(runs: list[Run], out: Path, stem: str = "layer_curves") -> list
                 range(len(ys)),
                 ys,
                 linestyle="--" if dashed else "-",
-                marker="o",
-                markersize=3,
+                marker=task_marker[task],
+                markersize=4.5,
                 color=model_colour[run.label],
                 label=f"{run.label} · {task}",
             )
