@@ -54,10 +54,7 @@ def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_i
     passes add it to their positions, and ``generate()`` reads it from the model, so every suffix
     token gets the position it has in the whole prompt.
     """
-    lengths = {len(p) for p in prefix}
-    if len(lengths) != 1:
-        raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
-    ids = torch.tensor(prefix, device=model.device)
+    ids = prefix_tensor(model, prefix)
     inner = getattr(model, "model", None)
     if getattr(inner, "rope_deltas", None) is not None:
         inner.rope_deltas = None  # recomputed for this prefix
@@ -65,6 +62,14 @@ def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_i
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs, **(extra or {}))
     offset = getattr(inner, "rope_deltas", None)
     return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id), offset)
+
+
+def prefix_tensor(model, prefix: list[list[int]]) -> torch.Tensor:
+    """The prefixes as one ``[B, P]`` tensor on the model's device; they must share one length (one token grid)."""
+    lengths = {len(p) for p in prefix}
+    if len(lengths) != 1:
+        raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
+    return torch.tensor(prefix, device=model.device)
 
 
 def prefix_with_maps(
@@ -88,10 +93,7 @@ def prefix_with_maps(
     """
     if len(suffix_sets) not in (1, 2):
         raise ValueError(f"{len(suffix_sets)} sets of suffixes; the prefix pass carries one or two")
-    lengths = {len(p) for p in prefix}
-    if len(lengths) != 1:
-        raise ValueError(f"prefixes differ in length {sorted(lengths)}; group the batch by prefix length")
-    prefix_ids = torch.tensor(prefix, device=model.device)
+    prefix_ids = prefix_tensor(model, prefix)
     batch, width = prefix_ids.shape
     regions = [pad_suffixes(s, pad_id, model.device) for s in suffix_sets]
     ids = torch.cat([prefix_ids, *(r_ids for r_ids, _ in regions)], dim=1)
@@ -105,16 +107,16 @@ def prefix_with_maps(
     total = ids.shape[1]
     image_cols = engine.image_token_positions(prefix_ids, image_token_id)
     cap = engine.Capture(rows=torch.tensor(ends, device=model.device).expand(batch, -1) - 1, cols=image_cols, layers=layers)
+    decoder = engine.text_decoder_layers(model)
+    depth = max(layers) + 1 if layers else len(decoder)  # the texts' rows are done after this many layers
     knockout = None
-    if len(regions) == 2:  # set 1 must not see set 0, at every layer up to the deepest captured (above it nothing reads set 1)
-        depth = max(layers) + 1 if layers else len(engine.text_decoder_layers(model))
+    if len(regions) == 2:  # set 1 must not see set 0, at every layer the texts run
         rows = engine.span_mask(total, [ends[0]] * batch, [ends[1]] * batch)
         cols = engine.span_mask(total, [width] * batch, [ends[0]] * batch)
         knockout = engine.Knockout(frozenset(range(depth)), rows, cols, mode="mask")
     hooks = [keep.watch(model, slice(None), width)] if keep is not None else []
-    if layers:  # above the deepest captured layer the texts are done: only the prefix rows go on, to fill its cache
-        for layer in engine.text_decoder_layers(model)[max(layers) + 1 :]:
-            hooks.append(layer.register_forward_pre_hook(prefix_rows_only(width), with_kwargs=True))
+    for layer in decoder[depth:]:  # above it only the prefix rows go on, to fill its cache
+        hooks.append(layer.register_forward_pre_hook(prefix_rows_only(width), with_kwargs=True))
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
             out = model(
@@ -132,8 +134,8 @@ def prefix_with_maps(
     if keep is not None:
         keep.take_cache(out.past_key_values, slice(None), width)
     truncate(out.past_key_values, width)
-    rows = cap.stacked()  # [B, layers, heads, sets, N]
-    return PrefixState(out.past_key_values, prefix_ids, image_cols), [rows[:, :, :, j] for j in range(len(regions))]
+    maps = cap.stacked()  # [B, layers, heads, sets, N]
+    return PrefixState(out.past_key_values, prefix_ids, image_cols), [maps[:, :, :, j] for j in range(len(regions))]
 
 
 def prefix_rows_only(width: int):
@@ -554,10 +556,14 @@ class SharedPrefixBatch(PassBatch):
     def state(self) -> PrefixState:
         """The image prefix in the KV cache (run now if no pass has run it yet)."""
         if self._state is None:
-            adapter = self.adapter
-            extra = adapter.prefix_inputs(torch.tensor(self.prefix, device=adapter.device))
-            self._state = run_prefix(adapter.model, self.prefix, adapter.pixel_inputs(self.images), adapter.image_token_id, extra)
+            pixels, extra = self._image_inputs()
+            self._state = run_prefix(self.adapter.model, self.prefix, pixels, self.adapter.image_token_id, extra)
         return self._state
+
+    def _image_inputs(self) -> tuple[dict, dict]:
+        """The pixels and what else the model needs to run the image prefix (Qwen2-VL: the token types)."""
+        ids = torch.tensor(self.prefix, device=self.adapter.device)
+        return self.adapter.pixel_inputs(self.images), self.adapter.prefix_inputs(ids)
 
     def _suffixes(self, texts: list[str]) -> list[list[int]]:
         return self.suffixes if texts is self.texts else self.adapter.split_prompts(self.images, texts).suffix
@@ -566,8 +572,7 @@ class SharedPrefixBatch(PassBatch):
         sets = [self._suffixes(t) for t in text_sets]
         adapter = self.adapter
         if self._state is None and steer is None and len(sets) <= 2 and adapter.positions_by_index:
-            ids = torch.tensor(self.prefix, device=adapter.device)
-            pixels, extra = adapter.pixel_inputs(self.images), adapter.prefix_inputs(ids)
+            pixels, extra = self._image_inputs()
             self._state, maps = prefix_with_maps(
                 adapter.model, self.prefix, sets, pixels, adapter.image_token_id, self.pad, layers, keep, extra
             )

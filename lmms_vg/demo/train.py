@@ -154,10 +154,8 @@ def vgrefine_accuracy(adapter: LlavaAdapter, config, items: list[tuple]) -> floa
 SETTINGS = [(p, k) for p in (50.0, 75.0, 90.0) for k in (8, 4)]  # the paper's p = 50 first: ties keep it
 
 
-RANKING_SCENES, SELECTION_SCENES = (
-    96,
-    192,
-)  # fresh source scenes the heads are ranked on; held-out shifted scenes the settings are chosen on
+RANKING_SCENES = 96  # fresh source scenes the heads are ranked on
+SELECTION_SCENES = 192  # held-out shifted scenes the knockout layer, percentile and K are chosen on
 
 
 def choose_settings(adapter: LlavaAdapter, heads: tuple, rng: random.Random) -> tuple[tuple[int, float, int], dict]:
