@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from . import geometry
+from . import geometry, internals
 from .engine import EngineError
 
 
@@ -303,7 +303,6 @@ class Qwen2VLAdapter:
     the position it has in the whole prompt.
     """
 
-    shares_prefix = True
     positions_by_index = False  # M-RoPE: 3-D positions laid out by the image grid
     cell_order = None  # merged 2 x 2 blocks in row-major order
 
@@ -324,6 +323,11 @@ class Qwen2VLAdapter:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Where the model keeps M-RoPE's shift for the text after the image (``rope_deltas``); else full prompts."""
+        return internals.of(self.model).rope_deltas
 
     def prompt(self, text: str, n_images: int = 1) -> str:
         """The chat template with one image placeholder (vision start, image pad, vision end) per image before the text."""

@@ -101,6 +101,13 @@ def cmd_convert(args) -> list[Path]:
     return [convert(args.source, args.out, arch=args.arch, vision_tower=args.vision_tower)]
 
 
+def cmd_tasks_path(args) -> None:
+    """The folder of lmms-vg's task YAMLs, for lmms-eval's ``--include_path`` (where the automatic task path is off)."""
+    import lmms_vg_tasks
+
+    print(Path(lmms_vg_tasks.__file__).resolve().parent)
+
+
 def cmd_demo(args) -> list[Path]:
     from .demo.run import run_demo
 
@@ -164,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_demo)
 
+    s = sub.add_parser("tasks-path", help="print the folder of lmms-vg's tasks, for lmms-eval's --include_path")
+    s.set_defaults(fn=cmd_tasks_path)
+
     args = p.parse_args(argv)
     try:
         written = args.fn(args)
     except (report.ReportError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lmms-vg {args.command}: {err}", file=sys.stderr)
         return 2
+    if written is None:  # a command that prints its answer itself
+        return 0
     print(json.dumps({"written": [str(w) for w in written]}, indent=1))
     unreadable = getattr(args, "unreadable", [])
     if unreadable:  # what was reported is written, but it is not all there was

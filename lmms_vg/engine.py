@@ -33,6 +33,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import internals
+
 ATTN_IMPLEMENTATION = "lmms_vg"
 KnockoutMode = Literal["mask", "zero"]
 KNOCKOUT_MODES: tuple[str, ...] = ("mask", "zero")
@@ -342,6 +344,7 @@ def install(model: torch.nn.Module) -> dict[int, int]:
     text_key = _text_sub_config(model)
     model.set_attn_implementation({text_key: ATTN_IMPLEMENTATION} if text_key else ATTN_IMPLEMENTATION)
     model._lmms_vg_layers = layer_map
+    model._lmms_vg_internals = internals.detect(model, text_decoder_layers(model))
     return layer_map
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import engine, settings
+from . import engine, internals, settings
 from .passes import Passes, Steering, generate_new_tokens, same_grid
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
@@ -142,8 +142,8 @@ class TextGuidance(LogitsProcessor):
             ids, mask = input_ids[:, -1:], torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1
         with torch.no_grad(), engine.arm(self.model):  # an empty arm: nothing steered in this run
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.mask, self.cache = mask, out.past_key_values
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **internals.cache_arg(self.model, self.cache), use_cache=True)
+        self.mask, self.cache = mask, internals.output_cache(out)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from . import engine
+from . import engine, internals
 
 
 @dataclass
@@ -61,7 +61,7 @@ def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_i
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs, **(extra or {}))
     offset = getattr(inner, "rope_deltas", None)
-    return PrefixState(out.past_key_values, ids, engine.image_token_positions(ids, image_token_id), offset)
+    return PrefixState(internals.output_cache(out), ids, engine.image_token_positions(ids, image_token_id), offset)
 
 
 def prefix_tensor(model, prefix: list[list[int]]) -> torch.Tensor:
@@ -90,7 +90,19 @@ def prefix_with_maps(
     indices); set 1's rows are blocked from set 0's region at every layer, so each set sees the
     prefix and itself only, as in a pass of its own. The cache is cropped back to the prefix.
     With ``keep``, set 0's rows are kept below its depth (their layout is that of the set padded alone).
+    Above the deepest captured layer only the prefix's rows go on (:func:`prefix_rows_only`), where
+    the model's decoder layers allow it (:mod:`lmms_vg.internals`); else every row goes on to the top.
     """
+    try:
+        return _prefix_with_maps(model, prefix, suffix_sets, pixel_inputs, image_token_id, pad_id, layers, keep, extra)
+    except internals.Unsupported as err:
+        internals.turn_off(model, err)
+        if keep is not None:
+            keep.clear()
+        return _prefix_with_maps(model, prefix, suffix_sets, pixel_inputs, image_token_id, pad_id, layers, keep, extra)
+
+
+def _prefix_with_maps(model, prefix, suffix_sets, pixel_inputs, image_token_id, pad_id, layers, keep, extra):
     if len(suffix_sets) not in (1, 2):
         raise ValueError(f"{len(suffix_sets)} sets of suffixes; the prefix pass carries one or two")
     prefix_ids = prefix_tensor(model, prefix)
@@ -115,8 +127,9 @@ def prefix_with_maps(
         cols = engine.span_mask(total, [width] * batch, [ends[0]] * batch)
         knockout = engine.Knockout(frozenset(range(depth)), rows, cols, mode="mask")
     hooks = [keep.watch(model, slice(None), width)] if keep is not None else []
-    for layer in decoder[depth:]:  # above it only the prefix rows go on, to fill its cache
-        hooks.append(layer.register_forward_pre_hook(prefix_rows_only(width), with_kwargs=True))
+    if internals.of(model).row_cut:
+        for layer in decoder[depth:]:  # above it only the prefix rows go on, to fill its cache
+            hooks.append(layer.register_forward_pre_hook(prefix_rows_only(width), with_kwargs=True))
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout):
             out = model(
@@ -131,11 +144,12 @@ def prefix_with_maps(
     finally:
         for hook in hooks:
             hook.remove()
+    cache = internals.output_cache(out)
     if keep is not None:
-        keep.take_cache(out.past_key_values, slice(None), width)
-    truncate(out.past_key_values, width)
+        keep.take_cache(cache, slice(None), width)
+    truncate(cache, width)
     maps = cap.stacked()  # [B, layers, heads, sets, N]
-    return PrefixState(out.past_key_values, prefix_ids, image_cols), [maps[:, :, :, j] for j in range(len(regions))]
+    return PrefixState(cache, prefix_ids, image_cols), [maps[:, :, :, j] for j in range(len(regions))]
 
 
 def prefix_rows_only(width: int):
@@ -144,9 +158,13 @@ def prefix_rows_only(width: int):
     The rows after them leave the pass: the prefix's rows never attend to later ones, so theirs are
     the values the prefix alone gives. The layer's hidden states, attention mask, positions and
     position embeddings are cut to those rows (the decoder hands every layer the full-length ones).
+    Any other tensor the layer is handed could be per token: :class:`~lmms_vg.internals.Unsupported`.
     """
 
     def hook(_module, args, kwargs):
+        unknown = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in internals.ROW_INPUTS | {"hidden_states"})
+        if unknown or len(args) > 1:
+            raise internals.Unsupported("row cut", f"the decoder layers are handed {unknown or 'positional inputs'} besides the hidden states")
         hidden = args[0] if args else kwargs.pop("hidden_states")
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
@@ -222,7 +240,7 @@ def suffix_maps(
     hook = keep.watch(model, slice(0, None, k), ids.shape[1] - keep.width) if keep is not None else None
     try:
         with torch.no_grad(), engine.arm(model, capture=cap, knockout=knockout, steer=plan):
-            model(**suffix_inputs(wide, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            model(**suffix_inputs(wide, ids, mask), **internals.cache_arg(model, state.cache), use_cache=True, logits_to_keep=1)
     except engine.CaptureComplete:
         pass
     finally:
@@ -255,6 +273,7 @@ class Resume:
         layer = engine.text_decoder_layers(model)[self.depth - 1]
 
         def take(_module, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
             self.hidden = out[rows, start : start + self.width].detach().clone()
 
         return layer.register_forward_hook(take)
@@ -269,16 +288,26 @@ class Resume:
     def complete(self) -> bool:
         return self.hidden is not None and len(self.keys) == self.depth
 
+    def clear(self) -> None:
+        """Forget what a failed pass kept."""
+        self.keys, self.values, self.hidden = [], [], None
+
 
 class _Resumed(torch.nn.Module):
-    """A decoder layer below the resume depth, for one pass: it appends the kept keys and values and hands on the kept state."""
+    """A decoder layer below the resume depth, for one pass: it appends the kept keys and values and hands on the kept state.
 
-    def __init__(self, index: int, resume: Resume):
+    The cache arrives under the keyword the decoder layers take (``cache_kwarg``, detected at load).
+    """
+
+    def __init__(self, index: int, resume: Resume, cache_kwarg: str):
         super().__init__()
-        self.index, self.resume = index, resume
+        self.index, self.resume, self.cache_kwarg = index, resume, cache_kwarg
 
-    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
-        past_key_values.update(self.resume.keys[self.index], self.resume.values[self.index], self.index)
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get(self.cache_kwarg)
+        if cache is None or not hasattr(cache, "update"):
+            raise internals.Unsupported("resume", f"decoder layer {self.index} was handed no cache as {self.cache_kwarg!r}")
+        cache.update(self.resume.keys[self.index], self.resume.values[self.index], self.index)
         return self.resume.hidden if self.index == self.resume.depth - 1 else hidden_states
 
 
@@ -295,10 +324,14 @@ def resumed_generate(
     layers = engine.text_decoder_layers(model)
     originals = [layers[i] for i in range(resume.depth)]
     for i in range(resume.depth):
-        layers[i] = _Resumed(i, resume)
+        layers[i] = _Resumed(i, resume, internals.of(model).layer_cache_kwarg)
     try:
         with torch.no_grad(), engine.arm(model, knockout=knockout):
-            out = model(**suffix_inputs(state, ids, mask), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            out = model(**suffix_inputs(state, ids, mask), **internals.cache_arg(model, state.cache), use_cache=True, logits_to_keep=1)
+    except internals.Unsupported as err:  # the exact path: every layer from 0
+        internals.turn_off(model, err)
+        truncate(state.cache, state.prefix_len)
+        return suffix_generate(model, state, suffixes, pad_id, knockout=knockout, **generate_kwargs)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -353,7 +386,7 @@ def after_prefix(model, state: PrefixState, ids: torch.Tensor, mask: torch.Tenso
         model.model.rope_deltas = state.position_offset
     full_ids = torch.cat([state.prefix_ids, ids], dim=1)
     full_mask = torch.cat([torch.ones_like(state.prefix_ids), mask], dim=1)
-    return {"input_ids": full_ids, "attention_mask": full_mask, "past_key_values": state.cache}
+    return {"input_ids": full_ids, "attention_mask": full_mask, **internals.cache_arg(model, state.cache)}
 
 
 def generate_new_tokens(
@@ -580,7 +613,9 @@ class SharedPrefixBatch(PassBatch):
         return suffix_maps(adapter.model, self.state, sets, self.pad, layers=layers, steer=steer, keep=keep)
 
     def resume_point(self, depth: int) -> Resume | None:
-        return Resume(depth, max(len(s) for s in self.suffixes)) if depth > 0 else None
+        if depth == 0 or internals.of(self.adapter.model).layer_cache_kwarg is None:
+            return None
+        return Resume(depth, max(len(s) for s in self.suffixes))
 
     def knockout(self, keep, layers, mode):
         rows = suffix_rows(self.state, self.suffixes)
@@ -591,7 +626,7 @@ class SharedPrefixBatch(PassBatch):
         return suffix_maps(self.adapter.model, self.state, [self.suffixes], self.pad, knockout=knockout)[0]
 
     def generate(self, knockout=None, resume: Resume | None = None, **generate_kwargs):
-        if resume is not None and resume.complete and can_resume(generate_kwargs):
+        if resume is not None and resume.complete and can_resume(generate_kwargs) and internals.of(self.adapter.model).layer_cache_kwarg:
             return resumed_generate(self.adapter.model, self.state, self.suffixes, self.pad, resume, knockout, **generate_kwargs)
         return suffix_generate(self.adapter.model, self.state, self.suffixes, self.pad, knockout=knockout, **generate_kwargs)
 

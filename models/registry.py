@@ -3,7 +3,8 @@
 lmms-eval loads this whenever it builds its model registry (``lmms-eval models`` included), so it
 imports neither torch, transformers nor lmms-eval's task machinery: the manifests name each
 model's class by path, and the class loads only when a run asks for that model. It also installs
-the hook that puts lmms-vg's task folder on every TaskManager's search path (:mod:`lmms_vg_tasks._hook`).
+the hook that puts lmms-vg's task folder on every TaskManager's search path (:mod:`lmms_vg_tasks._hook`);
+a hook that fails costs the tasks' automatic path only (one line says how to add it by hand), never the models.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import sys
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from lmms_vg.presets import class_name, model_ids
-from lmms_vg_tasks import _hook
 
-TASKS_DIR = _hook.TASKS_DIR
+
+def install_task_hook() -> None:
+    """The task hook, if it can be had; a failure is one line on stderr and the models are registered regardless."""
+    try:
+        from lmms_vg_tasks import _hook
+
+        _hook.install()
+    except Exception as err:
+        sys.stderr.write(
+            f"lmms-vg: its task hook failed ({type(err).__name__}: {err}); "
+            'pass --include_path "$(lmms-vg tasks-path)" to lmms-eval to find its tasks\n'
+        )
 
 
 def manifests() -> list[ModelManifest]:
@@ -24,7 +35,7 @@ def manifests() -> list[ModelManifest]:
     An id that lmms-eval already has is left to lmms-eval. Each id is also entered in the table
     ``lmms-eval models`` prints (as lmms-eval's own plugin mechanism does), which reads only that table.
     """
-    _hook.install()
+    install_task_hook()
     paths = {mid: f"lmms_vg_models.model_ids.{class_name(mid)}" for mid in model_ids()}
     listed = sys.modules.get("lmms_eval.models")  # being initialised: it is loading this entry point
     simple = getattr(listed, "AVAILABLE_SIMPLE_MODELS", {})
@@ -37,9 +48,3 @@ def manifests() -> list[ModelManifest]:
         simple[mid] = path
     return found
 
-
-def add_task_path() -> None:
-    """Make every TaskManager also index lmms-vg's tasks now (idempotent)."""
-    import lmms_eval.tasks
-
-    _hook.patch(lmms_eval.tasks)

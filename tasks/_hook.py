@@ -5,29 +5,60 @@ that module is loaded, else when it is (an import hook), so that listing models 
 as without lmms-vg. It runs from the ``lmms_eval.models`` entry point and, at interpreter start,
 from ``lmms_vg_tasks.pth``, so that listings which load no model plugin (``lmms-eval tasks list``)
 show the tasks too. Built-in tasks keep priority on a name clash; ``include_defaults=False`` (only
-what the caller asked for) adds nothing; ``LMMS_VG_AUTO_TASKS=0`` turns it all off.
+what the caller asked for) adds nothing; ``LMMS_VG_AUTO_TASKS=0`` turns it all off before anything
+is patched.
+
+It runs in every Python process of the environment, so it imports nothing beyond what the
+interpreter has loaded at start (no ``importlib.abc``: the finder and loader are plain classes,
+as the import system only calls their methods). If lmms-eval's ``TaskManager`` is not as expected,
+nothing is patched and one line says how to add the tasks by hand; lmms-eval itself is never broken.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 
 TASKS_DIR = os.path.dirname(os.path.abspath(__file__))
 TARGET = "lmms_eval.tasks"
+SWITCH = "LMMS_VG_AUTO_TASKS"
+_warned: list[str] = []
 
 
 def enabled() -> bool:
-    return os.environ.get("LMMS_VG_AUTO_TASKS", "1") != "0"
+    return os.environ.get(SWITCH, "1") != "0"
 
 
-def patch(module) -> None:
-    """Wrap ``module.TaskManager.initialize_tasks`` so that it also indexes lmms-vg's tasks (idempotent)."""
-    manager = module.TaskManager
-    original = manager.initialize_tasks
+def warn(why: str) -> None:
+    """One line on stderr (once per process): the tasks are not on the path, and the fix."""
+    if not _warned:
+        _warned.append(why)
+        sys.stderr.write(
+            f"lmms-vg: its tasks are not on lmms-eval's task path ({why}); "
+            f'pass --include_path "$(lmms-vg tasks-path)" to lmms-eval, or set {SWITCH}=0 to silence this\n'
+        )
+
+
+def patch(module) -> bool:
+    """Wrap ``module.TaskManager.initialize_tasks`` so that it also indexes lmms-vg's tasks (idempotent); False where it cannot."""
+    if not enabled():
+        return False
+    manager = getattr(module, "TaskManager", None)
+    original = getattr(manager, "initialize_tasks", None)
+    if original is None:
+        warn(f"lmms-eval's {TARGET} has no TaskManager.initialize_tasks")
+        return False
     if getattr(original, "_lmms_vg", False):
-        return
+        return True
+    import inspect
+
+    try:
+        params = inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if not {"include_path", "include_defaults"} <= set(params):
+        warn(f"TaskManager.initialize_tasks takes {list(params)}, not include_path and include_defaults")
+        return False
 
     def initialize_tasks(self, include_path=None, include_defaults=True):
         if include_defaults and enabled():  # with include_defaults=False the caller wants its own paths only
@@ -37,10 +68,11 @@ def patch(module) -> None:
 
     initialize_tasks._lmms_vg = True
     manager.initialize_tasks = initialize_tasks
+    return True
 
 
-class _PatchAfterLoad(importlib.abc.Loader):
-    """The real loader of ``lmms_eval.tasks``, then :func:`patch`."""
+class _PatchAfterLoad:
+    """The real loader of ``lmms_eval.tasks``, then :func:`patch` (whose failure never fails the import)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -50,13 +82,18 @@ class _PatchAfterLoad(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        patch(module)
+        try:
+            patch(module)
+        except Exception as err:  # lmms-eval must load whatever happens here
+            warn(f"{type(err).__name__}: {err}")
 
     def __getattr__(self, name):  # get_source, get_resource_reader...: the real loader's
         return getattr(self.inner, name)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
+    """A meta-path finder for ``lmms_eval.tasks`` only: the spec the other finders give, with :class:`_PatchAfterLoad`."""
+
     def find_spec(self, name, path=None, target=None):
         if name != TARGET:
             return None
@@ -71,7 +108,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Patch now if lmms-eval's task module is loaded, else when it loads (once)."""
+    """Patch now if lmms-eval's task module is loaded, else when it loads (once); nothing with the switch off."""
+    if not enabled():
+        return
     if TARGET in sys.modules:
         patch(sys.modules[TARGET])
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
