@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.24, and before
 ROW_INPUTS = frozenset({"attention_mask", "position_ids", "position_embeddings"})  # what the row cut rewrites
-PASSED_THROUGH = frozenset({*CACHE_NAMES, "use_cache", "output_attentions", "kwargs"})
+PASSED_THROUGH = frozenset({*CACHE_NAMES, "use_cache", "output_attentions"})
 
 
 class Unsupported(RuntimeError):
@@ -69,7 +69,7 @@ def detect(model: torch.nn.Module, layers: torch.nn.ModuleList) -> Internals:
     cache_kwarg = next((name for name in CACHE_NAMES if name in forward), "past_key_values")
     layer = _parameters(type(layers[0]).forward) if len(layers) else {}
     layer.pop("self", None)
-    names = list(layer)
+    names = [name for name, p in layer.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]  # **kwargs: checked in the pass
     layer_cache = next((name for name in CACHE_NAMES if name in layer), None)
     row_cut = bool(names) and names[0] == "hidden_states" and set(names[1:]) <= ROW_INPUTS | PASSED_THROUGH
     base = getattr(model, "model", None)
@@ -122,6 +122,6 @@ def cache_arg(model: torch.nn.Module, cache) -> dict:
 def output_cache(out):
     """The cache a forward returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
     for name in CACHE_NAMES:
-        if name in out.keys():
+        if name in out:
             return out[name]
     return None

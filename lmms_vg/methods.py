@@ -142,7 +142,9 @@ class TextGuidance(LogitsProcessor):
             ids, mask = input_ids[:, -1:], torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1
         with torch.no_grad(), engine.arm(self.model):  # an empty arm: nothing steered in this run
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **internals.cache_arg(self.model, self.cache), use_cache=True)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, **internals.cache_arg(self.model, self.cache), use_cache=True
+            )
         self.mask, self.cache = mask, internals.output_cache(out)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 

@@ -164,7 +164,9 @@ def prefix_rows_only(width: int):
     def hook(_module, args, kwargs):
         unknown = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in internals.ROW_INPUTS | {"hidden_states"})
         if unknown or len(args) > 1:
-            raise internals.Unsupported("row cut", f"the decoder layers are handed {unknown or 'positional inputs'} besides the hidden states")
+            raise internals.Unsupported(
+                "row cut", f"the decoder layers are handed {unknown or 'positional inputs'} besides the hidden states"
+            )
         hidden = args[0] if args else kwargs.pop("hidden_states")
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
@@ -328,13 +330,15 @@ def resumed_generate(
     try:
         with torch.no_grad(), engine.arm(model, knockout=knockout):
             out = model(**suffix_inputs(state, ids, mask), **internals.cache_arg(model, state.cache), use_cache=True, logits_to_keep=1)
-    except internals.Unsupported as err:  # the exact path: every layer from 0
-        internals.turn_off(model, err)
-        truncate(state.cache, state.prefix_len)
-        return suffix_generate(model, state, suffixes, pad_id, knockout=knockout, **generate_kwargs)
+    except internals.Unsupported as err:
+        out = err
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+    if isinstance(out, internals.Unsupported):  # the exact path: every layer from 0
+        internals.turn_off(model, out)
+        truncate(state.cache, state.prefix_len)
+        return suffix_generate(model, state, suffixes, pad_id, knockout=knockout, **generate_kwargs)
     first_logits = out.logits[:, -1]
     first = first_logits.argmax(-1, keepdim=True)
     new = generate_kwargs.get("max_new_tokens", 1)

@@ -22,7 +22,7 @@ def install_task_hook() -> None:
         from lmms_vg_tasks import _hook
 
         _hook.install()
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  (any failure here costs the tasks' path only, never the models)
         sys.stderr.write(
             f"lmms-vg: its task hook failed ({type(err).__name__}: {err}); "
             'pass --include_path "$(lmms-vg tasks-path)" to lmms-eval to find its tasks\n'
@@ -47,4 +47,3 @@ def manifests() -> list[ModelManifest]:
         found.append(ModelManifest(model_id=mid, simple_class_path=path))
         simple[mid] = path
     return found
-

@@ -84,7 +84,7 @@ class _PatchAfterLoad:
         self.inner.exec_module(module)
         try:
             patch(module)
-        except Exception as err:  # lmms-eval must load whatever happens here
+        except Exception as err:  # noqa: BLE001  (lmms-eval must load whatever happens here)
             warn(f"{type(err).__name__}: {err}")
 
     def __getattr__(self, name):  # get_source, get_resource_reader...: the real loader's

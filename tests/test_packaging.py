@@ -149,3 +149,84 @@ def test_task_hook_switches(monkeypatch):
     assert tm.initialize_tasks(include_path="/mine", include_defaults=False) == "/mine"
     monkeypatch.setenv("LMMS_VG_AUTO_TASKS", "0")
     assert tm.initialize_tasks(include_path="/mine") == "/mine"
+
+
+def test_task_hook_declines_a_changed_task_manager_with_one_line(capsys):
+    """A TaskManager whose initialize_tasks is gone or takes other arguments is left alone; one line names the fix."""
+    from types import SimpleNamespace
+
+    from lmms_vg_tasks import _hook
+
+    _hook._warned.clear()
+    renamed = SimpleNamespace(TaskManager=type("TM", (), {"index_tasks": lambda self, include_path=None: include_path}))
+    assert _hook.patch(renamed) is False and not hasattr(renamed.TaskManager, "initialize_tasks")
+    other_args = SimpleNamespace(TaskManager=type("TM", (), {"initialize_tasks": lambda self, paths=None: paths}))
+    assert _hook.patch(other_args) is False and other_args.TaskManager().initialize_tasks("/mine") == "/mine"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--include_path" in err[0] and "lmms-vg tasks-path" in err[0]
+
+
+def test_a_failing_hook_never_breaks_an_import_and_the_switch_patches_nothing(tmp_path):
+    """The import hook on a module whose TaskManager changed: the import succeeds, one line; LMMS_VG_AUTO_TASKS=0: nothing patched."""
+    package = tmp_path / "fake_eval"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text("class TaskManager:\n    def load(self):\n        return 'loaded'\n")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import lmms_vg_tasks._hook as h; h.TARGET = 'fake_eval.tasks'; h.install();"
+        "import fake_eval.tasks as t; print(t.TaskManager().load())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["loaded"]
+    assert "lmms-vg: its tasks are not on lmms-eval's task path" in proc.stderr and "--include_path" in proc.stderr
+    code = (
+        "import sys, lmms_vg_tasks._hook as h, lmms_eval.tasks as t;"
+        "print(getattr(t.TaskManager.initialize_tasks, '_lmms_vg', False), any(isinstance(f, h._Finder) for f in sys.meta_path))"
+    )
+    assert run_python(code, LMMS_VG_AUTO_TASKS="0") == ["False", "False"]
+    assert run_python(code) == ["True", "True"]
+
+
+def test_models_stay_registered_when_the_task_hook_cannot_load():
+    code = (
+        "import sys, lmms_vg_tasks; del lmms_vg_tasks._hook; sys.modules['lmms_vg_tasks._hook'] = None;"
+        "import lmms_eval.models as m; print('huatuo_vgrefine' in m.MODEL_REGISTRY_V2.list_model_names())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.stdout.split() == ["True"]
+    assert "lmms-vg: its task hook failed" in proc.stderr and "tasks-path" in proc.stderr
+
+
+def test_tasks_path_command_prints_the_task_folder():
+    from lmms_vg_tasks import _hook
+
+    out = subprocess.run([sys.executable, "-m", "lmms_vg.cli", "tasks-path"], capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()) == Path(_hook.TASKS_DIR).resolve() and (Path(out.strip()) / "vgmed" / "vgmed_loc.yaml").exists()
+
+
+def test_editable_install_records_its_start_up_file_so_uninstall_removes_it(tmp_path):
+    """The set-up's editable install: lmms_vg_tasks.pth in site-packages and in the RECORD; `pip uninstall` leaves nothing behind."""
+    src, wheels, venv = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv"
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".tools", "build", "dist", "*.egg-info", "__pycache__", "lmms_vg_demo")
+    )
+    build = f"from setuptools import build_meta; print(build_meta.build_editable({str(wheels)!r}))"
+    wheels.mkdir()
+    subprocess.run([sys.executable, "-c", build], cwd=src, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    assert (site / "lmms_vg_tasks.pth").exists()
+    assert "lmms_vg_tasks.pth," in next(site.glob("lmms_vg-*.dist-info")).joinpath("RECORD").read_text()
+    subprocess.run([*pip, "uninstall", "-y", "lmms-vg"], check=True, capture_output=True)
+    assert not (site / "lmms_vg_tasks.pth").exists() and not list(site.glob("lmms_vg*"))
