@@ -25,8 +25,17 @@ def maps_folder(value) -> Path | None:
     return folder
 
 
-def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_map, revision: str, trust_remote_code: bool):
-    """Load a transformers-native checkpoint of one of ``model_types`` (model_type -> class name) and its processor.
+def load_checkpoint(
+    pretrained: str,
+    model_types: dict[str, str],
+    dtype,
+    device_map,
+    revision: str,
+    trust_remote_code: bool,
+    processor_kwargs: dict | None = None,
+):
+    """Load a transformers-native checkpoint of one of ``model_types`` (model_type -> class name) and its processor
+    (``processor_kwargs``: its ``from_pretrained`` keywords, e.g. Qwen's ``max_pixels``).
 
     Errors say what to do: a folder without config.json, an architecture this model id does not take,
     a checkpoint that needs its own code while trust_remote_code is off.
@@ -59,7 +68,7 @@ def load_checkpoint(pretrained: str, model_types: dict[str, str], dtype, device_
         .from_pretrained(pretrained, revision=revision, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         .eval()
     )
-    return model, load_processor(pretrained, revision, trust_remote_code)
+    return model, load_processor(pretrained, revision, trust_remote_code, **(processor_kwargs or {}))
 
 
 def model_class(name: str) -> type:
@@ -71,14 +80,17 @@ def model_class(name: str) -> type:
     return getattr(transformers, name) if "." not in name else import_object(name)
 
 
-def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
-    """The checkpoint's processor; where it cannot be built (Qwen2-VL's video part needs torchvision), its tokenizer and image processor."""
+def load_processor(pretrained: str, revision: str, trust_remote_code: bool, **image_kwargs):
+    """The checkpoint's processor; where it cannot be built (Qwen2-VL's video part needs torchvision), its tokenizer and image processor.
+
+    ``image_kwargs`` go to the image processor's ``from_pretrained`` (through the processor's, which hands them on).
+    """
     from types import SimpleNamespace
 
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code, **image_kwargs)
         if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
             return processor
         why = f"AutoProcessor gave a {type(processor).__name__}"  # a checkpoint with no processor class (e.g. VILA's)
@@ -87,5 +99,5 @@ def load_processor(pretrained: str, revision: str, trust_remote_code: bool):
     logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({why}); using its tokenizer and image processor")
     return SimpleNamespace(
         tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-        image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
+        image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code, **image_kwargs),
     )

@@ -143,19 +143,11 @@ class VGModel(lmms):
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model, processor = load_checkpoint(pretrained, family.model_types, torch_dtype, device_map or None, revision, trust_remote_code)
-        if pixels:  # e.g. the authors' Qwen grounding runs: max_pixels=50176, min_pixels=784
-            size = dict(processor.image_processor.size)
-            size.update(
-                {
-                    "shortest_edge": pixels.get("min_pixels", size.get("shortest_edge")),
-                    "longest_edge": pixels.get("max_pixels", size.get("longest_edge")),
-                }
-            )
-            processor.image_processor.size = size
-            for key, value in pixels.items():  # a stale attribute would override the size at call time
-                if getattr(processor.image_processor, key, None) is not None:
-                    setattr(processor.image_processor, key, value)
+        # pixel limits (e.g. the authors' Qwen grounding runs: max_pixels=50176) reach the image processor as its
+        # from_pretrained keywords, as Qwen's model cards pass them
+        model, processor = load_checkpoint(
+            pretrained, family.model_types, torch_dtype, device_map or None, revision, trust_remote_code, processor_kwargs=pixels
+        )
         if not device_map:
             model.to(self._device)
         engine.install(model)
