@@ -3,6 +3,11 @@
 An adapter turns (image, text) pairs into model inputs and says where the image tokens are and
 how an image's pixels reach its token grid. The LLaVA adapter serves every
 ``LlavaForConditionalGeneration`` checkpoint (HuatuoGPT-Vision, LLaVA-Med, LLaVA-1.5 -hf).
+
+A prompt is tokenised as the model's original code tokenises it (:func:`prompt_chunks`): the text
+between the image placeholders, chunk by chunk or whole, with or without the tokenizer's special
+tokens. With a tokenizer that adds BOS or a SentencePiece dummy prefix, the three ways give
+different ids, and a model sees what it was trained and evaluated with only through its own way.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ class Adapter(Protocol):
     def prompt(self, text: str, n_images: int = 1) -> str:
         """The chat-formatted prompt, with the image placeholders."""
 
-    def text_only_prompt(self, text: str) -> str:
-        """The same prompt with its image placeholder removed (PAI's text-only run)."""
+    def chunks(self, text: str, n_images: int = 1) -> list[list[int]]:
+        """The prompt's token ids around its image placeholders, tokenised as the model's original code does."""
+
+    def text_only_ids(self, text: str) -> list[int]:
+        """The prompt without its image (PAI's text-only run)."""
 
     def encode(self, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
         """A left-padded batch of full prompts with their images."""
@@ -52,6 +60,64 @@ class Adapter(Protocol):
 
     def transform(self, image: Image.Image) -> geometry.ImageTransform:
         """How the image's pixels reach its token grid."""
+
+
+# How the original code turns a prompt into ids (what :func:`prompt_chunks` follows):
+TOKENISATIONS = {
+    # LLaVA's tokenizer_image_token (haotian-liu/LLaVA llava/mm_utils.py; LLaVA-Med, MedTrinity, VILA copy it):
+    # each chunk between placeholders with the tokenizer's special tokens, the BOS kept on the first only
+    "llava": "chunks, special tokens, one BOS",
+    # HuatuoGPT-Vision's cli.py (its own tokenizer_image_token): each chunk without special tokens (no BOS)
+    "huatuo": "chunks, no special tokens",
+    # InternVL's chat(), Qwen's processor, transformers' LLaVA processor: the whole prompt, special tokens as the tokenizer adds
+    "whole": "the whole prompt",
+}
+
+
+def prompt_chunks(tokenizer, prompt: str, placeholder: str, image_token_id: int, style: str) -> list[list[int]]:
+    """Token ids of the text around the image placeholders (one chunk more than placeholders), as ``style`` tokenises.
+
+    ``placeholder`` is the text that stands for an image in ``prompt``; ``image_token_id`` the token
+    it becomes (for ``whole``, the prompt is tokenised as it is and cut at that token).
+    """
+    if style == "whole":
+        ids = tokenizer(prompt)["input_ids"]
+        chunks: list[list[int]] = [[]]
+        for token in ids:
+            if token == image_token_id:
+                chunks.append([])
+            else:
+                chunks[-1].append(token)
+        return chunks
+    if style not in TOKENISATIONS:
+        raise ValueError(f"tokenisation {style!r} is not one of {sorted(TOKENISATIONS)}")
+    chunks = [tokenizer(piece, add_special_tokens=style == "llava")["input_ids"] for piece in prompt.split(placeholder)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if style == "llava" and bos is not None and chunks[0][:1] == [bos]:  # its `offset`: later chunks lose their first token
+        chunks = [chunks[0]] + [c[1:] for c in chunks[1:]]
+    return chunks
+
+
+def with_images(chunks: list[list[int]], image_token_id: int, counts: list[int]) -> list[int]:
+    """The prompt's ids: its chunks with ``counts[i]`` image tokens between chunk i and chunk i+1."""
+    if len(chunks) != len(counts) + 1:
+        raise EngineError(f"the prompt holds {len(chunks) - 1} image placeholder(s) for {len(counts)} image(s)")
+    ids = list(chunks[0])
+    for count, chunk in zip(counts, chunks[1:]):
+        ids += [image_token_id] * count + chunk
+    return ids
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, T]`` of the rows, left-padded."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 @dataclass
@@ -73,8 +139,20 @@ class LlavaAdapter:
     shares_prefix = True  # the image tokens' positions do not depend on the text: one prefix serves every prompt
     positions_by_index = True
     cell_order: list[int] | None = None  # image tokens in row-major cell order already (see VilaAdapter)
+    placeholder = "<image>"  # what stands for an image in the prompt text
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        chat_template: str | None = None,
+        name: str = "model",
+        pad_to_square: bool | None = None,
+        tokenisation: str = "whole",
+    ):
+        if tokenisation not in TOKENISATIONS:
+            raise ValueError(f"tokenisation {tokenisation!r} is not one of {sorted(TOKENISATIONS)}")
+        self.tokenisation = tokenisation
         self.model = model
         self.processor, self.pad_to_square = take_over_padding(processor, pad_to_square)
         self.tokenizer = processor.tokenizer
@@ -96,13 +174,18 @@ class LlavaAdapter:
         return self.model.device
 
     def prompt(self, text: str, n_images: int = 1) -> str:
-        """The chat-formatted prompt with one image placeholder per image before the text (HuatuoGPT-Vision's order)."""
+        """The chat-formatted prompt with one image placeholder per image before the text (the LLaVA codebase's order)."""
         message = [{"role": "user", "content": "<image>\n" * n_images + text}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
-    def text_only_prompt(self, text: str) -> str:
-        """The prompt without its image placeholder (what is around it stays, as PAI builds its text-only prompt)."""
-        return self.prompt(text).replace(self.tokenizer.convert_ids_to_tokens(self.image_token_id), "")
+    def chunks(self, text: str, n_images: int = 1) -> list[list[int]]:
+        """The prompt's ids around its image placeholders, tokenised as the original code does (:func:`prompt_chunks`)."""
+        return prompt_chunks(self.tokenizer, self.prompt(text, n_images), self.placeholder, self.image_token_id, self.tokenisation)
+
+    def text_only_ids(self, text: str) -> list[int]:
+        """The prompt without its image: the text before it and the text after it, each tokenised as in the full prompt
+        (PAI's text-only prompt: its ``init_cfg_processor`` tokenises the two sides apart, BOS first)."""
+        return [token for chunk in self.chunks(text) for token in chunk]
 
     def model_image(self, image: Image.Image) -> Image.Image:
         """The image as the processor receives it: 8-bit RGB, padded to square where the model pads."""
@@ -115,15 +198,12 @@ class LlavaAdapter:
     def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded batch of full prompts with their images (one, or a list per prompt for multi-image items)."""
         per_prompt = image_lists(images)
-        batch = self.processor(
-            images=[self.model_image(img) for imgs in per_prompt for img in imgs],
-            text=[self.prompt(t, len(imgs)) for t, imgs in zip(texts, per_prompt)],
-            return_tensors="pt",
-            padding=True,
-        )
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return batch
+        rows = [
+            with_images(self.chunks(text, len(imgs)), self.image_token_id, [self.image_tokens(img) for img in imgs])
+            for text, imgs in zip(texts, per_prompt)
+        ]
+        batch = left_padded(rows, self.tokenizer.pad_token_id, self.device)
+        return {**batch, **self.pixel_inputs([img for imgs in per_prompt for img in imgs])}
 
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
         return split_after_image(self, images, texts)
@@ -134,7 +214,7 @@ class LlavaAdapter:
     def image_tokens(self, image: Image.Image) -> int:
         """How many tokens the processor expands the placeholder to for this image (fixed grid for LLaVA-1.5)."""
         if self._n_image_tokens is None:
-            ids = self.processor(images=[self.model_image(image)], text=["<image>"], return_tensors="pt")["input_ids"][0]
+            ids = self.processor(images=[self.model_image(image)], text=[self.placeholder], return_tensors="pt")["input_ids"][0]
             self._n_image_tokens = int((ids == self.image_token_id).sum())
         return self._n_image_tokens
 
@@ -165,8 +245,8 @@ class VilaAdapter(LlavaAdapter):
     cells for the grounding metrics (VGRefine works in token order and needs no reordering).
     """
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
-        super().__init__(model, processor, chat_template, name, pad_to_square=bool(pad_to_square))
+    def __init__(self, model, processor, chat_template=None, name="model", pad_to_square=None, tokenisation="llava"):
+        super().__init__(model, processor, chat_template, name, pad_to_square=bool(pad_to_square), tokenisation=tokenisation)
         from .vila import MERGE, cell_order
 
         ip = self.processor.image_processor
@@ -185,16 +265,6 @@ class VilaAdapter(LlavaAdapter):
     def image_tokens(self, image: Image.Image) -> int:
         return self.side * self.side
 
-    def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded batch: every ``<image>`` expanded to the folded grid's tokens, the images' pixels in order."""
-        per_prompt = image_lists(images)
-        placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        prompts = [
-            self.prompt(t, len(imgs)).replace(placeholder, placeholder * (self.side * self.side)) for t, imgs in zip(texts, per_prompt)
-        ]
-        batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts, return_tensors="pt", padding=True).items()}
-        return {**batch, **self.pixel_inputs([img for imgs in per_prompt for img in imgs])}
-
     def transform(self, image: Image.Image) -> geometry.ImageTransform:
         return geometry.squash_transform(
             image.width, image.height, size=self.size, patch=self.patch, merge=self.merge, pad_to_square=self.pad_to_square
@@ -209,36 +279,31 @@ class InternVLAdapter(VilaAdapter):
     checkpoints keep VILA's column-major token order.
     """
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
-        super().__init__(model, processor, chat_template, name, pad_to_square)
+    def __init__(self, model, processor, chat_template=None, name="model", pad_to_square=None, tokenisation="whole"):
+        super().__init__(model, processor, chat_template, name, pad_to_square, tokenisation)
         if model.config.model_type != "internvl_ps1":
             self.cell_order = None  # ps_version v2: row-major already
         self.context = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.placeholder = self.context
 
     def prompt(self, text: str, n_images: int = 1) -> str:
+        """InternVL's chat(): ``<image>`` in the question becomes ``<img>`` + the context tokens + ``</img>``."""
         return super().prompt(text, n_images).replace("<image>", f"<img>{self.context}</img>")
-
-    def text_only_prompt(self, text: str) -> str:
-        return self.prompt(text).replace(f"<img>{self.context}</img>", "")
 
 
 def split_after_image(adapter, images: list[Image.Image], texts: list[str]) -> Prompts:
-    """Tokenise each prompt (text only: no second pass over the pixels) and split it after its image tokens.
+    """Each prompt's ids (text only: no second pass over the pixels) split after its image tokens.
 
-    The placeholder is expanded to the image's token count (``adapter.image_tokens``). Special tokens
-    are added as the processor adds them to a full prompt (a Llama or Mistral tokenizer's BOS), so
-    that the shared prefix is the full prompt's beginning, token for token.
+    The same ids as :meth:`encode` gives, BOS and all: the shared prefix is the full prompt's
+    beginning, token for token.
     """
     prefix, suffix = [], []
     for image, text in zip(images, texts):
-        ids = adapter.tokenizer(adapter.prompt(text))["input_ids"]
-        if ids.count(adapter.image_token_id) != 1:
-            raise EngineError(
-                f"{adapter.name}: the prompt must hold exactly one image placeholder, found {ids.count(adapter.image_token_id)}"
-            )
-        cut = ids.index(adapter.image_token_id)
-        prefix.append(ids[:cut] + [adapter.image_token_id] * adapter.image_tokens(image))
-        suffix.append(ids[cut + 1 :])
+        chunks = adapter.chunks(text)
+        if len(chunks) != 2:
+            raise EngineError(f"{adapter.name}: the prompt must hold exactly one image placeholder, found {len(chunks) - 1}")
+        prefix.append(chunks[0] + [adapter.image_token_id] * adapter.image_tokens(image))
+        suffix.append(chunks[1])
     return Prompts(prefix, suffix)
 
 
@@ -305,8 +370,11 @@ class Qwen2VLAdapter:
 
     positions_by_index = False  # M-RoPE: 3-D positions laid out by the image grid
     cell_order = None  # merged 2 x 2 blocks in row-major order
+    tokenisation = "whole"  # Qwen's processor tokenises the whole prompt
 
-    def __init__(self, model, processor, chat_template: str | None = None, name: str = "model", pad_to_square: bool | None = None):
+    def __init__(self, model, processor, chat_template=None, name="model", pad_to_square=None, tokenisation="whole"):
+        if tokenisation != "whole":
+            raise ValueError(f"{name}: the Qwen2-VL family tokenises the whole prompt (its processor's way), not {tokenisation!r}")
         self.model = model
         self.processor, self.pad_to_square = take_over_padding(processor, pad_to_square)
         self.tokenizer = processor.tokenizer
@@ -334,6 +402,17 @@ class Qwen2VLAdapter:
         message = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
+    def chunks(self, text: str, n_images: int = 1) -> list[list[int]]:
+        """The prompt's ids around its image pads (each vision block's start before, its end after)."""
+        pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        return prompt_chunks(self.tokenizer, self.prompt(text, n_images), pad, self.image_token_id, "whole")
+
+    def text_only_ids(self, text: str) -> list[int]:
+        """The prompt without its vision block (start, pads, end): the text before it and after it, as PAI builds its prompt."""
+        before, after = self.chunks(text)
+        start, end = self.model.config.vision_start_token_id, self.model.config.vision_end_token_id
+        return (before[:-1] if before[-1:] == [start] else before) + (after[1:] if after[:1] == [end] else after)
+
     def split_prompts(self, images: list[Image.Image], texts: list[str]) -> Prompts:
         return split_after_image(self, images, texts)
 
@@ -344,11 +423,6 @@ class Qwen2VLAdapter:
     def image_tokens(self, image: Image.Image) -> int:
         t = self.transform(image)
         return t.rows * t.cols
-
-    def text_only_prompt(self, text: str) -> str:
-        """The prompt without its vision block (vision start, image pad, vision end)."""
-        block = "".join(self.tokenizer.convert_ids_to_tokens([self.model.config.vision_start_token_id, self.image_token_id]))
-        return self.prompt(text).replace(block + self.tokenizer.convert_ids_to_tokens(self.model.config.vision_end_token_id), "")
 
     def model_image(self, image: Image.Image) -> Image.Image:
         """The image as the processor receives it: 8-bit RGB, padded to square only when asked."""
@@ -362,16 +436,15 @@ class Qwen2VLAdapter:
         }
 
     def encode(self, images: list[Image.Image | list[Image.Image]], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded batch (one image, or a list per prompt); each placeholder expanded to its image's token count (needs no torchvision)."""
+        """Left-padded batch (one image, or a list per prompt); each pad expanded to its image's token count (needs no torchvision)."""
         per_prompt = image_lists(images)
         pixels = self.pixel_inputs([img for imgs in per_prompt for img in imgs])
         counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist())
-        pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        prompts = []
-        for text, imgs in zip(texts, per_prompt):
-            head, *parts = self.prompt(text, len(imgs)).split(pad)  # one pad per image, in order
-            prompts.append(head + "".join(pad * int(next(counts)) + part for part in parts))
-        batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts, return_tensors="pt", padding=True).items()}
+        rows = [
+            with_images(self.chunks(t, len(imgs)), self.image_token_id, [int(next(counts)) for _ in imgs])
+            for t, imgs in zip(texts, per_prompt)
+        ]
+        batch = left_padded(rows, self.tokenizer.pad_token_id, self.device)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
         return {**batch, **pixels}
 

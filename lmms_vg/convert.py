@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from . import s2
-from .prompts import HERMES2_TEMPLATE, HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_TEMPLATE, VILA_LLAMA3_TEMPLATE
+from .prompts import HERMES2_TEMPLATE, HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_V1_TEMPLATE, VILA_LLAMA3_TEMPLATE
 
 TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_qwen": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
 TEMPLATES = {
     "llava_qwen2": HUATUO_TEMPLATE,
     "llava_qwen": HUATUO_TEMPLATE,
     "llava_mistral": MISTRAL_INST_TEMPLATE,
-    "llava_llama": VICUNA_TEMPLATE,
+    "llava_llama": VICUNA_V1_TEMPLATE,
 }
 TIMM_PREFIX = "model.vision_tower.vision_tower.trunk."  # OpenCLIPVisionTower keeps open_clip's ``visual``: trunk + head
 VIT_HEAD_DIM = 64  # every timm ViT (tiny .. huge) has 64-dimensional heads: the head count the weights do not say
@@ -320,7 +320,9 @@ def convert_vila(source: Path, out: Path) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    tokenizer.chat_template = VILA_LLAMA3_TEMPLATE
+    # VILA-M3's conversations (MONAI's m3/eval/README.md): llama_3 for the Llama-3 LLM (8B), v1 for the 13B's Llama-2
+    llama3 = "<|start_header_id|>" in tokenizer.get_vocab()
+    tokenizer.chat_template = VILA_LLAMA3_TEMPLATE if llama3 else VICUNA_V1_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     select = original.get("mm_vision_select_feature", "cls_patch")
     config = vila.VilaConfig(

@@ -10,8 +10,7 @@ the armed plan,
   (``mask``: the authors' code, remaining weights renormalise) or after it (``zero``: the
   paper's formula, weights kept, blocked value vectors zeroed for those rows);
 * **steers** the last query row of each call: its pre-softmax logits to chosen columns are
-  edited (PAI's ``a + alpha|a|``, AdaptVis's ``a * w``), in the prefill only or at every decoding
-  step as well.
+  edited (PAI's ``a + alpha|a|``, AdaptVis's ``a * w``), in the prefill, the decoding steps, or both.
 
 Positions are indices into the (left-padded) input sequence. A query row's position is
 ``kv_len - q_len + i``, so the same plan works in a plain forward, in the prefill of
@@ -100,30 +99,35 @@ class Knockout:
 
 
 SteerKind = Literal["amplify", "scale"]
+SteerSteps = Literal["all", "prefill", "decode"]  # every call; the prompt's pass only; the decoding steps only
 
 
 @dataclass
 class Steer:
-    """Edit the last query row's pre-softmax logits to ``cols`` at ``layers``, in every call (or the prefill only).
+    """Edit the last query row's pre-softmax logits to ``cols`` at ``layers``, in the calls ``steps`` names.
 
     ``amplify``: ``a + value * |a|`` (PAI); ``scale``: ``a * value`` (AdaptVis). ``value`` is one
     number per sample (``[batch]``); ``cols`` bool ``[batch, prompt_len]`` (the image tokens).
+    ``steps``: ``all``, ``prefill`` (the prompt's pass: more than one query row) or ``decode`` (one-row
+    steps after it: PAI with guidance, whose edit its logits processor switches on after the first token).
     """
 
     layers: frozenset[int]
     cols: torch.Tensor
     kind: SteerKind
     value: torch.Tensor
-    prefill_only: bool = False
+    steps: SteerSteps = "all"
 
     def __post_init__(self) -> None:
         if self.kind not in ("amplify", "scale"):
             raise ValueError(f"steer kind {self.kind!r} is not 'amplify' or 'scale'")
+        if self.steps not in ("all", "prefill", "decode"):
+            raise ValueError(f"steer steps {self.steps!r} is not 'all', 'prefill' or 'decode'")
         if self.cols.dtype != torch.bool or self.value.shape != (self.cols.shape[0],):
             raise ValueError("steer cols must be bool [batch, prompt_len] and value one number per sample [batch]")
 
     def applies(self, layer: int, q_len: int) -> bool:
-        return layer in self.layers and (q_len > 1 or not self.prefill_only)
+        return layer in self.layers and (self.steps == "all" or (self.steps == "prefill") == (q_len > 1))
 
     def edit(self, scores: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``scores`` ``[B, H, R, kv]`` (the rows to steer), ``cols`` ``[B, kv]``: the edited logits."""

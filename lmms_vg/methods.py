@@ -2,11 +2,16 @@
 
 Each runs on the attention engine of any supported model, as its public code does it:
 
-- **PAI** (LALBJ/PAI): in layers ``start_layer`` .. last, the last query's pre-softmax logits to the
-  image tokens become ``a + alpha |a|`` at every step (its ``llama_new_forward``), and the next-token
+- **PAI** (LALBJ/PAI @ 9bbd8bd): in layers ``start_layer`` .. last, the last query's pre-softmax logits
+  to the image tokens become ``a + alpha |a|`` (its ``llama_new_forward``), and the next-token
   log-probabilities are guided away from a text-only run of the same prompt:
   ``gamma (logp - logp_text) + logp_text``, tokens below ``0.1 x`` the top probability removed
-  (its ``CFGLogits``). The text-only prompt is the prompt with its image placeholder removed.
+  (its ``CFGLogits``). With guidance on, the edit is off in the first forward (``llama_modify(...,
+  use_cfg)`` and ``if use_attn and not use_cfg`` in attention.py) and ``CFGLogits`` switches it on
+  after its first call (CFG.py): the first token comes from unedited logits plus guidance, the edit
+  acts from the second on. ``gamma=1`` is PAI without guidance (its runs without ``--use-cfg``): the
+  edit acts at every step, the first included. The text-only prompt is the text before the image and
+  the text after it, tokenised apart (its ``init_cfg_processor``).
 - **AdaptVis** (shiqichen17/AdaptVis): a plain pass gives the confidence (the first token's top
   probability, rounded to 2 places); then generation with the last query's logits to the image
   tokens multiplied by ``weight1`` (confidence below ``threshold``) or ``weight2``, in every layer,
@@ -23,9 +28,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import engine, internals, settings
+from .adapters import left_padded
 from .passes import Passes, Steering, generate_new_tokens, same_grid
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 
@@ -47,15 +54,22 @@ class PaiConfig:
         if self.alpha < 0 or self.gamma < 0 or self.start_layer < 0 or not 0 < self.cutoff <= 1:
             raise MethodConfigError(f"PAI settings out of range: {self}; alpha, gamma and start_layer are >= 0, cutoff in (0, 1]")
 
+    @property
+    def guided(self) -> bool:
+        """Guidance on (its ``--use-cfg``): gamma other than 1."""
+        return self.gamma != 1
+
 
 @dataclass(frozen=True)
 class AdaptVisConfig:
     """AdaptVis's settings: below ``threshold`` confidence the image logits are scaled by ``weight1``, else by ``weight2``.
 
-    Its runs search weight1 in {0.5, 0.8} and weight2 in {1.2, 1.5, 2.0} per dataset, threshold 0.3.
+    Defaults as its run script (shiqichen17/AdaptVis @ 3b41399, run.sh: ``--weight1 0.5 --weight2 1.5
+    --threshold 0.4``), the setting behind its published numbers (its README's example says 0.3). Its
+    runs search weight1 in {0.5, 0.8} and weight2 in {1.2, 1.5, 2.0} per dataset.
     """
 
-    threshold: float = 0.3
+    threshold: float = 0.4
     weight1: float = 0.5
     weight2: float = 1.5
 
@@ -68,12 +82,15 @@ class AdaptVisConfig:
 class ViCropConfig:
     """ViCrop's settings: the attention ``layer`` and the crop's base size ``bbox_size`` (0: the model's defaults).
 
-    Defaults as its code: layer 14 and the 336-px input size for LLaVA-1.5-style models, layer 22 and
-    224 px for the Qwen2-VL family.
+    Defaults as its code (saccharomycetes/mllms_know @ a64c5d5, run.py): layer 14 and the 336-px input
+    size for LLaVA-1.5-style models, layer 22 and 224 px for the Qwen2-VL family. ``high_res``: its
+    ``rel_att_high`` (utils.py ``high_res``): the image cut into blocks of at most 1024 px, a map per
+    block, the maps joined; its code has it for fixed-grid models only, and so does this.
     """
 
     layer: int = 0
     bbox_size: int = 0
+    high_res: bool = False
 
     def __post_init__(self):
         if self.layer < 0 or self.bbox_size < 0:
@@ -83,6 +100,8 @@ class ViCropConfig:
         from .adapters import Qwen2VLAdapter
 
         qwen = isinstance(adapter, Qwen2VLAdapter)  # its published settings for Qwen2.5-VL
+        if qwen and self.high_res:
+            raise MethodConfigError(f"ViCrop high_res=true: its code tiles fixed-grid models only (LLaVA, BLIP), not {adapter.name}")
         layer = self.layer or (22 if qwen else 14)
         n_layers = adapter.model.config.text_config.num_hidden_layers
         if layer >= n_layers:
@@ -102,19 +121,20 @@ def config_from_args(method: str, args: dict) -> PaiConfig | AdaptVisConfig | Vi
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise MethodConfigError(f"{method}: unknown settings {unknown}; it takes {sorted(fields)}")
-    parse = {int: settings.as_int, float: settings.as_float}
+    parse = {int: settings.as_int, float: settings.as_float, bool: settings.as_bool}
     values = {k: parse[type(fields[k].default)](k, v) for k, v in args.items() if v is not None}
     return cls(**values)
 
 
 def pai_steering(config: PaiConfig, n_layers: int, batch_size: int) -> Steering:
-    """PAI's steer: image attention amplified by ``alpha`` from ``start_layer`` on, at every step."""
-    return Steering("amplify", frozenset(range(config.start_layer, n_layers)), torch.full((batch_size,), config.alpha), False)
+    """PAI's steer: image attention amplified by ``alpha`` from ``start_layer`` on; with guidance, from the second token on."""
+    steps = "decode" if config.guided else "all"
+    return Steering("amplify", frozenset(range(config.start_layer, n_layers)), torch.full((batch_size,), config.alpha), steps)
 
 
 def adaptvis_steering(weights: torch.Tensor, n_layers: int) -> Steering:
     """AdaptVis's steer: image attention scaled by each sample's weight at every layer, prompt only."""
-    return Steering("scale", frozenset(range(n_layers)), weights, True)
+    return Steering("scale", frozenset(range(n_layers)), weights, "prefill")
 
 
 def image_steer(batch: dict, image_token_id: int, steering: Steering) -> engine.Steer:
@@ -172,9 +192,9 @@ def pai_generate(adapter, images, texts, config: PaiConfig, **generate_kwargs) -
         raise MethodConfigError(f"PAI start_layer={config.start_layer} but {adapter.name} has {n_layers} text layers")
     batch = adapter.encode(images, texts)
     steer = image_steer(batch, adapter.image_token_id, pai_steering(config, n_layers, len(texts)))
-    if config.gamma != 1:
-        text_only = adapter.tokenizer([adapter.text_only_prompt(t) for t in texts], return_tensors="pt", padding=True).to(adapter.device)
-        processors = LogitsProcessorList([TextGuidance(model, dict(text_only), config.gamma, config.cutoff)])
+    if config.guided:
+        text_only = left_padded([adapter.text_only_ids(t) for t in texts], adapter.tokenizer.pad_token_id, adapter.device)
+        processors = LogitsProcessorList([TextGuidance(model, text_only, config.gamma, config.cutoff)])
         generate_kwargs = {**generate_kwargs, "logits_processor": processors}
     tokens, first = generate_new_tokens(model, batch, steer=steer, **generate_kwargs)
     return MethodOutcome(tokens, first, [{"pai_alpha": config.alpha, "pai_gamma": config.gamma} for _ in texts])
@@ -202,12 +222,14 @@ def adaptvis_generate(adapter, images, texts, config: AdaptVisConfig, **generate
 def steering(method: str, config: PaiConfig | AdaptVisConfig, adapter):
     """The method's steer for a batch of (image, question) pairs, for grounding under it: ``(images, texts) -> Steering``.
 
-    PAI steers every pass's last row at its layers; AdaptVis needs each question's confidence first
-    (one plain pass of the questions), and steers with the weight it picks, question and generic prompt alike.
+    PAI without guidance steers every pass's last row at its layers; with guidance (its README's setting)
+    the prompt's pass is not edited (the edit starts with the second token), so its maps are the
+    model's own and there is no steer (None). AdaptVis needs each question's confidence first (one
+    plain pass of the questions), and steers with the weight it picks, question and generic prompt alike.
     """
     n_layers = adapter.model.config.text_config.num_hidden_layers
     if method == "pai":
-        return lambda images, texts: pai_steering(config, n_layers, len(texts))
+        return None if config.guided else (lambda images, texts: pai_steering(config, n_layers, len(texts)))
 
     def adaptvis(images, texts) -> Steering:
         _, weights = adaptvis_weights(adapter, adapter.encode(images, texts), config)
@@ -261,23 +283,62 @@ def vicrop_box(att_map, image_size: tuple[int, int], bbox_size: int = 336) -> tu
     )
 
 
-def vicrop_generate(adapter, images, texts, config: ViCropConfig, **generate_kwargs) -> MethodOutcome:
-    """ViCrop answers for a batch (one image per prompt): the relative-attention crop, then the original and the crop together."""
-    layer, bbox_size = config.resolved(adapter)
-    passes, relative = Passes(adapter, reference_cache_size=0), [None] * len(images)
+def high_res_blocks(image: Image.Image, limit: int = 1024) -> tuple[list[Image.Image], int, int]:
+    """ViCrop's ``high_res_split_threshold``: the image cut into a grid of blocks (row-major), rows and columns of it.
+
+    Its column count ``int(rows * width / height)`` is 0 for an image taller than ``rows`` times its
+    width, where its code divides by zero; here that image is one column.
+    """
+    rows = math.ceil(image.height / limit)
+    cols = max(1, int(rows * image.width / image.height))
+    size = math.ceil(image.width / cols), math.ceil(image.height / rows)
+    blocks = [image.crop((i * size[0], j * size[1], (i + 1) * size[0], (j + 1) * size[1])) for j in range(rows) for i in range(cols)]
+    return blocks, rows, cols
+
+
+def relative_attention(adapter, images, texts, layer: int) -> list:
+    """ViCrop's ``rel_att`` map of each image, a ``[rows, cols]`` grid: the question's last-token attention at ``layer``,
+    heads averaged, divided by the generic prompt's (no epsilon, as its code)."""
+    import numpy as np
+
+    passes, maps = Passes(adapter, reference_cache_size=0), [None] * len(images)
     for members in same_grid(adapter, images):
         batch = passes.batch([images[i] for i in members], [texts[i] for i in members])
         question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
         for i, ratio in zip(members, (question[:, layer].mean(1) / reference[:, layer].mean(1)).cpu()):
-            relative[i] = ratio  # [N]: no epsilon, as its code
-    order = adapter.cell_order
-    crops, boxes = [], []
-    for image, ratio in zip(images, relative):
-        t = adapter.transform(image)
-        grid = (ratio[order] if order is not None else ratio).reshape(t.rows, t.cols).numpy()
-        box = vicrop_box(grid, image.size, bbox_size)
-        boxes.append([round(float(v), 2) for v in box])
-        crops.append(image.crop(box))
+            t, order = adapter.transform(images[i]), adapter.cell_order
+            maps[i] = np.asarray((ratio[order] if order is not None else ratio).reshape(t.rows, t.cols))
+    return maps
+
+
+def vicrop_generate(adapter, images, texts, config: ViCropConfig, attention_texts=None, **generate_kwargs) -> MethodOutcome:
+    """ViCrop answers for a batch (one image per prompt): the relative-attention crop, then the original and the crop together.
+
+    The attention passes use ``attention_texts`` (its run.py: the short question + " Answer the question using a
+    single word or phrase."; default: ``texts``); the answer comes from ``texts`` with the image and its crop.
+    """
+    import numpy as np
+
+    layer, bbox_size = config.resolved(adapter)
+    asked = list(attention_texts or texts)
+    if config.high_res:
+        split = [high_res_blocks(image) for image in images]
+        flat = relative_attention(
+            adapter, [b for blocks, _, _ in split for b in blocks], [q for q, (b, _, _) in zip(asked, split) for _ in b], layer
+        )
+        maps, at = [], 0
+        for blocks, rows, cols in split:
+            tiles = flat[at : at + len(blocks)]
+            maps.append(np.block([tiles[r * cols : (r + 1) * cols] for r in range(rows)]))
+            at += len(blocks)
+    else:
+        maps = relative_attention(adapter, images, asked, layer)
+    boxes = [vicrop_box(grid, image.size, bbox_size) for grid, image in zip(maps, images)]
+    crops = [image.crop(box) for image, box in zip(images, boxes)]
     encoded = adapter.encode([[image, crop] for image, crop in zip(images, crops)], texts)
     tokens, first = generate_new_tokens(adapter.model, encoded, **generate_kwargs)
-    return MethodOutcome(tokens, first, [{"vicrop_box": box, "vicrop_layer": layer} for box in boxes])
+    details = [
+        {"vicrop_box": [round(float(v), 2) for v in box], "vicrop_layer": layer, "vicrop_attention_prompt": q}
+        for box, q in zip(boxes, asked)
+    ]
+    return MethodOutcome(tokens, first, details)

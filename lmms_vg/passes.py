@@ -460,11 +460,11 @@ class Steering:
     kind: engine.SteerKind
     layers: frozenset[int]
     values: torch.Tensor  # [B]
-    prefill_only: bool
+    steps: engine.SteerSteps
 
     def plan(self, cols: torch.Tensor, repeats: int = 1) -> engine.Steer:
         """The engine's steer for a pass whose rows are each sample ``repeats`` times in a row, image tokens at ``cols``."""
-        return engine.Steer(self.layers, cols, self.kind, self.values.repeat_interleave(repeats), self.prefill_only)
+        return engine.Steer(self.layers, cols, self.kind, self.values.repeat_interleave(repeats), self.steps)
 
 
 class KnockoutPlan(Protocol):

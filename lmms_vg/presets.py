@@ -13,7 +13,7 @@ from .prompts import (
     HUATUO_TEMPLATE,
     LLAMA3_LLAVA_TEMPLATE,
     MISTRAL_INST_TEMPLATE,
-    VICUNA_TEMPLATE,
+    VICUNA_V1_TEMPLATE,
     VILA_LLAMA3_TEMPLATE,
 )
 
@@ -94,13 +94,23 @@ class ModelPreset:
     note: str = ""
     family: str = "llava"  # a key of FAMILIES: llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
     max_images: int | None = None  # images per item the original inference code keeps (first ones); None: all
+    tokenisation: str = "whole"  # how its original code tokenises a prompt (adapters.TOKENISATIONS): llava, huatuo or whole
 
 
 PRESETS: dict[str, ModelPreset] = {
     p.model_id: p
     for p in (
         # HuatuoGPT-Vision's chatbot keeps at most 6 images per item (its max_image_num)
-        ModelPreset("huatuo", "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", HUATUO_TEMPLATE, True, "huatuo_7b", (16,), max_images=6),
+        ModelPreset(
+            "huatuo",
+            "FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
+            HUATUO_TEMPLATE,
+            True,
+            "huatuo_7b",
+            (16,),
+            max_images=6,
+            tokenisation="huatuo",
+        ),
         ModelPreset(
             "huatuo_34b",
             "FreedomIntelligence/HuatuoGPT-Vision-34B-hf",
@@ -110,18 +120,27 @@ PRESETS: dict[str, ModelPreset] = {
             (),
             "no published heads: calibrate",
             max_images=6,
+            tokenisation="huatuo",
         ),
         ModelPreset(
-            "llava_med", "chaoyinshe/llava-med-v1.5-mistral-7b-hf", MISTRAL_INST_TEMPLATE, True, None, (), "no published heads: calibrate"
+            "llava_med",
+            "chaoyinshe/llava-med-v1.5-mistral-7b-hf",
+            MISTRAL_INST_TEMPLATE,
+            True,
+            None,
+            (),
+            "no published heads: calibrate",
+            tokenisation="llava",
         ),
         ModelPreset(
             "llava15",
             "llava-hf/llava-1.5-7b-hf",
-            VICUNA_TEMPLATE,
+            VICUNA_V1_TEMPLATE,
             False,
             None,
             (),
             "general-domain reference; llava-hf's processor resizes and centre-crops",
+            tokenisation="llava",
         ),
         ModelPreset(
             "huatuo_qwen25vl", "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL", None, False, None, (), "calibrate heads", "qwen2_vl"
@@ -142,6 +161,7 @@ PRESETS: dict[str, ModelPreset] = {
             (),
             "LLaVA-Tri (LLaVA-Med++, S2 CLIP + Llama-3-8B) ships in the LLaVA layout (e.g. yunfeixie/vqa_rad_release): "
             "convert it with `lmms-vg convert <download> <folder>` and give pretrained=<folder>",
+            tokenisation="llava",
         ),
         ModelPreset(
             "huatuo_bio",
@@ -152,6 +172,7 @@ PRESETS: dict[str, ModelPreset] = {
             (),
             "HuatuoGPT-V-Bio (BiomedCLIP + Qwen2, trained with LLaVA-NeXT) has no public checkpoint: convert the authors' "
             "with `lmms-vg convert <checkpoint> <folder> [--vision-tower <BiomedCLIP folder>]` and give pretrained=<folder>",
+            tokenisation="huatuo",
         ),
         # VILA-M3 ships in the VILA codebase's layout (llm/, vision_tower/, mm_projector/): convert it first
         ModelPreset(
@@ -164,17 +185,19 @@ PRESETS: dict[str, ModelPreset] = {
             "VILA-M3-8B (MONAI/Llama3-VILA-M3-8B) ships in the VILA layout: convert it with "
             "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
             "vila",
+            tokenisation="llava",
         ),
         ModelPreset(
             "vila_m3_13b",
             "",
-            VILA_LLAMA3_TEMPLATE,
+            VICUNA_V1_TEMPLATE,
             False,
             None,
             (),
             "VILA-M3-13B (MONAI/Llama3-VILA-M3-13B) ships in the VILA layout: convert it with "
             "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
             "vila",
+            tokenisation="llava",
         ),
         ModelPreset(
             "medrega",
@@ -187,7 +210,16 @@ PRESETS: dict[str, ModelPreset] = {
             "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
             "internvl",
         ),
-        ModelPreset("lmms_vg_demo", DEMO_CHECKPOINT, HUATUO_TEMPLATE, True, "demo", (), "bundled demo model (lmms_vg/demo/train.py)"),
+        ModelPreset(
+            "lmms_vg_demo",
+            DEMO_CHECKPOINT,
+            HUATUO_TEMPLATE,
+            True,
+            "demo",
+            (),
+            "bundled demo model (lmms_vg/demo/train.py)",
+            tokenisation="huatuo",
+        ),
     )
 }
 GENERIC_MODEL_ID = "lmms_vg_llava"

@@ -176,6 +176,17 @@ class VGRefineConfig:
     def map_layers(self) -> frozenset[int]:
         return frozenset(layer for layer, _ in self.selected)
 
+    def settings(self) -> dict:
+        """What a results file records of this configuration (the heads as used: the top K)."""
+        return {
+            "heads": [list(h) for h in self.selected],
+            "top_k": self.top_k,
+            "percentile": self.percentile,
+            "knockout_layers": list(self.knockout_layers),
+            "mode": self.mode,
+            "reference_prompt": self.reference_prompt,
+        }
+
     def keep(self, question: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """The triage: bool ``[B, N]``, the patches kept (maps ``[B, L, H, N]``; reference None when normalisation is off)."""
         return triage_keep(triage_map(question, reference, self.selected), self.percentile)

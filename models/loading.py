@@ -99,5 +99,7 @@ def load_processor(pretrained: str, revision: str, trust_remote_code: bool, **im
     logger.info(f"lmms-vg: {pretrained}: full processor unavailable ({why}); using its tokenizer and image processor")
     return SimpleNamespace(
         tokenizer=AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code),
-        image_processor=AutoImageProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code, **image_kwargs),
+        image_processor=AutoImageProcessor.from_pretrained(
+            pretrained, revision=revision, trust_remote_code=trust_remote_code, **image_kwargs
+        ),
     )

@@ -8,6 +8,7 @@ Requests of lmms-vg's tasks carry an ``lmms_vg`` entry in their generation_kwarg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -35,6 +36,21 @@ def plain_text(output: str) -> str:
     """An output as lmms-eval's own tasks expect it: the answer's text (an error keeps its encoded reason, visible in their logs)."""
     value = outputs.decode(output)
     return value.text if isinstance(value, outputs.Answer) else output
+
+
+def with_continuation(batch: dict, cont: torch.Tensor) -> dict:
+    """An encoded one-prompt batch with ``cont`` ``[1, C]`` appended: ids, a mask of ones, and zeros in every other
+    per-token input (Qwen2-VL's token types: the continuation is text)."""
+    length = batch["input_ids"].shape[1]
+    extended = {}
+    for key, value in batch.items():
+        if key == "input_ids":
+            value = torch.cat([value, cont], 1)
+        elif isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length):
+            fill = torch.ones_like(cont) if key == "attention_mask" else torch.zeros_like(cont)
+            value = torch.cat([value, fill.to(value.dtype)], 1)
+        extended[key] = value
+    return extended
 
 
 def error_record(reason: str) -> str:
@@ -81,6 +97,7 @@ class VGModel(lmms):
         weight2=None,
         layer=None,
         bbox_size=None,
+        high_res=None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -105,9 +122,10 @@ class VGModel(lmms):
             method = "vgrefine" if settings.as_bool("vgrefine", vgrefine) else (None if method == "vgrefine" else method)
         use_vgrefine = method == "vgrefine"
         given = {"alpha": alpha, "gamma": gamma, "start_layer": start_layer, "threshold": threshold, "weight1": weight1, "weight2": weight2}
-        given = {k: v for k, v in {**given, "layer": layer, "bbox_size": bbox_size}.items() if v is not None}
+        given = {k: v for k, v in {**given, "layer": layer, "bbox_size": bbox_size, "high_res": high_res}.items() if v is not None}
         if method in ("pai", "adaptvis", "vicrop"):
             self.method_config = methods.config_from_args(method, given)
+            settings_used = dataclasses.asdict(self.method_config)
         elif given:
             raise ValueError(
                 f"{', '.join(sorted(given))}: settings of the _pai / _adaptvis / _vicrop ids (README 'Methods'); "
@@ -115,6 +133,7 @@ class VGModel(lmms):
             )
         else:
             self.method_config = None
+            settings_used = {}
         self.method = method
         pad_to_square = None if pad_to_square is None else settings.as_bool("pad_to_square", pad_to_square)
         self.batch_size_per_gpu = settings.as_int("batch_size", batch_size, minimum=1)
@@ -155,17 +174,26 @@ class VGModel(lmms):
             pad_to_square = preset.pad_to_square
         self.name = pretrained
         self.adapter = family.adapter_class()(
-            model, processor, chat_template or (preset.chat_template if preset else None), name=pretrained, pad_to_square=pad_to_square
+            model,
+            processor,
+            chat_template or (preset.chat_template if preset else None),
+            name=pretrained,
+            pad_to_square=pad_to_square,
+            tokenisation=preset.tokenisation if preset else "whole",
         )
         self.sampling = sampling
         self._failure_streak = 0
-        self._grounding: dict[str | None, GroundingRunner] = {}
+        self._grounding: dict[tuple, GroundingRunner] = {}
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if self._world_size > 1:
             logger.info(f"lmms-vg: data-parallel rank {self._rank} of {self._world_size} on {self._device}")
         # heads and layers are checked against the model here, still before any sample
         self.refiner = VGRefiner(self.adapter, refine_config, self.reference_cache) if refine_config else None
+        if self.refiner is not None:
+            settings_used = refine_config.settings()
+        # the method and its settings are part of every number it gives: each answer carries them
+        self.method_record = {"name": method, "settings": settings_used} if method else {}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -279,6 +307,11 @@ class VGModel(lmms):
         plain = sorted(set(range(len(keep))) - set(refine))
         tokens: list = [None] * len(keep)
         extras: list[dict] = [{} for _ in keep]
+        used = (
+            (vg.get("reference_prompt") or self.refiner.config.reference_prompt)
+            if self.refiner and self.refiner.config.reference_prompt
+            else None
+        )
         for group in same_grid(self.adapter, [visuals[n][0] for n in refine]):
             members = [refine[g] for g in group]
             outcome = self.refiner.generate(
@@ -290,18 +323,25 @@ class VGModel(lmms):
             )
             for n, row, frac in zip(members, outcome.tokens, outcome.knocked_fraction):
                 tokens[n] = row
-                extras[n] = {"knocked_fraction": round(frac, 6), "knockout_layers": tuple(self.refiner.config.knockout_layers)}
+                extras[n] = {
+                    "knocked_fraction": round(frac, 6),
+                    "knockout_layers": tuple(self.refiner.config.knockout_layers),
+                    "method": {**self.method_record, "settings": {**self.method_record["settings"], "reference_prompt": used}},
+                }
         if plain and self.method_config is not None:  # PAI / AdaptVis: every item; ViCrop: one image (it crops it)
             chosen = [n for n in plain if self.method != "vicrop" or len(visuals[n]) == 1]
             run = {"pai": methods.pai_generate, "adaptvis": methods.adaptvis_generate, "vicrop": methods.vicrop_generate}[self.method]
             if chosen:
                 images = [visuals[n] if self.method != "vicrop" else visuals[n][0] for n in chosen]
-                outcome = run(self.adapter, images, [texts[n] for n in chosen], self.method_config, **kwargs)
+                extra = {}
+                if self.method == "vicrop":  # its attention passes ask the short question (run.py), where the task names it
+                    extra["attention_texts"] = [self._short_question(args_list[keep[n]], vg, texts[n]) for n in chosen]
+                outcome = run(self.adapter, images, [texts[n] for n in chosen], self.method_config, **extra, **kwargs)
                 for n, row, details in zip(chosen, outcome.tokens, outcome.details):
-                    tokens[n], extras[n] = row, {"method": {"name": self.method, **details}}
+                    tokens[n], extras[n] = row, {"method": {**self.method_record, **details}}
             plain = sorted(set(plain) - set(chosen))
             for n in plain:
-                extras[n] = {"method": {"name": self.method, "applied": f"no: {len(visuals[n])} images (ViCrop crops one)"}}
+                extras[n] = {"method": {**self.method_record, "applied": f"no: {len(visuals[n])} images (ViCrop crops one)"}}
         if plain:
             batch = self.adapter.encode([visuals[n] for n in plain], [texts[n] for n in plain])
             with torch.no_grad():
@@ -318,6 +358,14 @@ class VGModel(lmms):
             text = text.strip()
             results[j] = outputs.encode(outputs.Answer(text, **extras[n]))
         return results
+
+    def _short_question(self, args, vg: dict, prompt: str) -> str:
+        """ViCrop's attention prompt: the doc's bare question (the field the task names as ``question_key``) + the short-answer
+        instruction, as its run.py asks; the task's prompt where the task names no field (lmms-eval's own tasks)."""
+        field = vg.get("question_key")
+        doc = self._doc(args[4], args[5], args[3]) if field else {}
+        question = doc.get(field) if field else None
+        return f"{str(question).strip()}{SHORT_ANSWER}" if question else prompt
 
     def _image_key(self, args, vg: dict) -> str:
         """``task/image``: the key of the per-image reference cache (the doc field the task names as ``image_key``, else the doc)."""
@@ -346,13 +394,15 @@ class VGModel(lmms):
 
     def _ground(self, args_list, vg: dict) -> list[str]:
         reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None
-        runner = self._grounding.get(reference)
+        head_level = self.head_level or settings.as_bool("generation_kwargs.lmms_vg.head_level", vg.get("head_level", False))
+        key = (reference, head_level)  # a runner per setting it depends on (the model-level ones are fixed for the run)
+        runner = self._grounding.get(key)
         if runner is None:
-            runner = self._grounding[reference] = GroundingRunner(
+            runner = self._grounding[key] = GroundingRunner(
                 self.adapter,
                 reference,
                 self.reference_cache,
-                head_level=self.head_level or bool(vg.get("head_level")),
+                head_level=head_level,
                 save_maps=self.save_maps,
                 knockout=self.refiner.config if self.refiner else None,  # a _vgrefine model measures with its knockout in place
                 # PAI and AdaptVis change the attention itself; ViCrop changes the input, its grounding is the model's own
@@ -390,15 +440,14 @@ class VGModel(lmms):
         return [outputs.encode(r) for r in records]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Each continuation's summed log-probability after its prompt and images, and whether greedy decoding gives it."""
         results = []
         for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
             batch = self.adapter.encode([self._visuals(doc_to_visual, task, split, doc_id)], [context])
             cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-            ids = torch.cat([batch["input_ids"], cont], 1)
-            mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], 1)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+            with torch.no_grad():  # every input the family's encoding gives (Qwen2-VL: its grid and token types too)
+                logits = self.model(**with_continuation(batch, cont)).logits
             logprobs = torch.log_softmax(logits[0, batch["input_ids"].shape[1] - 1 : -1].float(), -1)
             picked = logprobs.gather(1, cont[0][:, None]).squeeze(1)
             results.append((float(picked.sum()), bool((logprobs.argmax(-1) == cont[0]).all())))

@@ -16,8 +16,10 @@ def reference_attention(module, query, key, value, attention_mask, dropout=0.0, 
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
     scores = query @ k.transpose(-1, -2) * scaling  # [B, H, q, kv]
-    st = REFERENCE["steer"]  # {"layers", "cols" [B,T] bool, "kind", "value" [B], "prefill_only"}
-    steer_here = st is not None and module.layer_idx in st["layers"] and (query.shape[2] > 1 or not st["prefill_only"])
+    st = REFERENCE["steer"]  # {"layers", "cols" [B,T] bool, "kind", "value" [B], "steps": "all" | "prefill" | "decode"}
+    prompt_pass = query.shape[2] > 1
+    steps = {"all": True, "prefill": prompt_pass, "decode": not prompt_pass}
+    steer_here = st is not None and module.layer_idx in st["layers"] and steps[st["steps"]]
     image = None
     if steer_here:
         image = torch.zeros(query.shape[0], key.shape[2], dtype=torch.bool)

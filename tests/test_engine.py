@@ -285,17 +285,20 @@ def test_capture_under_knockout_equals_hand_masked_weights(llava_dir, images, mo
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize(("kind", "values", "prefill_only"), [("amplify", (0.5, 0.2), False), ("scale", (0.5, 2.0), True)])
-def test_steer_inside_generate_matches_the_published_formula(llava_dir, images, batch, kind, values, prefill_only):
-    """PAI (a + alpha|a| on the last row, every step) and AdaptVis (a * w in the prefill) against an eager attention that edits its logits as their code does."""
+@pytest.mark.parametrize(
+    ("kind", "values", "steps"), [("amplify", (0.5, 0.2), "all"), ("scale", (0.5, 2.0), "prefill"), ("amplify", (0.5, 0.2), "decode")]
+)
+def test_steer_inside_generate_matches_the_published_formula(llava_dir, images, batch, kind, values, steps):
+    """PAI (a + alpha|a| on the last row: every step, or the decoding steps only) and AdaptVis (a * w in the prefill)
+    against an eager attention that edits its logits as their code does."""
     model, processor = load_llava(llava_dir)
     inputs = llava_batch(processor, images[:batch], QUESTIONS[:batch])
     image = inputs["input_ids"] == model.config.image_token_id
-    steer = engine.Steer(frozenset({1, 2}), image, kind, torch.tensor(values[:batch]), prefill_only)
+    steer = engine.Steer(frozenset({1, 2}), image, kind, torch.tensor(values[:batch]), steps)
     kwargs = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
     with torch.no_grad(), engine.arm(model, steer=steer):
         ours = model.generate(**inputs, **kwargs)
-    REFERENCE["steer"] = {"layers": steer.layers, "cols": image, "kind": kind, "value": steer.value, "prefill_only": prefill_only}
+    REFERENCE["steer"] = {"layers": steer.layers, "cols": image, "kind": kind, "value": steer.value, "steps": steps}
     model.set_attn_implementation({"text_config": "reference_eager"})
     try:
         with torch.no_grad():
@@ -308,6 +311,8 @@ def test_steer_inside_generate_matches_the_published_formula(llava_dir, images, 
     assert torch.equal(ours.sequences, expected.sequences)
     for step_ours, step_ref in zip(ours.logits, expected.logits):
         assert torch.allclose(step_ours, step_ref, atol=1e-4, rtol=0)
-    assert not torch.allclose(ours.logits[0], plain.logits[0], atol=1e-4), (
-        "the steer changed nothing: the test would not see a wrong formula"
-    )
+    # the steer acts where it says: the first token's logits are the prompt pass's, the rest the decoding steps'
+    first_changed = not torch.allclose(ours.logits[0], plain.logits[0], atol=1e-4)
+    later_changed = any(not torch.allclose(o, p, atol=1e-4) for o, p in zip(ours.logits[1:], plain.logits[1:]))
+    assert first_changed == (steps != "decode"), "the prompt pass is steered exactly when the steer says so"
+    assert later_changed or steps == "prefill", "the steer changed nothing: the test would not see a wrong formula"

@@ -11,6 +11,7 @@ from test_engine import QUESTIONS, llava_batch, load_llava
 
 from lmms_vg import engine, methods
 from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.demo import tiny
 
 STEPS = 4
 
@@ -30,37 +31,61 @@ def last_logits(model, ids, mask, pixel_values=None):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values).logits[:, -1].float()
 
 
+def pai_text_only_ids(tokenizer, prompt: str) -> list[int]:
+    """PAI's text-only prompt (LALBJ/PAI @ 9bbd8bd, model_loader.py ``init_cfg_processor``): the text before the image
+    and the text after it, each tokenised without special tokens, BOS first (where the tokenizer has one)."""
+    before, after = prompt.split("<image>")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(before, add_special_tokens=False)["input_ids"] + tokenizer(after, add_special_tokens=False)["input_ids"]
+
+
 def pai_reference(model, processor, inputs, questions, alpha, gamma, start_layer):
-    """PAI as its code runs: attention edit on the last row of every step; CFGLogits against the text-only prompt."""
+    """PAI as LALBJ/PAI @ 9bbd8bd runs it, its control flow transcribed (one full forward per step, no cache):
+
+    - ``llama_modify(..., use_attn, alpha, use_cfg, ...)`` sets the flags on layers start_layer..last; its README runs
+      guidance with ``--use-cfg`` (gamma 1.1); gamma 1 here is a run without it;
+    - ``llama_new_forward`` edits ``attn_weights[:, :, -1, img]`` (after the mask) iff ``use_attn and not use_cfg``;
+    - ``CFGLogits.__call__`` (after each forward): log-softmax; gamma 1 returns it; else it sets ``use_cfg`` for its own
+      text-only run, then clears it (the edit is on from the next forward), guides and cuts at 0.1 x the top.
+    """
     layers = frozenset(range(start_layer, model.config.text_config.num_hidden_layers))
+    flags = {"use_attn": True, "use_cfg": gamma != 1}
     image = inputs["input_ids"] == model.config.image_token_id
-    texts = [
-        processor.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False, add_generation_prompt=True).replace(
-            "<image>", ""
-        )
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False, add_generation_prompt=True)
         for q in questions
     ]
-    text = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    ids, mask, t_ids, t_mask = inputs["input_ids"], inputs["attention_mask"], text["input_ids"], text["attention_mask"]
+    rows = [pai_text_only_ids(processor.tokenizer, p) for p in prompts]
+    width = max(map(len, rows))
+    pad = processor.tokenizer.pad_token_id
+    t_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    t_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def cfg_logits(scores, text_ids, text_mask):
+        scores = torch.log_softmax(scores, -1)
+        if gamma == 1:
+            return scores
+        flags["use_cfg"] = True
+        REFERENCE["steer"] = None  # its text-only run: use_cfg is set, nothing edited
+        uncond = torch.log_softmax(last_logits(model, text_ids, text_mask), -1)
+        flags["use_cfg"] = False
+        cutoff = math.log(0.1) + scores.max(-1, keepdim=True).values
+        return (gamma * (scores - uncond) + uncond).masked_fill(scores < cutoff, float("-inf"))
+
     eager(model)
     first, new = None, []
     try:
         for _ in range(STEPS):
-            REFERENCE["steer"] = {
-                "layers": layers,
-                "cols": image,
-                "kind": "amplify",
-                "value": torch.full((ids.shape[0],), alpha),
-                "prefill_only": False,
-            }
+            edit = flags["use_attn"] and not flags["use_cfg"]
+            REFERENCE["steer"] = (
+                {"layers": layers, "cols": image, "kind": "amplify", "value": torch.full((ids.shape[0],), alpha), "steps": "all"}
+                if edit
+                else None
+            )
             mm = last_logits(model, ids, mask, inputs["pixel_values"])
-            REFERENCE["steer"] = None  # use_cfg: the text-only run is not edited
-            t = torch.log_softmax(last_logits(model, t_ids, t_mask), -1)
             first = mm if first is None else first
-            logp = torch.log_softmax(mm, -1)
-            guided = gamma * (logp - t) + t
-            guided = guided.masked_fill(logp < math.log(0.1) + logp.max(-1, keepdim=True).values, float("-inf"))
-            token = guided.argmax(-1, keepdim=True)
+            token = cfg_logits(mm, t_ids, t_mask).argmax(-1, keepdim=True)
             new.append(token)
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
             t_ids, t_mask = torch.cat([t_ids, token], 1), torch.cat([t_mask, torch.ones_like(token)], 1)
@@ -73,7 +98,7 @@ def pai_reference(model, processor, inputs, questions, alpha, gamma, start_layer
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("gamma", [1.0, 1.1])
-def test_pai_equals_its_published_formula(llava_dir, images, batch, gamma):
+def test_pai_equals_its_published_code(llava_dir, images, batch, gamma):
     model, processor = load_llava(llava_dir)
     adapter = LlavaAdapter(model, processor)
     config = methods.PaiConfig(alpha=0.5, gamma=gamma, start_layer=1)
@@ -85,6 +110,22 @@ def test_pai_equals_its_published_formula(llava_dir, images, batch, gamma):
     tokens, first = pai_reference(model, processor, inputs, QUESTIONS[:batch], 0.5, gamma, 1)
     assert torch.equal(got.tokens, tokens)
     assert torch.allclose(got.first_logits.float(), first, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = last_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    # with guidance the first token's logits are the unedited ones (the edit starts at the second); without, edited
+    assert torch.allclose(first, plain, atol=1e-4) == (gamma != 1)
+
+
+def test_pai_text_only_prompt_tokenises_the_two_sides_apart(tmp_path, llava_dir):
+    """Where tokenising the prompt without its image in one go merges across the gap ("\n\n"), PAI's two sides do not."""
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    adapter.tokenizer = tiny.build_tokenizer(extra_corpus="\n\n\n\n" * 50, qwen2_split=True)  # "\n\n" one token, as Qwen2's
+    adapter.tokenizer.chat_template = processor.tokenizer.chat_template
+    prompt = adapter.prompt(QUESTIONS[0])
+    expected = pai_text_only_ids(adapter.tokenizer, prompt)
+    assert adapter.text_only_ids(QUESTIONS[0]) == expected
+    assert adapter.tokenizer(prompt.replace("<image>", ""))["input_ids"] != expected  # the test tells the two apart
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -104,7 +145,7 @@ def test_adaptvis_equals_its_published_formula(llava_dir, images, batch, thresho
         weights = torch.tensor([0.5 if c < threshold else 2.0 for c in confidence])
         image = inputs["input_ids"] == model.config.image_token_id
         layers = frozenset(range(model.config.text_config.num_hidden_layers))  # its `idx < 32`: every layer of a 7B
-        REFERENCE["steer"] = {"layers": layers, "cols": image, "kind": "scale", "value": weights, "prefill_only": True}
+        REFERENCE["steer"] = {"layers": layers, "cols": image, "kind": "scale", "value": weights, "steps": "prefill"}
         with torch.no_grad():
             expected = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
     finally:
@@ -156,7 +197,7 @@ def test_method_settings_belong_to_their_ids(llava_dir):
     assert wrapper.method_config == methods.PaiConfig(alpha=0.7, gamma=1.0)
 
 
-@pytest.mark.parametrize("method", ["pai", "adaptvis"])
+@pytest.mark.parametrize("method", ["pai:1", "pai:1.1", "adaptvis"])
 def test_grounding_under_a_method_equals_eager_maps_under_its_formula(method, llava_dir, images):
     """Question and generic-prompt maps on the shared image prefix, under the method's steer, equal an eager forward's."""
     from lmms_vg.grounding import GroundingRunner
@@ -164,21 +205,26 @@ def test_grounding_under_a_method_equals_eager_maps_under_its_formula(method, ll
 
     model, processor = load_llava(llava_dir)
     adapter = LlavaAdapter(model, processor)
-    config = methods.PaiConfig(alpha=0.5, start_layer=1) if method == "pai" else methods.AdaptVisConfig(threshold=1.0, weight1=3.0)
-    runner = GroundingRunner(adapter, GENERIC_PROMPT, steering=methods.steering(method, config, adapter))
+    name, _, gamma = method.partition(":")
+    config = methods.PaiConfig(alpha=0.5, gamma=float(gamma), start_layer=1) if name == "pai" else methods.AdaptVisConfig(1.0, 3.0)
+    steering = methods.steering(name, config, adapter)
+    assert (steering is None) == (method == "pai:1.1")  # with guidance PAI's prompt pass is not edited: no steer
+    runner = GroundingRunner(adapter, GENERIC_PROMPT, steering=steering)
     question, reference = runner.question_and_reference_maps(images, QUESTIONS, [None, None])
     n_layers = model.config.text_config.num_hidden_layers
     eager(model)
     try:
         for b, (image, text) in enumerate(zip(images, QUESTIONS)):
-            if method == "adaptvis":  # its weight comes from the question's own confidence (here every sample below 1.0: weight1)
-                spec = {"layers": frozenset(range(n_layers)), "kind": "scale", "value": torch.tensor([3.0]), "prefill_only": True}
-            else:
-                spec = {"layers": frozenset(range(1, n_layers)), "kind": "amplify", "value": torch.tensor([0.5]), "prefill_only": False}
+            if name == "adaptvis":  # its weight comes from the question's own confidence (here every sample below 1.0: weight1)
+                spec = {"layers": frozenset(range(n_layers)), "kind": "scale", "value": torch.tensor([3.0]), "steps": "prefill"}
+            elif method == "pai:1":  # without guidance the edit acts in the prompt's pass
+                spec = {"layers": frozenset(range(1, n_layers)), "kind": "amplify", "value": torch.tensor([0.5]), "steps": "all"}
+            else:  # with guidance its first forward (the prompt's) is not edited
+                spec = None
             for prompt, maps in ((text, question), (GENERIC_PROMPT, reference)):
                 inputs = llava_batch(processor, [image], [prompt])
                 cols = inputs["input_ids"][0] == model.config.image_token_id
-                REFERENCE["steer"] = {**spec, "cols": cols[None]}
+                REFERENCE["steer"] = None if spec is None else {**spec, "cols": cols[None]}
                 with torch.no_grad():
                     attentions = model(**inputs, output_attentions=True).attentions
                 expected = torch.stack([a[0, :, -1, cols] for a in attentions])  # [L, H, N]
@@ -218,38 +264,74 @@ def vicrop_reference_box(att_map, image_size, bbox_size):
     return max(0, cx - half), max(0, cy - half), min(image_size[0], cx + half), min(image_size[1], cy + half)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_vicrop_equals_its_published_method(llava_dir, images, batch):
-    """Relative attention at the layer (eager, head mean, last token) -> its crop search -> the answer from image + crop."""
-    from PIL import Image
+def vicrop_reference_maps(model, processor, image, short_question):
+    """Its rel_attention_llava at our layer 1: the short question + its suffix over the generic prompt + the same suffix
+    (run.py), eager attention, head mean, last token, no epsilon."""
+    from lmms_vg.prompts import GENERIC_PROMPT
 
-    from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
+    maps = []
+    for prompt in (
+        f"{short_question} Answer the question using a single word or phrase.",
+        f"{GENERIC_PROMPT} Answer the question using a single word or phrase.",
+    ):
+        inputs = llava_batch(processor, [image], [prompt])
+        cols = inputs["input_ids"][0] == model.config.image_token_id
+        with torch.no_grad():
+            maps.append(model(**inputs, output_attentions=True).attentions[1][0, :, -1, cols].mean(0))
+    side = int(maps[0].numel() ** 0.5)
+    return (maps[0] / maps[1]).reshape(side, side).numpy()
+
+
+def reference_high_res_blocks(image):
+    """Its utils.py high_res_split_threshold (1024 px), transcribed."""
+    import numpy as np
+
+    vertical_split = int(np.ceil(image.size[1] / 1024))
+    horizontal_split = int(vertical_split * image.size[0] / image.size[1])
+    split_size = int(np.ceil(image.size[0] / horizontal_split)), int(np.ceil(image.size[1] / vertical_split))
+    blocks = [
+        image.crop((i * split_size[0], j * split_size[1], (i + 1) * split_size[0], (j + 1) * split_size[1]))
+        for j in range(vertical_split)
+        for i in range(horizontal_split)
+    ]
+    return blocks, vertical_split, horizontal_split
+
+
+@pytest.mark.parametrize(("batch", "high_res"), [(1, False), (2, False), (1, True)])
+def test_vicrop_equals_its_published_method(llava_dir, images, batch, high_res):
+    """Relative attention on the short question (its run.py prompt) at the layer -> its crop search (on the joined block
+    maps with rel_att_high) -> the answer from the task's prompt with the image and the crop."""
+    import numpy as np
+    from PIL import Image
 
     model, processor = load_llava(llava_dir)
     adapter = LlavaAdapter(model, processor)
-    wide = [Image.fromarray(__import__("numpy").asarray(img.resize((150, 90)))) for img in images]  # crops smaller than the image
-    config = methods.ViCropConfig(layer=1, bbox_size=40)
+    size = (1100, 1500) if high_res else (150, 90)  # tall: two blocks of at most 1024 px
+    wide = [Image.fromarray(np.asarray(img.resize(size))) for img in images]  # crops smaller than the image
+    short = ["Where is the lesion?", "Is it round?"][:batch]
+    prompts = [f"{q}\nA. yes\nB. no\nAnswer with the option's letter from the given choices directly." for q in short]
+    config = methods.ViCropConfig(layer=1, bbox_size=400 if high_res else 40, high_res=high_res)
     kwargs = {"max_new_tokens": STEPS, "do_sample": False, "output_logits": True}
-    got = methods.vicrop_generate(adapter, wide[:batch], QUESTIONS[:batch], config, **kwargs)
+    asked = [f"{q} Answer the question using a single word or phrase." for q in short]
+    got = methods.vicrop_generate(adapter, wide[:batch], prompts, config, attention_texts=asked, **kwargs)
     eager(model)
     try:
         expected_boxes, crops = [], []
-        for image, question in zip(wide[:batch], QUESTIONS[:batch]):
-            maps = []
-            for prompt in (question, GENERIC_PROMPT + SHORT_ANSWER):
-                inputs = llava_batch(processor, [image], [prompt])
-                cols = inputs["input_ids"][0] == model.config.image_token_id
-                with torch.no_grad():
-                    maps.append(model(**inputs, output_attentions=True).attentions[1][0, :, -1, cols].mean(0))
-            side = int(maps[0].numel() ** 0.5)
-            box = vicrop_reference_box((maps[0] / maps[1]).reshape(side, side).numpy(), image.size, 40)
+        for image, question in zip(wide[:batch], short):
+            if high_res:
+                blocks, rows, cols = reference_high_res_blocks(image)
+                tiles = [vicrop_reference_maps(model, processor, b, question) for b in blocks]
+                att = np.block([tiles[j : j + cols] for j in range(0, cols * rows, cols)])
+            else:
+                att = vicrop_reference_maps(model, processor, image, question)
+            box = vicrop_reference_box(att, image.size, config.bbox_size)
             expected_boxes.append([round(float(v), 2) for v in box])
             crops.append(image.crop(box))
         texts = [
             processor.apply_chat_template(
-                [{"role": "user", "content": f"<image>\n<image>\n{q}"}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": f"<image>\n<image>\n{p}"}], tokenize=False, add_generation_prompt=True
             )
-            for q in QUESTIONS[:batch]
+            for p in prompts
         ]
         pairs = [img for pair in zip(wide[:batch], crops) for img in pair]
         inputs = processor(images=[adapter.model_image(i) for i in pairs], text=texts, return_tensors="pt", padding=True)
@@ -258,7 +340,8 @@ def test_vicrop_equals_its_published_method(llava_dir, images, batch):
     finally:
         ours(model)
     assert [d["vicrop_box"] for d in got.details] == expected_boxes
-    assert any(box != [0, 0, 150, 90] for box in expected_boxes), "the crop must not be the whole image for the test to mean anything"
+    assert [d["vicrop_attention_prompt"] for d in got.details] == asked
+    assert any(box != [0, 0, *size] for box in expected_boxes), "the crop must not be the whole image for the test to mean anything"
     assert torch.equal(got.tokens, expected.sequences[:, inputs["input_ids"].shape[1] :])
     assert torch.allclose(got.first_logits.float(), expected.logits[0].float(), atol=1e-4, rtol=0)
 

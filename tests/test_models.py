@@ -169,3 +169,44 @@ def test_loglikelihood_equals_hand_sum_of_token_logprobs(checkpoints, images):
     expected = sum(torch.log_softmax(logits[start - 1 + i], -1)[t].item() for i, t in enumerate(cont[0].tolist()))
     assert logprob == pytest.approx(expected, abs=1e-4)
     assert greedy == all(logits[start - 1 + i].argmax().item() == t for i, t in enumerate(cont[0].tolist()))
+
+
+@pytest.mark.parametrize(("model_id", "checkpoint"), QWEN_IDS)
+def test_loglikelihood_on_the_qwen2_vl_family(model_id, checkpoint, request, images):
+    """The family's full inputs (grid, token types) reach the model; the sum equals one built here with the test's own
+    Qwen batch (tests/test_engine.py qwen_batch) and the continuation appended as text tokens."""
+    from test_engine import qwen_batch
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    folder = request.getfixturevalue(checkpoint)
+    wrapper = get_model(model_id).create_from_arg_string(f"pretrained={folder},device=cpu")
+    wrapper.task_dict = {"t": {"test": [{"image": images[0]}]}}
+    args = ("What is shown?", " a red square", lambda d: [d["image"]], 0, "t", "test")
+    ((logprob, greedy),) = wrapper.loglikelihood([Instance("loglikelihood", args, 0, {"task": "t", "doc_id": 0, "repeats": 1})])
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    prompt = qwen_batch(wrapper.model, tokenizer, image_processor, [images[0]], ["What is shown?"])
+    cont = tokenizer(" a red square", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt["input_ids"], cont], 1)
+    inputs = {**prompt, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["mm_token_type_ids"] = (ids == wrapper.model.config.image_token_id).long()
+    with torch.no_grad():
+        logits = wrapper.model(**inputs).logits[0].float()
+    start = prompt["input_ids"].shape[1]
+    expected = sum(torch.log_softmax(logits[start - 1 + i], -1)[t].item() for i, t in enumerate(cont[0].tolist()))
+    assert logprob == pytest.approx(expected, abs=1e-4)
+    assert greedy == all(logits[start - 1 + i].argmax().item() == t for i, t in enumerate(cont[0].tolist()))
+
+
+def test_head_level_is_parsed_strictly_and_each_setting_gets_its_runner(checkpoints, images):
+    """A task's head_level "no" is false (bool("no") is not), and a later task asking for head level gets it (the runner
+    cache keys on the setting); a word that is not a boolean is named."""
+    wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoints['huatuo']},device=cpu", {"batch_size": 2})
+    questions = ["Where is it?", "What is it?"]
+
+    def records(head_level):
+        vg = {"mode": "grounding", "boxes": "vg_boxes", "head_level": head_level}
+        return [GroundingRecord.from_output(o) for o in wrapper.generate_until(make_requests(wrapper, images, questions, {"lmms_vg": vg}))]
+
+    assert all(r.head_kl is None for r in records("no"))
+    assert all(r.head_kl is not None and len(r.head_kl) == 3 for r in records("yes"))
+    assert all(r.skipped and "head_level" in r.skipped and "not a boolean" in r.skipped for r in records("perhaps"))

@@ -28,14 +28,32 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = (), image_token: bool = True) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic).
+# Qwen2's pre-tokenizer split (its tokenizer.json): runs of newlines stay one piece, so "\n\n" can be one token
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def build_tokenizer(
+    vocab_size: int = 1000, extra_special: tuple[str, ...] = (), image_token: bool = True, extra_corpus: str = "", qwen2_split: bool = False
+) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic), plus ``extra_corpus``.
 
     The vocabulary is large enough that the corpus words become single tokens, so prompt lengths
-    are close to a real LLM tokenizer's (benchmarks depend on that).
+    are close to a real LLM tokenizer's (benchmarks depend on that). ``qwen2_split``: Qwen2's
+    pre-tokenizer (GPT-2's otherwise, which the bundled demo model was trained with).
     """
+    from tokenizers import Regex
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        if qwen2_split
+        else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -43,7 +61,7 @@ def build_tokenizer(vocab_size: int = 1000, extra_special: tuple[str, ...] = (),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator([_CORPUS + extra_corpus] * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
