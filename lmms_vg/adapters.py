@@ -328,9 +328,10 @@ def take_over_padding(processor, pad_to_square: bool | None) -> tuple[object, bo
     return own, pad
 
 
-def prepare_image(image: Image.Image, image_processor, pad_to_square: bool) -> Image.Image:
-    """8-bit RGB; with ``pad_to_square``, centred on a max-side square of the processor's mean colour (LLaVA's expand2square)."""
-    image = rgb(image)
+def prepare_image(image: Image.Image, image_processor, pad_to_square: bool, background=(0, 0, 0)) -> Image.Image:
+    """8-bit RGB (transparency over ``background``); with ``pad_to_square``, centred on a max-side square of the
+    processor's mean colour (LLaVA's expand2square)."""
+    image = rgb(image, background)
     if not pad_to_square or image.width == image.height:
         return image
     side = max(image.size)
@@ -340,8 +341,9 @@ def prepare_image(image: Image.Image, image_processor, pad_to_square: bool) -> I
     return square
 
 
-def rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, I;16, I, F) as 8-bit RGB; 16-bit and float images are rescaled to 0..255."""
+def rgb(image: Image.Image, background=(0, 0, 0)) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F) as 8-bit RGB; 16-bit and float images are rescaled to 0..255, transparent
+    pixels laid over ``background``."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -352,10 +354,10 @@ def rgb(image: Image.Image) -> Image.Image:
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return Image.fromarray(arr.astype("uint8")).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGB", image.size, (0, 0, 0))
+        canvas = Image.new("RGB", image.size, background)
         rgba = image.convert("RGBA")
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
     return image.convert("RGB")
 
 
@@ -372,9 +374,12 @@ class Qwen2VLAdapter:
     cell_order = None  # merged 2 x 2 blocks in row-major order
     tokenisation = "whole"  # Qwen's processor tokenises the whole prompt
 
-    def __init__(self, model, processor, chat_template=None, name="model", pad_to_square=None, tokenisation="whole"):
+    def __init__(self, model, processor, chat_template=None, name="model", pad_to_square=None, tokenisation="whole", fetch=True):
+        """``fetch``: prepare each image with ``qwen_vl_utils.fetch_image``'s resize before the processor's (Qwen's own usage,
+        and the authors'); False: the processor's resize of the original only."""
         if tokenisation != "whole":
             raise ValueError(f"{name}: the Qwen2-VL family tokenises the whole prompt (its processor's way), not {tokenisation!r}")
+        self.fetch = fetch
         self.model = model
         self.processor, self.pad_to_square = take_over_padding(processor, pad_to_square)
         self.tokenizer = processor.tokenizer
@@ -425,8 +430,13 @@ class Qwen2VLAdapter:
         return t.rows * t.cols
 
     def model_image(self, image: Image.Image) -> Image.Image:
-        """The image as the processor receives it: 8-bit RGB, padded to square only when asked."""
-        return prepare_image(image, self.image_processor, self.pad_to_square)
+        """The image as the processor receives it: 8-bit RGB (transparency over white, as qwen_vl_utils' ``to_rgb``), padded
+        to square only when asked, then resized as ``qwen_vl_utils.fetch_image`` does (PIL's default filter, as it calls it)."""
+        image = prepare_image(image, self.image_processor, self.pad_to_square, background=(255, 255, 255))
+        if not self.fetch:
+            return image
+        size = geometry.qwen_fetch_size(image.width, image.height, self.image_processor.patch_size * self.merge)
+        return image if size == image.size else image.resize(size)
 
     def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=[self.model_image(img) for img in images], return_tensors="pt")
@@ -460,4 +470,5 @@ class Qwen2VLAdapter:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             pad_to_square=self.pad_to_square,
+            fetch=self.fetch,
         )

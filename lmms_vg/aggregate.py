@@ -12,20 +12,29 @@ def scored(records: list[dict]) -> list[GroundingRecord]:
     return [r for r in (GroundingRecord(**x) for x in records) if r.skipped is None and r.kl]
 
 
-def layer_means(records: list[dict], metric: str) -> list[float]:
-    """Mean per layer over the scored samples (lists indexed by layer)."""
+def _nanmean(values) -> list:
+    """Mean over samples (axis 0), NaN entries (undefined: an exact zero in the reference) left out; None where none is defined."""
+    values = np.asarray(values, dtype=float)
+    defined = (~np.isnan(values)).sum(0)
+    total = np.where(np.isnan(values), 0.0, values).sum(0)
+    mean = np.divide(total, defined, out=np.full(total.shape, np.nan), where=defined > 0).round(6)
+    return np.where(np.isnan(mean), None, mean).tolist()
+
+
+def layer_means(records: list[dict], metric: str) -> list[float | None]:
+    """Mean per layer over the scored samples (lists indexed by layer); a sample's undefined layers are left out of that layer's mean."""
     good = scored(records)
     if not good:
         return []
-    return np.mean([getattr(r, metric) for r in good], axis=0).round(6).tolist()
+    return _nanmean([getattr(r, metric) for r in good])
 
 
 def best_layer(records: list[dict]) -> dict:
     """The layer with the lowest mean KL, with its mean AR, KL and JS."""
     kl = layer_means(records, "kl")
-    if not kl:
+    if not kl or all(v is None for v in kl):
         return {"layer": None, "ar": None, "kl": None, "js": None}
-    layer = int(np.argmin(kl))
+    layer = int(np.nanargmin(np.array(kl, dtype=float)))
     return {"layer": layer, "ar": layer_means(records, "ar")[layer], "kl": kl[layer], "js": layer_means(records, "js")[layer]}
 
 
@@ -34,7 +43,7 @@ def head_kl_means(records: list[dict]) -> list[list[float]] | None:
     good = [r for r in scored(records) if r.head_kl is not None]
     if not good:
         return None
-    return np.mean([r.head_kl for r in good], axis=0).round(6).tolist()
+    return _nanmean([r.head_kl for r in good])
 
 
 def counts(records: list[dict]) -> dict:
@@ -49,4 +58,5 @@ def counts(records: list[dict]) -> dict:
         "skipped": len(skipped),
         "skip_reasons": reasons,
         "clipped_boxes": sum(r.n_clipped for r in recs),
+        "zero_reference_layers": sum(r.zero_reference_layers for r in recs),  # (sample, layer) pairs left out of the layer means
     }

@@ -20,7 +20,8 @@ BoxFormat = Literal["xyxy", "xywh"]
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """x_in = x * scale_x + offset_x (same for y); the token grid is ``rows x cols`` cells of ``cell`` input pixels."""
+    """x_in = x * scale_x + offset_x (same for y); the token grid is ``rows x cols`` cells of ``cell`` x ``cell_h`` pixels
+    of that frame (square cells unless ``cell_y`` is given)."""
 
     scale_x: float
     scale_y: float
@@ -31,6 +32,11 @@ class ImageTransform:
     cell: float
     width: int  # original image size
     height: int
+    cell_y: float | None = None  # a cell's height where it differs from its width (a frame the grid was not cut from)
+
+    @property
+    def cell_h(self) -> float:
+        return self.cell if self.cell_y is None else self.cell_y
 
     def then(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float) -> ImageTransform:
         return ImageTransform(
@@ -43,6 +49,7 @@ class ImageTransform:
             self.cell,
             self.width,
             self.height,
+            self.cell_y,
         )
 
 
@@ -100,17 +107,62 @@ def _padded(width: int, height: int, pad_to_square: bool, cell: float) -> tuple[
     return t.then(1.0, 1.0, (side - width) // 2, (side - height) // 2), side, side
 
 
+# qwen_vl_utils 0.0.14 (vision_process.py): fetch_image's pixel limits, in tokens of (patch * merge)^2 pixels
+FETCH_MIN_TOKENS, FETCH_MAX_TOKENS, FETCH_MAX_RATIO = 4, 16384, 200
+
+
+def qwen_fetch_size(width: int, height: int, factor: int) -> tuple[int, int]:
+    """``qwen_vl_utils.fetch_image``'s resize of an image (its own ``smart_resize``, default limits): (width, height).
+
+    Qwen's model cards, lmms-eval's Qwen models and the authors' grounding code prepare every image
+    with it before the processor resizes again. Its rounding differs from transformers' ``smart_resize``
+    (the floor branch keeps no ``factor`` minimum), so it is written out here, and tested against the package.
+    """
+    min_pixels, max_pixels = FETCH_MIN_TOKENS * factor**2, FETCH_MAX_TOKENS * factor**2
+    if max(height, width) / min(height, width) > FETCH_MAX_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {FETCH_MAX_RATIO}, got {max(height, width) / min(height, width)}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
+
+
 def qwen2_vl_transform(
-    width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int, pad_to_square: bool = False
+    width: int,
+    height: int,
+    *,
+    patch: int,
+    merge: int,
+    min_pixels: int,
+    max_pixels: int,
+    pad_to_square: bool = False,
+    fetch: bool = True,
 ) -> ImageTransform:
-    """Qwen2-VL: optional pad to square, smart resize to multiples of patch*merge; one token per merged 2x2 patch block."""
+    """Qwen2-VL: optional pad to square, ``fetch_image``'s resize (``fetch``), the processor's smart resize to multiples of
+    patch*merge within its pixel limits; one token per merged 2x2 patch block.
+
+    Each resize maps the whole image onto the whole new frame. With ``fetch`` the frame is fetch_image's,
+    the processor's grid laid over it (cells ``fetched / grid`` wide and high), as the authors map boxes
+    (measure_attention.py: ``convert_bbox_after_resize`` to that frame, then ``get_tokens_covering_bbox``):
+    the same cells, computed in the same order, so that a box edge on a cell border falls as theirs does.
+    """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision needed
 
     factor = patch * merge
     t, w, h = _padded(width, height, pad_to_square, float(factor))
-    new_h, new_w = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    fetched_w, fetched_h = qwen_fetch_size(w, h, factor) if fetch else (w, h)
+    new_h, new_w = smart_resize(fetched_h, fetched_w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    rows, cols = new_h // factor, new_w // factor
+    if fetch:
+        t = t.then(fetched_w / w, fetched_h / h, 0.0, 0.0)
+        return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, rows, cols, fetched_w / cols, width, height, fetched_h / rows)
     t = t.then(new_w / w, new_h / h, 0.0, 0.0)
-    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // factor, new_w // factor, float(factor), width, height)
+    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, rows, cols, float(factor), width, height)
 
 
 def squash_transform(width: int, height: int, *, size: int, patch: int, merge: int, pad_to_square: bool = False) -> ImageTransform:
@@ -138,7 +190,7 @@ def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: Image
         ix0, ix1 = cx0 * transform.scale_x + transform.offset_x, cx1 * transform.scale_x + transform.offset_x
         iy0, iy1 = cy0 * transform.scale_y + transform.offset_y, cy1 * transform.scale_y + transform.offset_y
         c0, c1 = max(math.floor(ix0 / transform.cell), 0), min(math.ceil(ix1 / transform.cell), transform.cols)
-        r0, r1 = max(math.floor(iy0 / transform.cell), 0), min(math.ceil(iy1 / transform.cell), transform.rows)
+        r0, r1 = max(math.floor(iy0 / transform.cell_h), 0), min(math.ceil(iy1 / transform.cell_h), transform.rows)
         if c1 <= c0 or r1 <= r0:  # the box lies entirely in a region the crop removed
             empty += 1
             continue

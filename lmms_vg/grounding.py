@@ -36,6 +36,7 @@ class GroundingRecord:
     n_boxes: int = 0
     n_clipped: int = 0
     skipped: str | None = None
+    zero_reference_layers: int = 0  # layers whose generic-prompt map held an exact zero: their metrics are NaN
 
     @classmethod
     def from_output(cls, text: str) -> GroundingRecord:
@@ -138,12 +139,21 @@ class GroundingRunner:
             raise ValueError(f"model gives {q.shape[-1]} image tokens but its grid is {transform.rows}x{transform.cols}")
         box = torch.from_numpy(c.mask)
         layer_q = q.mean(1)
-        layer_maps = layer_q if ref is None else metrics.normalise_by_reference(layer_q, ref.mean(1))
-        values = metrics.grounding_metrics(layer_maps, box)
-        record = GroundingRecord(**{k: v.tolist() for k, v in values.items()}, n_boxes=c.n_boxes, n_clipped=c.n_clipped)
+        # divided as the authors divide (no epsilon); a layer whose reference holds an exact zero is left undefined
+        layer_maps, undefined = (layer_q, None) if ref is None else metrics.relative_attention(layer_q, ref.mean(1))
+        values = metrics.grounding_metrics(layer_maps, box, undefined)
+        record = GroundingRecord(
+            **{k: v.tolist() for k, v in values.items()},
+            n_boxes=c.n_boxes,
+            n_clipped=c.n_clipped,
+            zero_reference_layers=0 if undefined is None else int(undefined.sum()),
+        )
         if self.head_level:
-            head_maps = q if ref is None else metrics.normalise_by_reference(q, ref)
-            record.head_kl = metrics.kl_to_box(head_maps, box).tolist()
+            head_maps, head_undefined = (q, None) if ref is None else metrics.relative_attention(q, ref)
+            head_kl = metrics.kl_to_box(head_maps, box).cpu().numpy()
+            if head_undefined is not None:
+                head_kl[head_undefined.cpu().numpy()] = np.nan
+            record.head_kl = head_kl.tolist()
         if self.save_maps:
             self._save(sample, transform, layer_maps, c.mask, layer_q)
         return record
@@ -169,7 +179,9 @@ class GroundingRunner:
             question_maps=scaled(question),  # the same, not divided by the reference: where the question's attention goes
             box=box,
             grid=np.array([transform.rows, transform.cols]),
-            transform=np.array([transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y, transform.cell]),
+            transform=np.array(
+                [transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y, transform.cell, transform.cell_h]
+            ),
             image=np.asarray(thumb),
             image_size=np.array([sample.image.width, sample.image.height]),
             boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),

@@ -9,15 +9,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-REFERENCE_EPS = 1e-10  # denominator guard of the reference normalisation (SPEC section 1)
+REFERENCE_EPS = 1e-10  # VGRefine's triage guard (the authors' eval_utils.py); grounding divides with none
 AR_EPS = 1e-8
 KL_CLIP = 1e-12
 JS_EPS = 1e-8
 
 
 def normalise_by_reference(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """ViCrop's relative attention: question maps divided element-wise by the generic-prompt maps."""
+    """VGRefine's triage normalisation (the authors' eval_utils.py): question maps over the generic prompt's, plus 1e-10."""
     return maps / (reference + REFERENCE_EPS)
+
+
+def relative_attention(maps: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grounding's normalisation as the authors divide (measure_attention.py ``att_maps / general_att_maps``): no epsilon.
+
+    maps, reference ``[..., n_tokens]`` -> the ratio (float64) and ``undefined`` bool ``[...]``: the maps whose
+    reference holds an exact zero (an underflow, e.g. in bf16), where the ratio is infinite or NaN. Their cells
+    read 0 in the ratio; their metrics are NaN (:func:`grounding_metrics`) and the caller counts them.
+    """
+    maps, reference = maps.double(), reference.double()
+    zero = reference == 0
+    ratio = torch.where(zero, torch.zeros_like(maps), maps / torch.where(zero, torch.ones_like(reference), reference))
+    return ratio, zero.any(-1)
 
 
 def _check_box(box: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -77,6 +90,11 @@ def attention_iou(maps: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
 METRICS = {"ar": attention_ratio, "kl": kl_to_box, "js": js_to_box, "iou": attention_iou}
 
 
-def grounding_metrics(maps: torch.Tensor, box: torch.Tensor) -> dict[str, np.ndarray]:
-    """All four metrics for ``maps`` ``[..., n_tokens]``: name -> float64 array ``[...]``."""
-    return {name: fn(maps, box).cpu().numpy() for name, fn in METRICS.items()}
+def grounding_metrics(maps: torch.Tensor, box: torch.Tensor, undefined: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """All four metrics for ``maps`` ``[..., n_tokens]``: name -> float64 array ``[...]``; NaN where ``undefined`` ``[...]``."""
+    values = {name: fn(maps, box).cpu().numpy() for name, fn in METRICS.items()}
+    if undefined is not None:
+        mask = undefined.cpu().numpy()
+        for value in values.values():
+            value[mask] = np.nan
+    return values

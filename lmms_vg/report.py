@@ -403,14 +403,15 @@ def _draw_heatmap(ax, m: dict, layer: int, patches, field: str = "maps") -> None
     """The map's grid cells are laid back on the original image through the saved preprocessing geometry."""
     width, height = (int(v) for v in m["image_size"])
     rows, cols = (int(v) for v in m["grid"])
-    sx, sy, ox, oy, cell = (float(v) for v in m["transform"])
+    sx, sy, ox, oy, cell, *rest = (float(v) for v in m["transform"])
+    cell_h = rest[0] if rest else cell  # files written before non-square cells hold five numbers
     import matplotlib.pyplot as plt
 
     heat = np.asarray(m[field][layer], np.float64).reshape(rows, cols)
     heat = heat / heat.max() if heat.max() > 0 else heat
     overlay = plt.get_cmap("jet")(heat)
     overlay[..., 3] = 0.1 + 0.6 * heat  # low attention lets the image show through
-    extent = (-ox / sx, (cols * cell - ox) / sx, (rows * cell - oy) / sy, -oy / sy)  # left, right, bottom, top in pixels
+    extent = (-ox / sx, (cols * cell - ox) / sx, (rows * cell_h - oy) / sy, -oy / sy)  # left, right, bottom, top in pixels
     ax.imshow(m["image"], extent=(0, width, height, 0))
     ax.imshow(overlay, extent=extent, interpolation="nearest")
     for x0, y0, x1, y1 in m["boxes"]:

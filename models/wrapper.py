@@ -89,6 +89,7 @@ class VGModel(lmms):
         save_maps: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        fetch_image=None,
         alpha=None,
         gamma=None,
         start_layer=None,
@@ -143,6 +144,9 @@ class VGModel(lmms):
         pixels = {k: settings.as_int(k, v, minimum=1) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         if pixels and not family.pixel_limits:
             raise ValueError(f"{', '.join(pixels)} apply to Qwen2-VL-family models only; this model's geometry is fixed by its processor")
+        if fetch_image is not None and not family.pixel_limits:
+            raise ValueError("fetch_image applies to Qwen2-VL-family models only (qwen_vl_utils' first resize)")
+        image_options = {"fetch": settings.as_bool("fetch_image", fetch_image)} if fetch_image is not None else {}
         refine_config = (
             config_from_args(
                 pretrained,
@@ -180,6 +184,7 @@ class VGModel(lmms):
             name=pretrained,
             pad_to_square=pad_to_square,
             tokenisation=preset.tokenisation if preset else "whole",
+            **image_options,
         )
         self.sampling = sampling
         self._failure_streak = 0

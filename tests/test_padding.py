@@ -86,9 +86,10 @@ def test_marker_lands_in_the_cells_the_geometry_gives(model_id, proc, checkpoint
         image = marker_image(width, height, box)
         pixels = frame(adapter, image)
         t = adapter.transform(image)
-        assert pixels.shape[1:] == (t.rows * t.cell, t.cols * t.cell)
+        cell = pixels.shape[1] // t.rows  # the model frame's cells (the geometry's frame may be another, e.g. fetch_image's)
+        assert pixels.shape[1:] == (t.rows * cell, t.cols * cell)
         cells = geometry.box_cells([box], "xyxy", t).mask
-        landed = landed_cells(pixels, int(t.cell))
+        landed = landed_cells(pixels, cell)
         where = f"{model_id} with {proc}, {width}x{height} image, marker {box}"
         if not cells.any():  # the crop removed the marker: then no white may be left either
             assert not landed.any(), where
@@ -97,8 +98,14 @@ def test_marker_lands_in_the_cells_the_geometry_gives(model_id, proc, checkpoint
         assert not (landed & ~cells).any(), f"{where}: marker outside the geometry's cells"
         # the geometry's mapped box matches the white pixels' extent to interpolation blur (under a pixel or two)
         x0, y0, x1, y1 = box
-        mapped = (x0 * t.scale_x + t.offset_x, y0 * t.scale_y + t.offset_y, x1 * t.scale_x + t.offset_x, y1 * t.scale_y + t.offset_y)
-        frame_w, frame_h = t.cols * t.cell, t.rows * t.cell
+        fx, fy = cell / t.cell, cell / t.cell_h  # the geometry's frame to the model's
+        mapped = (
+            (x0 * t.scale_x + t.offset_x) * fx,
+            (y0 * t.scale_y + t.offset_y) * fy,
+            (x1 * t.scale_x + t.offset_x) * fx,
+            (y1 * t.scale_y + t.offset_y) * fy,
+        )
+        frame_w, frame_h = t.cols * cell, t.rows * cell
         mapped = (max(mapped[0], 0), max(mapped[1], 0), min(mapped[2], frame_w), min(mapped[3], frame_h))
         extent = white_extent(pixels)
         assert np.allclose(extent, mapped, atol=2.0), f"{where}: white pixels at {extent}, geometry says {mapped}"
