@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from . import report, settings
+from . import report, settings, writing
 
 
 def cmd_leaderboard(args) -> list[Path]:
     runs = load_runs(args)
-    written = report.write_leaderboards(runs, Path(args.out))
-    if not written:
-        raise report.ReportError("neither accuracy nor grounding results found under the given folders")
-    return written
+    with writing.staged(Path(args.out), args.force, what=f"lmms-vg {args.command}") as stage:
+        written = report.write_leaderboards(runs, stage)
+        if not written:
+            raise report.ReportError("neither accuracy nor grounding results found under the given folders")
+        return writing.in_place(written, stage, Path(args.out))
 
 
 def load_runs(args) -> report.Runs:
@@ -28,25 +29,29 @@ def load_runs(args) -> report.Runs:
 
 
 def cmd_curves(args) -> list[Path]:
-    return report.layer_curves(load_runs(args), Path(args.out))
+    runs = load_runs(args)
+    with writing.staged(Path(args.out), args.force, what=f"lmms-vg {args.command}") as stage:
+        return writing.in_place(report.layer_curves(runs, stage), stage, Path(args.out))
 
 
 def cmd_heatmaps(args) -> list[Path]:
     panels = {"baseline": Path(args.baseline)}
     if args.vgrefine:
         panels["VGRefine"] = Path(args.vgrefine)
-    return report.heatmaps(panels, Path(args.out), layer=args.layer, limit=args.limit, normalised=not args.question_attention)
+    with writing.staged(Path(args.out), args.force, what=f"lmms-vg {args.command}") as stage:
+        written = report.heatmaps(panels, stage, layer=args.layer, limit=args.limit, normalised=not args.question_attention)
+        return writing.in_place(written, stage, Path(args.out))
 
 
 def cmd_report(args) -> list[Path]:
     runs = load_runs(args)
-    out = Path(args.out)
-    written = report.write_leaderboards(runs, out)
-    try:
-        written += report.layer_curves(runs, out)
-    except report.ReportError as err:
-        print(f"layer curves: {err}")
-    return written
+    with writing.staged(Path(args.out), args.force, what=f"lmms-vg {args.command}") as stage:
+        written = report.write_leaderboards(runs, stage)
+        try:
+            written += report.layer_curves(runs, stage)
+        except report.ReportError as err:
+            print(f"layer curves: {err}")
+        return writing.in_place(written, stage, Path(args.out))
 
 
 def cmd_calibrate(args) -> list[Path]:
@@ -69,6 +74,7 @@ def cmd_calibrate(args) -> list[Path]:
     source = f"{args.task} ({run.path.name})"
     preset = calibrate(head_kl, args.top_k, layers, run.base, source, samples)
     out = Path(args.out)
+    writing.refuse_existing_file(out, args.force, "lmms-vg calibrate")
     out.write_text(preset.to_json() + "\n")
     print(f"{len(preset.heads)} heads from {samples} samples of {args.task} ({run.base}) -> {out}")
     return [out]
@@ -98,7 +104,7 @@ def cmd_check(args) -> list[Path]:
 def cmd_convert(args) -> list[Path]:
     from .convert import convert
 
-    return [convert(args.source, args.out, arch=args.arch, vision_tower=args.vision_tower)]
+    return [convert(args.source, args.out, arch=args.arch, vision_tower=args.vision_tower, force=args.force)]
 
 
 def cmd_tasks_path(args) -> None:
@@ -111,7 +117,10 @@ def cmd_tasks_path(args) -> None:
 def cmd_demo(args) -> list[Path]:
     from .demo.run import run_demo
 
-    return run_demo(Path(args.out), device=args.device)
+    return run_demo(Path(args.out), device=args.device, force=args.force)
+
+
+FORCE_HELP = "replace files lmms-vg did not write (or that changed since); without it the command stops and names them"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("results", nargs="+", help="lmms-eval --output_path folder(s)")
         s.add_argument("--out", default="lmms_vg_report", help="folder for the tables/figures")
+        s.add_argument("--force", action="store_true", help=FORCE_HELP)
         s.set_defaults(fn=fn)
         return s
 
@@ -150,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         help="draw the question's own attention, not divided by the generic prompt's: where a knockout's effect on a distractor shows",
     )
     s.add_argument("--out", default="lmms_vg_report")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_heatmaps)
 
     s = sub.add_parser("convert", help="original LLaVA-format checkpoint -> transformers-native folder (safetensors)")
@@ -164,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--vision-tower", default=None, help="folder of the vision tower (a CLIP folder, or an open_clip one such as BiomedCLIP's)"
     )
+    s.add_argument("--force", action="store_true", help="write into a folder that holds other files (even the source)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("demo", help="the whole pipeline, offline, on the bundled model and data")
     s.add_argument("--out", default="lmms_vg_demo")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("tasks-path", help="print the folder of lmms-vg's tasks, for lmms-eval's --include_path")
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         written = args.fn(args)
-    except (report.ReportError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (report.ReportError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"lmms-vg {args.command}: {err}", file=sys.stderr)
         return 2
     if written is None:  # a command that prints its answer itself

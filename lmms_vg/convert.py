@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import s2
+from . import s2, writing
 from .prompts import HERMES2_TEMPLATE, HUATUO_TEMPLATE, MISTRAL_INST_TEMPLATE, VICUNA_V1_TEMPLATE, VILA_LLAMA3_TEMPLATE
 
 TEXT_TYPES = {"llava_qwen2": "qwen2", "llava_qwen": "qwen2", "llava_mistral": "mistral", "llava_llama": "llama"}
@@ -193,7 +193,6 @@ def save_model(model_class, config, weights: dict[str, torch.Tensor], out: Path)
         )
     if getattr(config.text_config, "tie_word_embeddings", False):
         model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
 
 
@@ -205,14 +204,28 @@ def map_key(key: str, table: Iterable[tuple[str, str]] = KEY_MAP) -> str | None:
     return None
 
 
-def convert(source: str | Path, out: str | Path, arch: str | None = None, vision_tower: str | Path | None = None) -> Path:
-    """Write a transformers-native LLaVA folder (config, safetensors, tokenizer, processor) to ``out``."""
+def convert(
+    source: str | Path, out: str | Path, arch: str | None = None, vision_tower: str | Path | None = None, force: bool = False
+) -> Path:
+    """Write a transformers-native folder (config, safetensors, tokenizer, processor) to ``out``.
+
+    Written into a staging folder and moved into place when complete (an interrupted conversion leaves
+    nothing half-written); ``out`` may not hold files lmms-vg did not write, nor be the source, unless ``force``.
+    """
+    source, target = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not (source / "config.json").exists():
+        raise ConversionError(f"{source} has no config.json: give the folder of an original LLaVA-format checkpoint")
+    if target == source and not force:
+        raise ConversionError(f"the output folder is the source ({source}): its config and weights would be replaced; give another folder")
+    with writing.staged(target, force, exclusive=True, what="lmms-vg convert") as stage:
+        _convert(source, stage, arch, vision_tower)
+    return target
+
+
+def _convert(source: Path, out: Path, arch: str | None, vision_tower: str | Path | None) -> Path:
     from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    source, out = Path(source), Path(out)
-    if not (source / "config.json").exists():
-        raise ConversionError(f"{source} has no config.json: give the folder of an original LLaVA-format checkpoint")
     if is_vila(source):
         return convert_vila(source, out)
     original = json.loads((source / "config.json").read_text())

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry, metrics
+from . import files, geometry, metrics
+from .adapters import rgb
 from .passes import KnockoutPlan, Passes
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 from .reasons import located
@@ -37,6 +38,7 @@ class GroundingRecord:
     n_clipped: int = 0
     skipped: str | None = None
     zero_reference_layers: int = 0  # layers whose generic-prompt map held an exact zero: their metrics are NaN
+    exif_orientation: int = 0  # the EXIF orientation the image was turned upright from (0: none)
 
     @classmethod
     def from_output(cls, text: str) -> GroundingRecord:
@@ -147,6 +149,7 @@ class GroundingRunner:
             n_boxes=c.n_boxes,
             n_clipped=c.n_clipped,
             zero_reference_layers=0 if undefined is None else int(undefined.sum()),
+            exif_orientation=int(sample.image.info.get(files.ROTATED, 0)),
         )
         if self.head_level:
             head_maps, head_undefined = (q, None) if ref is None else metrics.relative_attention(q, ref)
@@ -162,7 +165,7 @@ class GroundingRunner:
         """One sample's normalised maps and the question's own head-averaged maps (float16), with what a heatmap needs:
         the image, the boxes, the geometry."""
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
-        thumb = sample.image.convert("RGB")
+        thumb = rgb(sample.image)  # the one conversion (16-bit rescaled, not clipped to white)
         shrink = min(1.0, 336 / max(thumb.size))
         if shrink < 1.0:
             thumb = thumb.resize((round(thumb.width * shrink), round(thumb.height * shrink)))

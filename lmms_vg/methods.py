@@ -59,6 +59,12 @@ class PaiConfig:
         """Guidance on (its ``--use-cfg``): gamma other than 1."""
         return self.gamma != 1
 
+    def check(self, adapter) -> None:
+        """Against the loaded model, before any sample."""
+        n_layers = adapter.model.config.text_config.num_hidden_layers
+        if self.start_layer >= n_layers:
+            raise MethodConfigError(f"PAI start_layer={self.start_layer} but {adapter.name} has {n_layers} text layers (0..{n_layers - 1})")
+
 
 @dataclass(frozen=True)
 class AdaptVisConfig:
@@ -76,6 +82,9 @@ class AdaptVisConfig:
     def __post_init__(self):
         if not 0 <= self.threshold <= 1 or self.weight1 <= 0 or self.weight2 <= 0:
             raise MethodConfigError(f"AdaptVis settings out of range: {self}; threshold in [0, 1], weights > 0")
+
+    def check(self, adapter) -> None:
+        """Every layer is steered: nothing to check against the model."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ class ViCropConfig:
     def __post_init__(self):
         if self.layer < 0 or self.bbox_size < 0:
             raise MethodConfigError(f"ViCrop settings out of range: {self}; layer and bbox_size are >= 0 (0: the model's default)")
+
+    def check(self, adapter) -> None:
+        """Against the loaded model, before any sample: the layer exists, the crop search suits the family."""
+        self.resolved(adapter)
 
     def resolved(self, adapter) -> tuple[int, int]:
         from .adapters import Qwen2VLAdapter
@@ -188,8 +201,7 @@ def pai_generate(adapter, images, texts, config: PaiConfig, **generate_kwargs) -
     """PAI answers for a batch (one image per prompt)."""
     model = adapter.model
     n_layers = model.config.text_config.num_hidden_layers
-    if config.start_layer >= n_layers:
-        raise MethodConfigError(f"PAI start_layer={config.start_layer} but {adapter.name} has {n_layers} text layers")
+    config.check(adapter)
     batch = adapter.encode(images, texts)
     steer = image_steer(batch, adapter.image_token_id, pai_steering(config, n_layers, len(texts)))
     if config.guided:

@@ -24,11 +24,13 @@ class Answer:
     knockout_layers: tuple[int, ...] = ()
     vgrefine: str | None = None  # why VGRefine was not applied to this sample (e.g. several images)
     method: dict = field(default_factory=dict)  # PAI / AdaptVis: its name and what it did (e.g. AdaptVis's confidence and weight)
+    exif_orientation: list[int] | None = None  # per image, the EXIF orientation it was turned upright from, where any was
 
     def log_fields(self) -> dict:
         """What the per-sample log keeps beside the text (only what applies)."""
         extra = {"knocked_fraction": self.knocked_fraction, "knockout_layers": list(self.knockout_layers), "vgrefine": self.vgrefine}
         extra["method"] = self.method or None
+        extra["exif_orientation"] = self.exif_orientation
         return {k: v for k, v in extra.items() if v not in (None, [])}
 
 

@@ -64,6 +64,9 @@ def check_options(options: list[str]) -> None:
         raise ItemError("no options: empty options list")
     if len(options) > len(LETTERS):
         raise ItemError(f"too many options: {len(options)}; at most {len(LETTERS)} letters are defined")
+    repeated = sorted({opt for i, opt in enumerate(options) if opt in options[:i]})
+    if repeated:  # the gold letter is the first copy's; a model choosing another copy would be marked wrong
+        raise ItemError(f"duplicated options: {repeated!r} listed more than once in {options!r}")
 
 
 def gold_letter(options: list[str], answer: str) -> str | None:

@@ -76,8 +76,8 @@ def load_heads(name_or_path: str) -> HeadRanking:
         path = Path(str(shipped))
     try:
         data = json.loads(text)
-        heads = tuple((int(layer), int(head)) for layer, head in data["heads"])
-        knockout_layers = tuple(int(x) for x in data.get("knockout_layers", ()))
+        heads = tuple((whole(layer, path), whole(head, path)) for layer, head in data["heads"])
+        knockout_layers = tuple(whole(x, path) for x in data.get("knockout_layers", ()))
         percentile = None if data.get("percentile") is None else float(data["percentile"])
     except json.JSONDecodeError as err:
         raise VGRefineConfigError(f"heads file '{path}' is not valid JSON ({err}); rewrite it with `lmms-vg calibrate`") from err
@@ -87,6 +87,9 @@ def load_heads(name_or_path: str) -> HeadRanking:
         raise VGRefineConfigError(f"heads file '{path}': 'heads' must be a list of [layer, head] pairs ({err})") from err
     if not heads:
         raise VGRefineConfigError(f"heads file '{path}' lists no heads; calibrate with --top-k of 1 or more")
+    repeated = sorted({h for i, h in enumerate(heads) if h in heads[:i]})
+    if repeated:  # a head listed twice would be averaged twice and count twice towards K
+        raise VGRefineConfigError(f"heads file '{path}' lists {[list(h) for h in repeated]} more than once; each head once")
     if any(layer < 0 or head < 0 for layer, head in heads) or any(x < 0 for x in knockout_layers):
         raise VGRefineConfigError(f"heads file '{path}' has a negative layer or head index")
     return HeadRanking(
@@ -98,6 +101,13 @@ def load_heads(name_or_path: str) -> HeadRanking:
         scores=tuple(data.get("mean_kl", ())),
         percentile=percentile,
     )
+
+
+def whole(value, path: Path) -> int:
+    """An index from a heads file: a whole number (``2.5`` or ``"2"`` is an error, not a head), named with the file."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise VGRefineConfigError(f"heads file '{path}': {value!r} is not a layer or head index (whole numbers only)")
+    return int(value)
 
 
 def config_from_args(

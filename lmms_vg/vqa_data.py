@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
+import io
 import logging
 import os
 import zipfile
@@ -25,7 +25,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from .files import DataError, env_path
+from .files import DataError, env_path, read_json, read_text
 from .reasons import located, reason_key
 from .scoring import ItemError, gold_letter
 from .vqa_results import PAPER_ITEM_SET
@@ -143,7 +143,7 @@ def pathvqa(closed: bool = True):
 def slake(closed: bool = True) -> list[dict]:
     """SLAKE: test.json rows (English), images ``imgs/<img_name>`` inside imgs.zip; category = content_type."""
     src = source("slake")
-    rows = json.loads(Path(source_file(src, "test.json")).read_text(encoding="utf-8"))
+    rows = read_json(Path(source_file(src, "test.json")))
     archive = source_file(src, "imgs.zip")
     docs = []
     for row in rows:
@@ -173,7 +173,7 @@ def pmc_vqa() -> list[dict]:
     archive = source_file(src, "images.zip")
     members = _zip_index(archive)
     docs = []
-    with open(source_file(src, "test_clean.csv"), newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(source_file(src, "test_clean.csv")), newline="") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
             options = [_strip_choice(row.get(f"Choice {letter}", "")) for letter in "ABCD" if row.get(f"Choice {letter}", "").strip()]
             label = str(row.get("Answer_label", "")).strip().upper()
@@ -217,7 +217,7 @@ def omnimedvqa() -> list[dict]:
         raise DataError(f"no *.json under {qa_dir}: {OMNIMEDVQA_ROOT} must be the OmniMedVQA folder holding QA_information/ and Images/")
     docs = []
     for path in files:
-        for row in json.loads(path.read_text(encoding="utf-8")):
+        for row in read_json(path):
             options = [row[f"option_{c}"] for c in "ABCD" if row.get(f"option_{c}") not in (None, "")]
             docs.append(
                 _doc(
@@ -295,10 +295,7 @@ def bundle(benchmark: str) -> list[dict]:
     path = root / BUNDLE_FILE
     if not path.exists():
         raise DataError(f"{path} not found: {BUNDLE_VAR} must be the folder holding {BUNDLE_FILE} and its images")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}); download it again") from err
+    rows = read_json(path)
     docs = []
     for i, row in enumerate(rows):
         if bundle_benchmark(str(row.get("dataset", ""))) != benchmark:
@@ -417,12 +414,12 @@ def open_docs(benchmark: str):
 
 def load_images(doc: dict) -> list:
     """The doc's images, in order, from wherever its source keeps them; errors name the file."""
-    from .files import open_image
+    from .files import open_image, upright
 
-    if doc.get("images"):
-        return list(doc["images"])
+    if doc.get("images"):  # decoded by datasets' Image feature, which turns them upright too
+        return [upright(image) for image in doc["images"]]
     if doc.get("image") is not None:
-        return [doc["image"]]
+        return [upright(doc["image"])]
     if doc.get("image_zip"):
         import io
 

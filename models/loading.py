@@ -11,15 +11,24 @@ class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says what to do."""
 
 
+MAPS_MARKER = ".lmms_vg_maps"  # in a save_maps folder: lmms-vg keeps its maps here (a run again may replace them)
+
+
 def maps_folder(value) -> Path | None:
-    """The ``save_maps`` folder, created now: a file in its place or an unwritable path fails before any sample."""
+    """The ``save_maps`` folder, created now: a file in its place, an unwritable path or a folder holding the user's own
+    files (not a maps folder lmms-vg made) fails before any sample."""
     if not value:
         return None
     folder = Path(str(value)).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_maps={value!r} is a file, not a folder: give a folder for the saved maps")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MAPS_MARKER).exists():
+        raise ValueError(
+            f"save_maps={value!r} holds files lmms-vg did not write; maps would be written among (and over) them: give a new or empty folder"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / MAPS_MARKER).touch()
     except OSError as err:
         raise ValueError(f"save_maps={value!r}: cannot create the folder ({err})") from err
     return folder

@@ -18,7 +18,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_vg import engine, methods, outputs, settings
+from lmms_vg import engine, files, methods, outputs, settings
 from lmms_vg.grounding import GroundingRecord, GroundingRunner, GroundingSample
 from lmms_vg.passes import same_grid
 from lmms_vg.presets import FAMILIES, ModelPreset, resolve_checkpoint
@@ -28,6 +28,7 @@ from lmms_vg.vgrefine import VGRefiner, config_from_args
 from lmms_vg_models.loading import ModelLoadError, load_checkpoint, maps_folder
 
 FAILURE_STREAK_LIMIT = 16  # samples failing in a row (no success between) before a run is judged broken and stopped
+TEMPLATE_ALLOWANCE = 256  # tokens a chat template may add around the question, at most
 AUTHORS_SAMPLING = {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256}
 GROUNDING_KEY = "lmms_vg"
 
@@ -195,6 +196,10 @@ class VGModel(lmms):
             logger.info(f"lmms-vg: data-parallel rank {self._rank} of {self._world_size} on {self._device}")
         # heads and layers are checked against the model here, still before any sample
         self.refiner = VGRefiner(self.adapter, refine_config, self.reference_cache) if refine_config else None
+        if self.method_config is not None:
+            self.method_config.check(self.adapter)
+        text = getattr(model.config, "text_config", model.config)
+        self.context_length = getattr(text, "max_position_embeddings", None)
         if self.refiner is not None:
             settings_used = refine_config.settings()
         # the method and its settings are part of every number it gives: each answer carries them
@@ -305,7 +310,7 @@ class VGModel(lmms):
         is defined for one image; its log says so (``vgrefine``).
         """
         kwargs, until = self._generation_kwargs(dict(gen_kwargs))
-        visuals, keep, errors = self._load_visuals(args_list)
+        visuals, keep, errors = self._load_visuals(args_list, kwargs.get("max_new_tokens", 1))
         results: list[str | None] = [error_record(errors[j]) if j in errors else None for j in range(len(args_list))]
         texts = [args_list[j][0] for j in keep]
         refine = [n for n, v in enumerate(visuals) if len(v) == 1] if self.refiner is not None else []
@@ -356,6 +361,8 @@ class VGModel(lmms):
                 if self.refiner is not None:
                     extras[n] = {"vgrefine": f"not applied: {len(visuals[n])} images (the knockout is defined for one)"}
         for n, j in enumerate(keep):
+            if files.orientations(visuals[n]):
+                extras[n]["exif_orientation"] = files.orientations(visuals[n])
             text = self.tokenizer.decode(tokens[n], skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:
@@ -385,17 +392,41 @@ class VGModel(lmms):
             raise ValueError(f"task {task}: a grounding task names its boxes' doc field in generation_kwargs.lmms_vg.boxes")
         return vg["boxes"], vg.get("box_format", "xyxy"), vg.get("skip_reason")
 
-    def _load_visuals(self, args_list) -> tuple[list[list], list[int], dict[int, str]]:
-        """Each request's images: (image lists, indices of the requests that have them, index -> why the others have none)."""
+    def _load_visuals(self, args_list, new_tokens: int = 1) -> tuple[list[list], list[int], dict[int, str]]:
+        """Each request's images: (image lists, indices of the requests that can run, index -> why the others cannot).
+
+        A request whose prompt, with its images and ``new_tokens``, exceeds the model's context is left out here,
+        before any batch runs (a megabyte question would otherwise stall the batch it is in).
+        """
         visuals, keep, errors = [], [], {}
         for j, a in enumerate(args_list):
             try:
-                visuals.append(self._visuals(a[2], a[4], a[5], a[3]))
+                images = self._visuals(a[2], a[4], a[5], a[3])
+                too_long = self._too_long(a[0], images, new_tokens)
+                if too_long:
+                    raise ValueError(too_long)
+                visuals.append(images)
                 keep.append(j)
             except (OSError, ValueError) as err:
                 logger.warning(f"lmms-vg: {a[4]} doc {a[3]} skipped: {err}")
                 errors[j] = located(str(err), f"{a[4]} doc {a[3]}")
         return visuals, keep, errors
+
+    def _too_long(self, text: str, images: list, new_tokens: int) -> str | None:
+        """Why a prompt cannot run in the model's context (None where it fits); tokenised only when its length could matter."""
+        if not self.context_length:
+            return None
+        image_tokens = sum(self.adapter.image_tokens(image) for image in images)
+        budget = self.context_length - image_tokens - new_tokens
+        if len(text) + TEMPLATE_ALLOWANCE <= budget:  # a token covers at least one character
+            return None
+        prompt = sum(map(len, self.adapter.chunks(text, len(images))))
+        if prompt > budget:
+            return (
+                f"prompt too long: {prompt} text tokens + {image_tokens} image tokens + {new_tokens} new tokens exceed "
+                f"the model's context of {self.context_length}"
+            )
+        return None
 
     def _ground(self, args_list, vg: dict) -> list[str]:
         reference = vg.get("reference_prompt", GENERIC_PROMPT + SHORT_ANSWER) if self.reference_prompt else None

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .. import report
+from .. import report, writing
 
 GROUNDING = "vgmed_demo,vgmed_demo_random,vgmed_demo_shifted"
 VQA = "medvqa_demo,medvqa_demo_shifted"
@@ -57,9 +56,6 @@ def run_lmms_eval(out: Path, device: str) -> list[Path]:
     lmms-eval exits 0 even when a run fails, so every run's results file and tasks are checked.
     """
     entries = runs(out, device)
-    for entry in entries:  # a run again into the same folder must never report the last run's results
-        shutil.rmtree(entry["output_path"], ignore_errors=True)
-        shutil.rmtree(out / "maps" / entry["model"], ignore_errors=True)
     workdir = out / "work"  # empty: lmms-eval reads --tasks X as a folder when ./X exists
     workdir.mkdir(parents=True, exist_ok=True)
     config = out / "demo_runs.json"  # JSON is YAML: lmms-eval's --config reads it
@@ -85,20 +81,30 @@ def run_lmms_eval(out: Path, device: str) -> list[Path]:
     return found
 
 
-def run_demo(out: Path, device: str = "cpu") -> list[Path]:
+# what the demo writes under its folder; a run again replaces its own earlier files there, never the user's
+WRITES = ["results", "maps", "report", "work", "demo_runs.json", "lmms_eval.log"]
+
+
+def run_demo(out: Path, device: str = "cpu", force: bool = False) -> list[Path]:
     out = out.resolve()
     t0 = time.time()
-    for path in run_lmms_eval(out, device):
+    # a run again into the same folder must never report the last run's results: its own earlier files go first
+    writing.clear_own(out, WRITES, force, what="lmms-vg demo")
+    results = run_lmms_eval(out, device)
+    for path in results:
         print(f"{path.parent.parent.name}: {path}")
     print(f"lmms-eval runs done ({time.time() - t0:.0f}s)")
+    writing.record(out, writing.files_under(out, [w for w in WRITES if w != "report"]), by="lmms-vg demo")
     runs = report.load_runs([out / "results"])
     target = out / "report"
-    shutil.rmtree(target, ignore_errors=True)
-    written = report.write_leaderboards(runs, target)
-    written += report.layer_curves(runs, target)
     panels = {"baseline": out / "maps" / MODELS[0], "VGRefine": out / "maps" / MODELS[1]}
-    written += report.heatmaps(panels, target, pattern="vgmed_demo_[0-9]*")
-    # the shifted domain's figure shows the question's own attention: the disc's share of it, and the knockout removing it
-    written += report.heatmaps(panels, target, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted", normalised=False)
+    with writing.staged(target, force, what="lmms-vg demo") as stage:
+        written = report.write_leaderboards(runs, stage)
+        written += report.layer_curves(runs, stage)
+        written += report.heatmaps(panels, stage, pattern="vgmed_demo_[0-9]*")
+        # the shifted domain's figure shows the question's own attention: the disc's share of it, and the knockout removing it
+        written += report.heatmaps(panels, stage, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted", normalised=False)
+        written = writing.in_place(written, stage, target)
+    writing.record(out, written, by="lmms-vg demo")
     print(f"demo done in {time.time() - t0:.0f}s; report in {target}")
     return written

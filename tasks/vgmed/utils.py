@@ -19,7 +19,7 @@ docs_coco_attr = _docs("attribute", True)
 def doc_to_visual(doc):
     if doc.get("vg_error"):  # the row itself cannot be scored: say why rather than look for its image
         raise ValueError(doc["vg_error"])
-    return [doc["vg_image"] if doc.get("vg_image") is not None else files.open_image(doc["vg_image_path"])]
+    return [files.upright(doc["vg_image"]) if doc.get("vg_image") is not None else files.open_image(doc["vg_image_path"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
