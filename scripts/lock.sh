@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refresh the locks that scripts/setup.sh installs: exact versions with hashes for everything the
-# set-up puts in the environment, from pyproject.toml's ranges (and its `test` extra), lmms-eval's
+# set-up puts in the environment, from pyproject.toml's ranges (and its `test` and `dev` extras), lmms-eval's
 # own requirements less requirements/overrides.txt, and one torch build per lock:
 #   requirements/lock-cpu.txt   torch's CPU build (requirements/torch-cpu.txt)
 #   requirements/lock-cuda.txt  the registry's CUDA build (requirements/torch-cuda.txt)
@@ -15,7 +15,7 @@ if [ -z "${TORCH_CPU_LINKS:-}" ]; then
   if ls /opt/wheels/torch-*+cpu-* >/dev/null 2>&1; then TORCH_CPU_LINKS=/opt/wheels; else TORCH_CPU_LINKS=https://download.pytorch.org/whl/torch/; fi
 fi
 compile() {
-  bash scripts/uv.sh pip compile pyproject.toml --extra test --generate-hashes --python-version 3.11 \
+  bash scripts/uv.sh pip compile pyproject.toml --extra test --extra dev --generate-hashes --python-version 3.11 \
     --python-platform x86_64-manylinux_2_28 --override requirements/overrides.txt --custom-compile-command "bash scripts/lock.sh" \
     --quiet "$@"
 }
