@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from lmms_vg import engine
-from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
+from lmms_vg.families.llava import LlavaAdapter
 
 # text shapes: (layers, heads, kv_heads, hidden); the image grid is 24x24 (336 px, patch 14) in all
 SHAPES = {"small": (8, 8, 4, 512), "7b": (28, 28, 4, 3584)}
@@ -41,7 +41,7 @@ def build(shape: str, device: str, dtype: str, family: str = "llava"):
     """A random model of the shape and family; its image grid is 24 x 24 (576 tokens) for the benchmark images in both."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from lmms_vg.adapters import Qwen2VLAdapter
+    from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
     from lmms_vg_models.loading import load_processor
 
     layers, heads, kv_heads, hidden = SHAPES[shape]
@@ -60,7 +60,7 @@ def build(shape: str, device: str, dtype: str, family: str = "llava"):
 
 def spread_vgrefine_config(model, reference_prompt: str | None = None):
     """A VGRefine config for a random model: 20 heads spread over the middle layers, knockout at the middle layer."""
-    from lmms_vg.vgrefine import VGRefineConfig
+    from lmms_vg.methods.vgrefine import VGRefineConfig
 
     text = model.config.text_config
     layers, heads = text.num_hidden_layers, text.num_attention_heads

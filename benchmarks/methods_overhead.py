@@ -15,8 +15,8 @@ import torch
 from common import build, images, interleaved, parser, report, spread_vgrefine_config
 
 from lmms_vg import methods
+from lmms_vg.methods.vgrefine import VGRefiner
 from lmms_vg.prompts import MC_INSTRUCTION
-from lmms_vg.vgrefine import VGRefiner
 
 QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION}"
 

@@ -16,8 +16,8 @@ import torch
 from common import build, images, interleaved, parser, print_pass_counts, report, spread_vgrefine_config, throughput
 
 from lmms_vg import engine
+from lmms_vg.methods.vgrefine import VGRefiner, triage_keep, triage_map
 from lmms_vg.prompts import GENERIC_PROMPT, MC_INSTRUCTION
-from lmms_vg.vgrefine import VGRefiner, triage_keep, triage_map
 
 QUESTION = f"Is there a lesion in the left lung?\nA. yes\nB. no\n{MC_INSTRUCTION}"
 REFERENCE = f"{GENERIC_PROMPT}\n{MC_INSTRUCTION}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grounding import GroundingRecord
+from . import outputs
+from .outputs import GroundingRecord
 from .reasons import reason_key
 
 
@@ -59,4 +60,5 @@ def counts(records: list[dict]) -> dict:
         "skip_reasons": reasons,
         "clipped_boxes": sum(r.n_clipped for r in recs),
         "zero_reference_layers": sum(r.zero_reference_layers for r in recs),  # (sample, layer) pairs left out of the layer means
+        **outputs.run_field(r.run for r in recs),
     }

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import report, settings, writing
+from . import keys, report, settings, writing
 
 
 def cmd_leaderboard(args) -> list[Path]:
@@ -56,7 +56,7 @@ def cmd_report(args) -> list[Path]:
 
 def cmd_calibrate(args) -> list[Path]:
     """Rank heads by mean KL from a head-level grounding run into a VGRefine preset."""
-    from .vgrefine import calibrate
+    from .methods.vgrefine import calibrate
 
     if args.top_k < 1:
         raise report.ReportError(f"--top-k {args.top_k}: a preset needs at least one head")
@@ -91,11 +91,13 @@ def cmd_check(args) -> list[Path]:
             problems.append(f"{task}: no results (the run failed or did not include it; read its log)")
             continue
         for run in found:
-            counts = run.results[task].get("samples,none", {})
-            scored = counts.get("scored") if isinstance(counts, dict) else None
+            scored = report.scored(run.results[task])
+            counts = run.results[task].get(keys.key(keys.SAMPLES), {})
             print(f"{run.label} · {task}: {scored if scored is not None else '?'} scored ({run.sources.get(task, run.path)})")
             if scored == 0:
                 problems.append(f"{run.label} · {task}: no sample was scored ({counts})")
+            if task in run.failed:  # the newest run of it scored nothing: an older one's results stand in the tables
+                problems.append(f"{run.label} · {task}: its newest results ({run.failed[task]}) scored no sample")
     if problems:
         raise report.ReportError("; ".join(problems))
     return []
@@ -105,6 +107,30 @@ def cmd_convert(args) -> list[Path]:
     from .convert import convert
 
     return [convert(args.source, args.out, arch=args.arch, vision_tower=args.vision_tower, force=args.force)]
+
+
+def cmd_check_family(args) -> None:
+    """The conformance battery on a model id's (or a family's) adapter: exit 1 if any check fails."""
+    import tempfile
+
+    import torch
+
+    from . import conformance, presets
+
+    presets.load_families()
+    pretrained = args.pretrained
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.tiny:  # the family's tiny random checkpoint: offline, seconds
+            name = presets.PRESETS[args.id].family if args.id in presets.PRESETS else args.id
+            family = presets.family_of(name)
+            if family.tiny is None:
+                raise ValueError(f"family {family.name} registers no tiny checkpoint builder (its Family's tiny=); give --pretrained")
+            pretrained = str(family.tiny(Path(scratch) / "tiny"))
+        adapter = conformance.load_adapter(args.id, pretrained, getattr(torch, args.dtype), args.trust_remote_code)
+        results = conformance.run_checks(adapter, args.checks or None)
+    print(conformance.report(results))
+    if any(r.passed is False for r in results):
+        raise SystemExit(1)
 
 
 def cmd_tasks_path(args) -> None:
@@ -183,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cpu")
     s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser(
+        "check-family", help="the conformance battery on a model id's adapter: encoding, maps vs eager, shared prefix, VGRefine, geometry"
+    )
+    s.add_argument("id", help="a model id (its preset's checkpoint) or a family name (with --tiny or --pretrained)")
+    s.add_argument("--pretrained", help="checkpoint folder or HF id instead of the preset's")
+    s.add_argument("--tiny", action="store_true", help="on the family's tiny random-weight checkpoint (offline, seconds)")
+    s.add_argument("--checks", nargs="*", help="some of: encoding maps maps_left_padded shared_prefix vgrefine geometry (default: all)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="eager comparisons want float32")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(fn=cmd_check_family)
 
     s = sub.add_parser("tasks-path", help="print the folder of lmms-vg's tasks, for lmms-eval's --include_path")
     s.set_defaults(fn=cmd_tasks_path)

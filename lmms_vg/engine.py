@@ -338,7 +338,9 @@ def install(model: torch.nn.Module) -> dict[int, int]:
     """
     name = type(model).__name__
     layer_map = text_attention_layers(model)
-    if not getattr(model, "_supports_attention_backend", False) or not getattr(model, "_supports_sdpa", False):
+    decoder = _text_decoder(model)  # its own class says how it dispatches (a composite model may not say it for its parts)
+    owner = decoder if hasattr(type(decoder), "_supports_attention_backend") else model
+    if not getattr(owner, "_supports_attention_backend", False) or not getattr(owner, "_supports_sdpa", False):
         raise EngineError(
             f"{name}: its attention cannot be swapped (it does not dispatch through transformers' "
             "AttentionInterface with SDPA support, e.g. a flash-attention-only or remote-code model). "

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,39 +19,15 @@ from PIL import Image
 
 from . import files, geometry, metrics
 from .adapters import rgb
-from .passes import KnockoutPlan, Passes
+from .outputs import GroundingRecord
+from .passes import Passes
 from .prompts import GENERIC_PROMPT, SHORT_ANSWER
 from .reasons import located
 
+if TYPE_CHECKING:
+    from .methods.base import KnockoutPlan
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GroundingRecord:
-    """One sample's per-layer grounding metrics, or why it was skipped."""
-
-    ar: list[float] = field(default_factory=list)
-    kl: list[float] = field(default_factory=list)
-    js: list[float] = field(default_factory=list)
-    iou: list[float] = field(default_factory=list)
-    head_kl: list[list[float]] | None = None
-    n_boxes: int = 0
-    n_clipped: int = 0
-    skipped: str | None = None
-    zero_reference_layers: int = 0  # layers whose generic-prompt map held an exact zero: their metrics are NaN
-    exif_orientation: int = 0  # the EXIF orientation the image was turned upright from (0: none)
-
-    @classmethod
-    def from_output(cls, text: str) -> GroundingRecord:
-        """The record a model output holds (:mod:`lmms_vg.outputs`); a sample error keeps its reason as the skip reason."""
-        from .outputs import SampleError, decode
-
-        value = decode(text)
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, SampleError):
-            return cls(skipped=value.reason)
-        return cls(skipped=f"not a grounding record: the model answered {value.text[:60]!r}; run grounding tasks with an lmms-vg model")
 
 
 @dataclass

@@ -1,230 +1,178 @@
-"""Model presets: data, one record per model id. Adding a LLaVA-family model is adding a record.
+"""Model families and presets: plain records, and where they come from.
 
-``heads`` names a VGRefine head ranking (``lmms_vg/heads/<name>.json``) or is None when none was
-published (run calibration: README 'VGRefine').
+A **family** (:class:`Family`) is an architecture lmms-vg can run: its adapter and the classes that
+load its checkpoints. A **preset** (:class:`ModelPreset`) is a model id: a checkpoint, its chat
+template and image geometry, how its original code tokenises, its VGRefine heads.
+
+Where they come from:
+
+- lmms-vg's own families, one module each under :mod:`lmms_vg.families`, which registers its family
+  and its presets when imported (:func:`register_family`, :func:`register_preset`);
+- preset files (TOML or YAML, a list of ``[[preset]]`` tables with :class:`ModelPreset`'s fields),
+  named by ``LMMS_VG_PRESETS`` (paths separated by ``os.pathsep``) or by an entry point in the group
+  ``lmms_vg.presets`` (an object that is, or returns, such a path): plain data, read without torch.
+
+Listing the model ids (what ``lmms-eval models`` does) reads the family modules' text and the preset
+files only: it imports neither torch nor transformers (:func:`listed_model_ids`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .prompts import (
-    HERMES2_TEMPLATE,
-    HUATUO_TEMPLATE,
-    LLAMA3_LLAVA_TEMPLATE,
-    MISTRAL_INST_TEMPLATE,
-    VICUNA_V1_TEMPLATE,
-    VILA_LLAMA3_TEMPLATE,
-)
+import ast
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 DEMO_CHECKPOINT = "lmms_vg:demo/model"  # inside the installed package
+PRESETS_VAR = "LMMS_VG_PRESETS"
+PRESETS_GROUP = "lmms_vg.presets"
+GENERIC_MODEL_ID = "lmms_vg_llava"
+METHODS = ("vgrefine", "pai", "adaptvis", "vicrop")  # lmms_vg.methods registers one class per name (tested)
+METHOD_SUFFIXES = tuple(f"_{m}" for m in METHODS)
+FAMILIES_DIR = Path(__file__).parent / "families"
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: the adapter that tells the core about it and the transformers classes that load it.
+    """A model family: the adapter that tells the core about it and the classes that load its checkpoints.
 
-    Adding a family is an adapter (:mod:`lmms_vg.adapters` shows two) plus one of these records
-    (:func:`register_family`); presets then name it.
+    ``model_types``: a checkpoint config's ``model_type`` -> the class that loads it (a transformers class
+    name, or the class itself). ``options``: the ``--model_args`` its adapter takes (the adapter's
+    ``take_options`` parses them). ``tiny``: ``tiny(folder) -> folder`` saves a tiny random-weight
+    checkpoint of the family with its processor, on which ``lmms-vg check-family`` and the tests run
+    the conformance battery (:mod:`lmms_vg.conformance`).
     """
 
     name: str
-    adapter: str  # "module.Class" of its adapter, imported when a model of the family loads
-    model_types: dict[str, str]  # config.model_type -> the transformers class that loads it
-    pixel_limits: bool = False  # takes min_pixels / max_pixels (dynamic resolution)
-
-    def adapter_class(self) -> type:
-        return import_object(self.adapter)
-
-
-def import_object(path: str):
-    """``package.module.Name``, imported when asked for (presets stay plain data)."""
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        # LLaVA-1.5 and its relatives: a CLIP or ViT (BiomedCLIP) tower, or LLaVA's S2 multi-scale CLIP (LLaVA-Tri)
-        Family(
-            "llava",
-            "lmms_vg.adapters.LlavaAdapter",
-            {"llava": "LlavaForConditionalGeneration", "llava_s2": "lmms_vg.s2.LlavaS2ForConditionalGeneration"},
-        ),
-        # Qwen2-VL, Qwen2.5-VL (and Lingshu, a medical Qwen2.5-VL) and Qwen3-VL: the same prompt layout and
-        # dynamic-resolution geometry (patch 14, or 16 for Qwen3-VL, read from the processor), M-RoPE positions
-        Family(
-            "qwen2_vl",
-            "lmms_vg.adapters.Qwen2VLAdapter",
-            {
-                "qwen2_vl": "Qwen2VLForConditionalGeneration",
-                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                "qwen3_vl": "Qwen3VLForConditionalGeneration",
-            },
-            pixel_limits=True,
-        ),
-        # VILA (VILA-M3): SigLIP, 2 x 2 patch fold, Llama; built from transformers' parts (lmms_vg.vila)
-        Family("vila", "lmms_vg.adapters.VilaAdapter", {"llava_vila": "lmms_vg.vila.VilaForConditionalGeneration"}),
-        # InternVL-Chat (MedRegA): transformers' InternVL classes; ps_version v1 checkpoints keep their transposed shuffle
-        Family(
-            "internvl",
-            "lmms_vg.adapters.InternVLAdapter",
-            {"internvl_ps1": "lmms_vg.internvl.InternVLPs1ForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"},
-        ),
-    )
-}
-
-
-def register_family(family: Family) -> None:
-    """Add a family at run time (e.g. from your own package); presets name it by ``family.name``."""
-    FAMILIES[family.name] = family
+    adapter: type
+    model_types: dict
+    options: tuple[str, ...] = ()
+    label: str = ""
+    tiny: Callable[..., Path] | None = None
 
 
 @dataclass(frozen=True)
 class ModelPreset:
+    """A model id: a keyword record (a family module's ``register_preset``, or a ``[[preset]]`` table of a preset file)."""
+
     model_id: str
-    checkpoint: str
-    chat_template: str | None  # None: the tokenizer's own
-    pad_to_square: bool  # the original model pads to square (LLaVA-1.5 expand2square)
-    heads: str | None = None
+    checkpoint: str = ""  # HF id or folder ("" : the user gives pretrained=, e.g. after `lmms-vg convert`)
+    chat_template: str | None = None  # None: the tokenizer's own
+    pad_to_square: bool = False  # the original model pads to square (LLaVA-1.5 expand2square)
+    heads: str | None = None  # VGRefine's head ranking (a shipped name or a calibration JSON)
     knockout_layers: tuple[int, ...] = ()
     note: str = ""
-    family: str = "llava"  # a key of FAMILIES: llava (LlavaForConditionalGeneration) or qwen2_vl (Qwen2-VL / Qwen2.5-VL)
+    family: str = "llava"  # a registered family's name
     max_images: int | None = None  # images per item the original inference code keeps (first ones); None: all
     tokenisation: str = "whole"  # how its original code tokenises a prompt (adapters.TOKENISATIONS): llava, huatuo or whole
 
 
-PRESETS: dict[str, ModelPreset] = {
-    p.model_id: p
-    for p in (
-        # HuatuoGPT-Vision's chatbot keeps at most 6 images per item (its max_image_num)
-        ModelPreset(
-            "huatuo",
-            "FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
-            HUATUO_TEMPLATE,
-            True,
-            "huatuo_7b",
-            (16,),
-            max_images=6,
-            tokenisation="huatuo",
-        ),
-        ModelPreset(
-            "huatuo_34b",
-            "FreedomIntelligence/HuatuoGPT-Vision-34B-hf",
-            HUATUO_TEMPLATE,
-            True,
-            None,
-            (),
-            "no published heads: calibrate",
-            max_images=6,
-            tokenisation="huatuo",
-        ),
-        ModelPreset(
-            "llava_med",
-            "chaoyinshe/llava-med-v1.5-mistral-7b-hf",
-            MISTRAL_INST_TEMPLATE,
-            True,
-            None,
-            (),
-            "no published heads: calibrate",
-            tokenisation="llava",
-        ),
-        ModelPreset(
-            "llava15",
-            "llava-hf/llava-1.5-7b-hf",
-            VICUNA_V1_TEMPLATE,
-            False,
-            None,
-            (),
-            "general-domain reference; llava-hf's processor resizes and centre-crops",
-            tokenisation="llava",
-        ),
-        ModelPreset(
-            "huatuo_qwen25vl", "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL", None, False, None, (), "calibrate heads", "qwen2_vl"
-        ),
-        ModelPreset(
-            "qwen25vl", "Qwen/Qwen2.5-VL-7B-Instruct", None, False, None, (), "general-domain reference; calibrate heads", "qwen2_vl"
-        ),
-        # the authors' current grounding code also runs these two (its Qwen backends)
-        ModelPreset("lingshu", "lingshu-medical-mllm/Lingshu-7B", None, False, None, (), "medical Qwen2.5-VL; calibrate heads", "qwen2_vl"),
-        ModelPreset("qwen3vl", "Qwen/Qwen3-VL-8B-Instruct", None, False, None, (), "general-domain Qwen3-VL; calibrate heads", "qwen2_vl"),
-        # published only in their own codebases' layouts: `lmms-vg convert` makes the folder that pretrained= names
-        ModelPreset(
-            "llava_tri",
-            "",
-            LLAMA3_LLAVA_TEMPLATE,
-            True,
-            None,
-            (),
-            "LLaVA-Tri (LLaVA-Med++, S2 CLIP + Llama-3-8B) ships in the LLaVA layout (e.g. yunfeixie/vqa_rad_release): "
-            "convert it with `lmms-vg convert <download> <folder>` and give pretrained=<folder>",
-            tokenisation="llava",
-        ),
-        ModelPreset(
-            "huatuo_bio",
-            "",
-            HUATUO_TEMPLATE,
-            True,
-            None,
-            (),
-            "HuatuoGPT-V-Bio (BiomedCLIP + Qwen2, trained with LLaVA-NeXT) has no public checkpoint: convert the authors' "
-            "with `lmms-vg convert <checkpoint> <folder> [--vision-tower <BiomedCLIP folder>]` and give pretrained=<folder>",
-            tokenisation="huatuo",
-        ),
-        # VILA-M3 ships in the VILA codebase's layout (llm/, vision_tower/, mm_projector/): convert it first
-        ModelPreset(
-            "vila_m3",
-            "",
-            VILA_LLAMA3_TEMPLATE,
-            False,
-            None,
-            (),
-            "VILA-M3-8B (MONAI/Llama3-VILA-M3-8B) ships in the VILA layout: convert it with "
-            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
-            "vila",
-            tokenisation="llava",
-        ),
-        ModelPreset(
-            "vila_m3_13b",
-            "",
-            VICUNA_V1_TEMPLATE,
-            False,
-            None,
-            (),
-            "VILA-M3-13B (MONAI/Llama3-VILA-M3-13B) ships in the VILA layout: convert it with "
-            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
-            "vila",
-            tokenisation="llava",
-        ),
-        ModelPreset(
-            "medrega",
-            "",
-            HERMES2_TEMPLATE,
-            False,
-            None,
-            (),
-            "MedRegA (Luxuriant16/medrega: InternVL-Chat-V1-2, InternViT-6B + Yi-34B) ships as remote code: convert it with "
-            "`lmms-vg convert <download> <folder>` and give pretrained=<folder>",
-            "internvl",
-        ),
-        ModelPreset(
-            "lmms_vg_demo",
-            DEMO_CHECKPOINT,
-            HUATUO_TEMPLATE,
-            True,
-            "demo",
-            (),
-            "bundled demo model (lmms_vg/demo/train.py)",
-            tokenisation="huatuo",
-        ),
-    )
-}
-GENERIC_MODEL_ID = "lmms_vg_llava"
-METHODS = ("vgrefine", "pai", "adaptvis", "vicrop")  # inference-time methods a model id can run (README 'Methods')
-METHOD_SUFFIXES = tuple(f"_{m}" for m in METHODS)  # any LLaVA checkpoint, pretrained= required
+FAMILIES: dict[str, Family] = {}
+PRESETS: dict[str, ModelPreset] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Make a family known by its name (a family module does this for itself)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def register_preset(*presets: ModelPreset) -> None:
+    """Make presets known by their ids (a family module registers its own; code outside may add more)."""
+    for preset in presets:
+        PRESETS[preset.model_id] = preset
+
+
+def load_families() -> None:
+    """Import lmms-vg's family modules (each registers itself) and read the preset files (idempotent)."""
+    import importlib
+
+    for path in sorted(FAMILIES_DIR.glob("[!_]*.py")):
+        importlib.import_module(f"lmms_vg.families.{path.stem}")
+    register_preset(*(preset_from_record(r, where) for r, where in preset_records()))
+
+
+def family_of(name: str) -> Family:
+    load_families()
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def preset_files() -> list[Path]:
+    """The preset files named by ``LMMS_VG_PRESETS`` and by the ``lmms_vg.presets`` entry points."""
+    found = [Path(p).expanduser() for p in os.environ.get(PRESETS_VAR, "").split(os.pathsep) if p]
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PRESETS_GROUP):
+        value = ep.load()
+        value = value() if callable(value) else value
+        found += [Path(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return found
+
+
+def preset_records() -> list[tuple[dict, Path]]:
+    """Every ``[[preset]]`` record in the preset files, with the file it came from; a file that cannot be read is named."""
+    records = []
+    for path in preset_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"preset file {path} ({PRESETS_VAR} or an {PRESETS_GROUP} entry point) cannot be read: {err}") from err
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        items = data.get("preset", []) if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise TypeError(f"preset file {path}: expected a list of presets ([[preset]] tables)")
+        records += [(item, path) for item in items]
+    return records
+
+
+def preset_from_record(record: dict, where: Path) -> ModelPreset:
+    """A preset from a file's record: its fields checked by name; ``chat_template = "@file.jinja"`` read beside the file."""
+    known = {f.name for f in fields(ModelPreset)}
+    if not isinstance(record, dict) or "model_id" not in record:
+        raise ValueError(f"preset file {where}: each preset needs a model_id (got {record!r})")
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise ValueError(f"preset file {where}, {record['model_id']}: unknown fields {unknown}; known: {sorted(known)}")
+    values = dict(record)
+    values["chat_template"] = template_text(values.get("chat_template"), where.parent)
+    values["knockout_layers"] = tuple(values.get("knockout_layers") or ())
+    return ModelPreset(**values)
+
+
+def template_text(value: str | None, folder: Path | None = None) -> str | None:
+    """A chat template, or ``@path`` to a Jinja file holding one (relative to ``folder``)."""
+    if not value or not value.startswith("@"):
+        return value
+    path = Path(value[1:]).expanduser()
+    path = path if path.is_absolute() or folder is None else folder / path
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"chat template file {path} cannot be read ({err})") from err
+
+
+def listed_model_ids() -> list[str]:
+    """Every model id, without importing the families: the presets the family modules declare (read from their text) and the
+    preset files'. Each with its method twins."""
+    base = [GENERIC_MODEL_ID]
+    for path in sorted(FAMILIES_DIR.glob("[!_]*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ModelPreset":
+                first = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "model_id"), None)
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    base.append(first.value)
+    base += [r["model_id"] for r, _ in preset_records() if isinstance(r, dict) and "model_id" in r]
+    return [mid + suffix for mid in dict.fromkeys(base) for suffix in ("", *METHOD_SUFFIXES)]
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
@@ -242,7 +190,8 @@ def class_name(model_id: str) -> str:
 
 
 def model_ids() -> list[str]:
-    """Every model id lmms-vg registers: each preset, and its twin per method (``_vgrefine``, ``_pai``, ``_adaptvis``)."""
+    """Every model id lmms-vg registers (the families loaded): each preset, and its twin per method."""
+    load_families()
     return [mid + suffix for mid in (GENERIC_MODEL_ID, *PRESETS) for suffix in ("", *METHOD_SUFFIXES)]
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, settings
+from . import keys, metrics
+from .outputs import RunRecord
 from .presets import METHODS, split_model_id
 from .prompts import INSTRUCTIONS
 
@@ -44,9 +45,9 @@ class VqaResult:
     @classmethod
     def from_metrics(cls, metrics: dict, docs: int) -> VqaResult:
         """From the task's ``metric,filter`` entries; results that do not count scored items fall back on the doc count."""
-        counts = metrics.get("samples,none")
+        counts = metrics.get(keys.key(keys.SAMPLES))
         counts = counts if isinstance(counts, dict) else {}
-        return cls(_number(metrics.get("accuracy,none")), int(counts.get("scored", docs)), str(counts.get("item_set", "")))
+        return cls(_number(metrics.get(keys.key(keys.ACCURACY))), int(counts.get("scored", docs)), str(counts.get("item_set", "")))
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,15 @@ class GroundingResult:
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> GroundingResult:
-        best = metrics.get("best_layer,none") or {}
-        counts = metrics.get("samples,none") or {}
+        best = metrics.get(keys.key(keys.BEST_LAYER)) or {}
+        counts = metrics.get(keys.key(keys.SAMPLES)) or {}
         return cls(
-            by_layer={m: list(metrics.get(f"{m}_by_layer,none") or []) for m in ("ar", "kl", "js")},
+            by_layer={m: list(metrics.get(keys.by_layer(m)) or []) for m in keys.LAYER_METRICS},
             best_layer=best.get("layer"),
-            best={m: _number(best.get(m)) for m in ("ar", "kl", "js")},
+            best={m: _number(best.get(m)) for m in keys.LAYER_METRICS},
             scored=counts.get("scored"),
             skipped=counts.get("skipped"),
-            head_kl=metrics.get("head_kl,none") or None,
+            head_kl=metrics.get(keys.key(keys.HEAD_KL)) or None,
         )
 
 
@@ -80,15 +81,18 @@ def _number(value) -> float | None:
 
 @dataclass
 class Run:
-    """One model's results, merged from every lmms-eval results file found for it (newest per task)."""
+    """One model's results (a model id on one checkpoint, with or without a method), merged from every lmms-eval results
+    file found for it: per task, the newest file's that scored any sample."""
 
     model: str  # the model id as given to --model
-    base: str  # the model without its method
-    method: str | None  # "vgrefine", "pai", "adaptvis" or None (the baseline)
+    base: str  # the model as tables name it, without its method (RunRecord.name: the checkpoint where it is not the id's own)
+    method: str | None  # "vgrefine", "pai", "adaptvis", "vicrop" or None (the baseline)
     results: dict  # task -> metrics
     samples: dict[str, int]  # task -> docs evaluated
     path: Path  # the newest file that contributed
     sources: dict[str, Path] = field(default_factory=dict)  # task -> the file its results came from
+    settings: dict = field(default_factory=dict)  # the method's settings as the run used them
+    failed: dict[str, Path] = field(default_factory=dict)  # task -> a newer file whose results scored nothing (kept out)
 
     @property
     def label(self) -> str:
@@ -106,15 +110,25 @@ class Run:
     def vqa(self, task: str) -> VqaResult | None:
         """The task's closed-ended result, if it has one."""
         metrics = self.results.get(task, {})
-        return VqaResult.from_metrics(metrics, self.samples.get(task, 0)) if "accuracy,none" in metrics else None
+        return VqaResult.from_metrics(metrics, self.samples.get(task, 0)) if keys.key(keys.ACCURACY) in metrics else None
 
     def grounding(self, task: str) -> GroundingResult | None:
         """The task's grounding result, if it has one."""
         metrics = self.results.get(task, {})
-        return GroundingResult.from_metrics(metrics) if "best_layer,none" in metrics or "kl_by_layer,none" in metrics else None
+        found = keys.key(keys.BEST_LAYER) in metrics or keys.by_layer("kl") in metrics
+        return GroundingResult.from_metrics(metrics) if found else None
 
     def grounding_tasks(self) -> list[str]:
         return sorted(t for t in self.results if self.grounding(t) is not None)
+
+    def take(self, task: str, metrics: dict, samples: int, path: Path) -> None:
+        """A file's results for ``task``, newer than what the run holds: they replace it unless they scored nothing while
+        it did (a failed rerun never replaces a good row; it is listed in ``failed``)."""
+        if scored(metrics) == 0 and scored(self.results.get(task, {})):
+            self.failed[task] = path
+            return
+        self.results[task], self.samples[task], self.sources[task] = metrics, samples, path
+        self.failed.pop(task, None)
 
 
 class Runs(list):
@@ -125,8 +139,39 @@ class Runs(list):
         self.unreadable = list(unreadable)
 
 
+def scored(metrics: dict) -> int | None:
+    """How many samples a task's results scored (lmms-vg's tasks count them), or None where they do not say."""
+    counts = metrics.get(keys.key(keys.SAMPLES)) if isinstance(metrics, dict) else None
+    value = counts.get("scored") if isinstance(counts, dict) else None
+    return int(value) if isinstance(value, int | float) else None
+
+
+def run_record(results: dict) -> RunRecord | None:
+    """The record of the run that made a results file (lmms-vg's tasks write it beside their counts); None for other tasks."""
+    for values in results.values():
+        counts = values.get(keys.key(keys.SAMPLES)) if isinstance(values, dict) else None
+        found = RunRecord.from_dict(counts.get("run")) if isinstance(counts, dict) else None
+        if found is not None:
+            return found
+    return None
+
+
+def identify(data: dict, results: dict) -> tuple[str, str, str | None, dict]:
+    """(model id, the model as tables name it, method, settings) of a results file: from its run record, else (lmms-eval's
+    own tasks) the model id given to --model."""
+    record = run_record(results)
+    if record is not None:
+        model_id = record.model + (f"_{record.method}" if record.method else "")
+        return model_id, record.name, record.method, record.settings
+    model = str(data.get("config", {}).get("model", "model"))
+    base, method = split_model_id(model)
+    return model, base, method, {}
+
+
 def load_runs(folders: list[str | Path]) -> Runs:
-    """Every ``*_results.json`` below the folders, merged per model label: for each task, the newest file's results.
+    """Every ``*_results.json`` below the folders, merged per model label: for each task, the newest file's results that
+    scored a sample (:meth:`Run.take`). Runs are named by the record each results file carries (model id, checkpoint,
+    method): two checkpoints of one model id are two runs.
 
     A file that cannot be read is skipped and listed in ``unreadable``; the others are still used.
     """
@@ -139,24 +184,16 @@ def load_runs(folders: list[str | Path]) -> Runs:
     for path in files:  # oldest first: a newer file's task replaces an older one's
         try:
             data = json.loads(path.read_text())
-            config = data.get("config", {})
             results = data["results"]
+            model, base, method, used = identify(data, results)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             unreadable.append((path, f"{type(err).__name__}: {err}"))
             continue
-        model = str(config.get("model", "model"))
-        args = str(config.get("model_args", "")).lower().replace(" ", "")
-        base, method = split_model_id(model)
-        if method is None and any(f"vgrefine={w}" in args for w in settings.TRUE_WORDS):
-            method = "vgrefine"
-        if base.startswith("lmms_vg_llava"):  # the generic id: name the run by its checkpoint folder or id
-            base = str(data.get("model_name") or base).rstrip("/").split("/")[-1]
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
-        found = Run(model, base, method, {}, {}, path)
+        found = Run(model, base, method, {}, {}, path, settings=used)
         run = runs.setdefault(found.label, found)
-        run.results.update(results)
-        run.samples.update(samples)
-        run.sources.update({task: path for task in results})
+        for task, values in results.items():
+            run.take(task, values, samples.get(task, 0), path)
         run.path = path
     if not runs:
         where = ", ".join(map(str, folders))
@@ -217,6 +254,15 @@ def item_set_notes(runs: list[Run]) -> list[str]:
     return notes
 
 
+def failed_notes(runs: list[Run]) -> list[str]:
+    """One line per task whose newest results scored nothing: an older run's stand in the table, and the reader is told."""
+    return [
+        f"{run.label} · {task}: newest results ({path}) scored no sample; the table shows {run.sources[task]}"
+        for run in runs
+        for task, path in sorted(run.failed.items())
+    ]
+
+
 def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Per model and grounding task: the best layer (lowest mean KL) with its AR, KL and JS, and the sample counts."""
     header = ["Model", "Task", "Best layer", "AR", "KL", "JS", "Scored", "Skipped"]
@@ -237,11 +283,13 @@ def _fmt(value, digits: int = 1, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def markdown(header: list[str], rows: list[list[str]], notes: list[str] = ()) -> str:
+def markdown(header: list[str], rows: list[list[str]], notes: list[str] = (), kept_out: list[str] = ()) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if notes:
         lines += ["", "Item sets:", *(f"- {n}" for n in notes)]
+    if kept_out:
+        lines += ["", "Kept out (failed reruns):", *(f"- {n}" for n in kept_out)]
     return "\n".join(lines) + "\n"
 
 
@@ -255,15 +303,16 @@ def write_leaderboards(runs: list[Run], out: Path) -> list[Path]:
             continue
         if rows:
             notes = item_set_notes(runs) if stem == "leaderboard" else []
-            written += write_table(header, rows, out, stem, notes)
-            print(markdown(header, rows, notes))
+            kept_out = failed_notes(runs)
+            written += write_table(header, rows, out, stem, notes, kept_out)
+            print(markdown(header, rows, notes, kept_out))
     return written
 
 
-def write_table(header, rows, out: Path, stem: str, notes: list[str] = ()) -> list[Path]:
+def write_table(header, rows, out: Path, stem: str, notes: list[str] = (), kept_out: list[str] = ()) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
-    md.write_text(markdown(header, rows, notes))
+    md.write_text(markdown(header, rows, notes, kept_out))
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)

@@ -5,7 +5,7 @@ or open answer), ``category`` (breakdown key: modality, subject or question type
 item set the docs are: the paper's, or another), the images as ``image`` (one, decoded), ``images``
 (several, decoded), ``image_paths`` (files, in order) or ``image_zip`` + ``image_member``, and
 ``vg_error`` (why an item cannot be scored). Items that cannot be scored from the data alone are
-left out before the model sees them (:func:`closed_docs`), counted per reason in :data:`LEFT_OUT`.
+left out before the model sees them (:func:`closed_docs`), counted per reason on every doc kept (``vg_left_out``).
 
 Where each source lives (all optional but OmniMedVQA; a local folder or an HF dataset id):
 ``LMMS_VG_VQA_RAD``, ``LMMS_VG_SLAKE``, ``LMMS_VG_PATHVQA``, ``LMMS_VG_PMC_VQA``, ``LMMS_VG_MMMU``,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import csv
 import io
+import json
 import logging
 import os
 import zipfile
@@ -61,7 +62,7 @@ HF_ITEM_SETS = {
 }
 BUNDLE_ITEM_SET = PAPER_ITEM_SET  # the bundle's items: the ones the paper reports
 # Items left out before the model runs, per benchmark: reason -> count (reported in the task's ``samples``).
-LEFT_OUT: dict[str, Counter] = {}
+LEFT_OUT_FIELD = "vg_left_out"  # on each doc: JSON {reason: count} of its benchmark's items left out before the run
 
 
 def _doc(**kw) -> dict:
@@ -374,7 +375,7 @@ def closed_docs(benchmark: str):
     """Closed-ended docs of one benchmark from the configured source, scorable ones only (a Dataset or a list).
 
     Items that cannot be multiple choice or scored (no options, answer not among them, no image in
-    the source...) are left out here, before the model runs, and counted per reason in ``LEFT_OUT``.
+    the source...) are left out here, before the model runs, and counted per reason in each doc's ``vg_left_out``.
     """
     mode = os.environ.get(SOURCE_VAR, "hf")
     if benchmark.startswith("demo"):  # bundled with lmms-vg, whatever the source setting
@@ -401,11 +402,26 @@ def _leave_out_unscorable(benchmark: str, docs):
         return ""
 
     reasons = [why(d) for d in docs]
-    LEFT_OUT[benchmark] = Counter(reason_key(r) for r in reasons if r)
-    if LEFT_OUT[benchmark]:
-        log.warning("%s: %d item(s) left out before the run: %s", benchmark, sum(LEFT_OUT[benchmark].values()), dict(LEFT_OUT[benchmark]))
+    counted = Counter(reason_key(r) for r in reasons if r)
+    if counted:
+        log.warning("%s: %d item(s) left out before the run: %s", benchmark, sum(counted.values()), dict(counted))
     keep = [i for i, r in enumerate(reasons) if not r]
-    return docs.select(keep) if hasattr(docs, "select") else [docs[i] for i in keep]
+    note = json.dumps(dict(counted))  # travels with every doc to the task's counts (LEFT_OUT_FIELD)
+    if hasattr(docs, "select"):
+        kept = docs.select(keep)
+        return (
+            kept.remove_columns([LEFT_OUT_FIELD]).add_column(LEFT_OUT_FIELD, [note] * len(keep))
+            if LEFT_OUT_FIELD in kept.column_names
+            else kept.add_column(LEFT_OUT_FIELD, [note] * len(keep))
+        )
+    return [{**docs[i], LEFT_OUT_FIELD: note} for i in keep]
+
+
+def left_out(docs) -> dict[str, int]:
+    """How many items of the docs' benchmark were left out before the run, per reason (what each doc carries)."""
+    for doc in docs:
+        return json.loads(doc.get(LEFT_OUT_FIELD) or "{}")
+    return {}
 
 
 def open_docs(benchmark: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter, defaultdict
@@ -14,9 +15,10 @@ log = logging.getLogger(__name__)
 PAPER_ITEM_SET = "paper"  # medvqa.BUNDLE_ITEM_SET: the items HuatuoGPT-Vision's bundle holds, those the paper reports
 
 
-def read_output(output: str) -> tuple[outputs.Answer | None, str | None]:
-    """A model output as (answer, None), or (None, why the sample could not run)."""
-    value = outputs.decode(output)
+def read_output(output: str, doc: dict | None = None) -> tuple[outputs.Answer | None, str | None]:
+    """A model output as (answer, None), or (None, why the sample could not run); the answer the model kept for ``doc``
+    where it kept one (:data:`lmms_vg.outputs.LEDGER`)."""
+    value = outputs.LEDGER.take(doc, output) if doc is not None else outputs.decode(output)
     if isinstance(value, outputs.SampleError):
         return None, value.reason
     if isinstance(value, outputs.Answer):
@@ -60,6 +62,7 @@ class ClosedOutcome(LoggedOutcome):
     pred: str | None = None
     gold: str | None = None
     match: str | None = None
+    left_out: str = ""  # JSON {reason: count}: its benchmark's items left out before the run (vqa_data.LEFT_OUT_FIELD)
     method: dict = field(default_factory=dict)
 
 
@@ -89,8 +92,8 @@ def closed_outcome(doc: dict, output: str) -> ClosedOutcome:
     the outcome names which. A published ``?`` answer is scored wrong (``gold`` None), as that scorer does.
     """
     case = scoring.letter_case()
-    base = {**_base(doc, output), "item_set": doc.get("item_set", ""), "letter_case": case}
-    answer, reason = read_output(output)
+    base = {**_base(doc, output), "item_set": doc.get("item_set", ""), "letter_case": case, "left_out": doc.get("vg_left_out") or ""}
+    answer, reason = read_output(output, doc)
     reason = doc.get("vg_error") or reason
     gold = None
     if not reason:
@@ -113,7 +116,7 @@ def closed_outcome(doc: dict, output: str) -> ClosedOutcome:
 
 def open_outcome(doc: dict, output: str) -> OpenOutcome:
     base = {**_base(doc, output), "answer": doc["answer"]}
-    answer, reason = read_output(output)
+    answer, reason = read_output(output, doc)
     reason = doc.get("vg_error") or reason
     if reason:
         return OpenOutcome(**base, excluded=reason)
@@ -166,9 +169,13 @@ def breakdown(outcomes: list[ClosedOutcome]) -> dict[str, float]:
 
 
 def counts(outcomes: list[ClosedOutcome | OpenOutcome], left_out: Counter | None = None) -> dict:
-    """How many items were sent, scored and excluded (with why), how many the data left out before the run, and the item set."""
+    """How many items were sent, scored and excluded (with why), how many the data left out before the run, the item set,
+    and the record of the run that made them (model, checkpoint, method and its settings)."""
     excluded = Counter(reason_key(o.excluded) for o in outcomes if o.excluded)
     closed = [o for o in outcomes if isinstance(o, ClosedOutcome)]
+    if left_out is None:  # each benchmark's count, as its docs carried it
+        notes = {o.benchmark: o.left_out for o in closed if o.left_out}
+        left_out = sum((Counter(json.loads(n)) for n in notes.values()), Counter())
     item_sets = Counter(o.item_set for o in closed if o.item_set)
     result = {
         "total": len(outcomes),
@@ -184,7 +191,7 @@ def counts(outcomes: list[ClosedOutcome | OpenOutcome], left_out: Counter | None
     cases = {o.letter_case for o in closed}
     if cases:
         result["letter_case"] = ", ".join(sorted(cases))
-    return result
+    return result | outputs.run_field(o.method.get("run") for o in outcomes)
 
 
 def mean_of(outcomes: list[OpenOutcome], key: str) -> float:

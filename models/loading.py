@@ -51,7 +51,7 @@ def load_checkpoint(
     """
     from transformers import AutoConfig
 
-    classes = {model_type: model_class(name) for model_type, name in model_types.items()}  # also registers lmms-vg's own configs
+    classes = {model_type: model_class(name) for model_type, name in model_types.items()}
     local = Path(pretrained)
     if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local.expanduser() / "config.json").exists():
         raise ModelLoadError(
@@ -69,7 +69,7 @@ def load_checkpoint(
         ) from err
     if config.model_type not in model_types:
         raise ModelLoadError(
-            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(n.rpartition('.')[2] for n in model_types.values())}. "
+            f"{pretrained} is a '{config.model_type}' checkpoint, not {' or '.join(getattr(n, '__name__', str(n)) for n in model_types.values())}. "
             "Original LLaVA-format checkpoints convert with `lmms-vg convert`; other architectures: README 'Models'."
         )
     model = (
@@ -80,13 +80,13 @@ def load_checkpoint(
     return model, load_processor(pretrained, revision, trust_remote_code, **(processor_kwargs or {}))
 
 
-def model_class(name: str) -> type:
-    """A transformers class by name, or one of lmms-vg's by module path (e.g. ``lmms_vg.s2.LlavaS2ForConditionalGeneration``)."""
+def model_class(name) -> type:
+    """The class that loads a checkpoint: a family's own (a class), or a transformers class by name."""
+    if isinstance(name, type):
+        return name
     import transformers
 
-    from lmms_vg.presets import import_object
-
-    return getattr(transformers, name) if "." not in name else import_object(name)
+    return getattr(transformers, name)
 
 
 def load_processor(pretrained: str, revision: str, trust_remote_code: bool, **image_kwargs):

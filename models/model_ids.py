@@ -6,6 +6,7 @@ lmms-eval imports a model's class from here (``lmms_vg_models.model_ids.<ClassNa
 
 from __future__ import annotations
 
+from lmms_vg import presets
 from lmms_vg.presets import METHOD_SUFFIXES, PRESETS, ModelPreset, class_name, model_ids, split_model_id
 from lmms_vg_models.wrapper import VGModel
 
@@ -29,13 +30,14 @@ def __getattr__(name: str) -> type[VGModel]:
 
 
 def register_preset(preset: ModelPreset) -> list:
-    """Add a preset at run time (e.g. from your own package): its two classes, and manifests for lmms-eval.
+    """Add a preset at run time (e.g. from code that has already loaded torch): its classes, and manifests for lmms-eval.
 
-    Editing ``lmms_vg/presets.py`` does the same for every run; this is for code that cannot.
+    A preset file (``LMMS_VG_PRESETS`` or an ``lmms_vg.presets`` entry point: README "Adding a model") does the
+    same for every run, listed by ``lmms-eval models`` without importing torch; this is for code that cannot use one.
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    PRESETS[preset.model_id] = preset
+    presets.register_preset(preset)
     manifests = []
     for mid in (preset.model_id, *(preset.model_id + suffix for suffix in METHOD_SUFFIXES)):
         cls = MODEL_CLASSES[mid] = _make(mid)

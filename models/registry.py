@@ -1,8 +1,9 @@
 """The ``lmms_eval.models`` entry point: lmms-vg's model ids, from plain data.
 
 lmms-eval loads this whenever it builds its model registry (``lmms-eval models`` included), so it
-imports neither torch, transformers nor lmms-eval's task machinery: the manifests name each
-model's class by path, and the class loads only when a run asks for that model. It also installs
+imports neither torch, transformers nor lmms-eval's task machinery: the ids come from the family
+modules' text and the preset files (:func:`lmms_vg.presets.listed_model_ids`), the manifests name
+each model's class by path, and the class loads only when a run asks for that model. It also installs
 the hook that puts lmms-vg's task folder on every TaskManager's search path (:mod:`lmms_vg_tasks._hook`);
 a hook that fails costs the tasks' automatic path only (one line says how to add it by hand), never the models.
 """
@@ -13,7 +14,7 @@ import sys
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from lmms_vg.presets import class_name, model_ids
+from lmms_vg.presets import class_name, listed_model_ids
 
 
 def install_task_hook() -> None:
@@ -36,7 +37,7 @@ def manifests() -> list[ModelManifest]:
     ``lmms-eval models`` prints (as lmms-eval's own plugin mechanism does), which reads only that table.
     """
     install_task_hook()
-    paths = {mid: f"lmms_vg_models.model_ids.{class_name(mid)}" for mid in model_ids()}
+    paths = {mid: f"lmms_vg_models.model_ids.{class_name(mid)}" for mid in listed_model_ids()}
     listed = sys.modules.get("lmms_eval.models")  # being initialised: it is loading this entry point
     simple = getattr(listed, "AVAILABLE_SIMPLE_MODELS", {})
     builtin = set(simple) | set(getattr(listed, "AVAILABLE_CHAT_TEMPLATE_MODELS", {}))

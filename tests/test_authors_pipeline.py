@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from lmms_vg import engine, geometry, metrics
-from lmms_vg.adapters import Qwen2VLAdapter
+from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
 
 AUTHORS_PIXELS = {"min_pixels": 784, "max_pixels": 50176}  # measure_attention.py: processor.image_processor.{min,max}_pixels
 SIZES = [(300, 200), (200, 300), (640, 427), (427, 640), (333, 517), (512, 512), (1001, 77), (23, 31)]

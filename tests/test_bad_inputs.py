@@ -21,7 +21,7 @@ from lmms_vg import cli, files, geometry, outputs, scoring, vqa_data, vqa_result
 from lmms_vg.adapters import rgb
 from lmms_vg.grounding import GroundingRunner, GroundingSample
 from lmms_vg.methods import MethodConfigError
-from lmms_vg.vgrefine import VGRefineConfigError, load_heads
+from lmms_vg.methods.vgrefine import VGRefineConfigError, load_heads
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -93,16 +93,16 @@ def test_shifted_domain_loses_grounding_and_vgrefine_recovers_accuracy():
     """
     from scipy.stats import binomtest
 
-    from lmms_vg.adapters import LlavaAdapter
     from lmms_vg.demo import synthetic, train
+    from lmms_vg.families.llava import LlavaAdapter
     from lmms_vg.grounding import GroundingRunner, GroundingSample
-    from lmms_vg.presets import FAMILIES, PRESETS, resolve_checkpoint
+    from lmms_vg.methods.vgrefine import VGRefiner, config_from_args
+    from lmms_vg.presets import PRESETS, family_of, resolve_checkpoint
     from lmms_vg.prompts import GENERIC_PROMPT, MC_INSTRUCTION, SHORT_ANSWER
-    from lmms_vg.vgrefine import VGRefiner, config_from_args
     from lmms_vg_models.loading import load_checkpoint
 
     model, processor = load_checkpoint(
-        resolve_checkpoint(PRESETS["lmms_vg_demo"].checkpoint), FAMILIES["llava"].model_types, torch.float32, None, "main", False
+        resolve_checkpoint(PRESETS["lmms_vg_demo"].checkpoint), family_of("llava").model_types, torch.float32, None, "main", False
     )
     engine.install(model)
     adapter = LlavaAdapter(model, processor, name="demo", pad_to_square=True)
@@ -191,7 +191,7 @@ def test_the_trainer_runs_end_to_end(tmp_path, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
     from lmms_vg.demo import train
-    from lmms_vg.vgrefine import load_heads
+    from lmms_vg.methods.vgrefine import load_heads
 
     monkeypatch.setattr(train, "RANKING_SCENES", 4)
     monkeypatch.setattr(train, "SELECTION_SCENES", 8)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from markers import landed_cells, marker_image
+from markers import landed_cells, marker_image, raw
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -37,7 +37,7 @@ def test_llava_cells_match_processor(size, pad):
     pixels = proc(images=[marker_image(w, h, box)], return_tensors="np")["pixel_values"][0]
     t = geometry.llava_transform(w, h, pad_to_square=pad, shortest_edge=112, crop=(112, 112), patch=14)
     cells = geometry.box_cells([box], "xyxy", t)
-    landed = landed_cells(pixels, 14)
+    landed = landed_cells(raw(pixels, proc), 14)
     assert landed.any()
     # every cell the marker landed in is covered; covered cells are the landed ones plus at most a one-cell border
     assert not (landed & ~cells.mask).any()
@@ -59,7 +59,7 @@ def test_qwen2_vl_cells_match_processor():
     cells = geometry.box_cells([box], "xyxy", t_).mask.reshape(t_.rows, t_.cols)
     # rebuild the image from Qwen2-VL's flattened patches: [gh/2, gw/2, 2, 2, C, T, 14, 14]
     patches = out["pixel_values"].reshape(gh // 2, gw // 2, 2, 2, 3, 2, 14, 14)
-    white = (patches[:, :, :, :, 0, 0] > 1.5).any(axis=(2, 3, 4, 5))
+    white = (raw(patches[:, :, :, :, 0, 0], proc) > 0.75).any(axis=(2, 3, 4, 5))
     assert white.any() and not (white & ~cells).any()
 
 

@@ -9,7 +9,7 @@ from fixtures import write_coco, write_vgmed_v1
 from test_engine import eager_attentions, llava_batch, load_llava
 
 from lmms_vg import geometry, metrics
-from lmms_vg.adapters import LlavaAdapter
+from lmms_vg.families.llava import LlavaAdapter
 from lmms_vg.grounding import GroundingRunner, GroundingSample
 from lmms_vg.prompts import GENERIC_PROMPT
 

@@ -16,9 +16,10 @@ from test_engine import QUESTIONS, load_llava, load_qwen2_vl
 from test_vgrefine import HEADS, reference_vgrefine
 
 from lmms_vg import engine, internals, passes
-from lmms_vg.adapters import LlavaAdapter, Qwen2VLAdapter
+from lmms_vg.families.llava import LlavaAdapter
+from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
 from lmms_vg.grounding import GroundingRunner
-from lmms_vg.vgrefine import VGRefineConfig, VGRefiner
+from lmms_vg.methods.vgrefine import VGRefineConfig, VGRefiner
 
 CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 REF_PROMPT = "Write a general description of the image."
@@ -114,7 +115,7 @@ def test_a_row_cut_that_meets_an_unknown_input_reruns_uncut(llava_dir, images, m
 
         return refuse
 
-    monkeypatch.setattr(passes, "prefix_rows_only", refusing)
+    monkeypatch.setattr(passes.prefix, "prefix_rows_only", refusing)
     slow = maps_of_layer_1()
     assert cut and internals.of(model).row_cut is False
     for a, b in zip(fast, slow):

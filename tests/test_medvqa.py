@@ -36,7 +36,7 @@ def test_slake_json_and_zip(sources):
     # English closed only; "Left" (qid 12) cannot be multiple choice from this source: left out before the model sees it
     assert [d["id"] for d in closed] == ["slake_11", "slake_13"]
     assert closed[0]["options"] == ["yes", "no"] and closed[0]["answer"] == "no" and closed[0]["category"] == "Abnormality"
-    assert vqa_data.LEFT_OUT["slake"] == {"closed item without options in this source": 1}
+    assert vqa_data.left_out(closed) == {"closed item without options in this source": 1}
     assert [im.size for im in vqa_data.load_images(closed[1])] == [(64, 48)]  # from inside imgs.zip
     assert [d["answer"] for d in vqa_data.open_docs("slake")] == ["Liver"]
 

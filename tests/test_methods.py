@@ -10,8 +10,8 @@ from reference_attention import REFERENCE
 from test_engine import QUESTIONS, llava_batch, load_llava
 
 from lmms_vg import engine, methods
-from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
+from lmms_vg.families.llava import LlavaAdapter
 
 STEPS = 4
 
@@ -373,3 +373,11 @@ def test_vicrop_on_a_dynamic_resolution_model_with_images_of_two_sizes(qwen2_vl_
         outputs.decode(o) for o in wrapper.generate_until(make_requests(wrapper, pair, QUESTIONS, {"max_new_tokens": 2, "lmms_vg": {}}))
     ]
     assert all(a.method["name"] == "vicrop" and len(a.method["vicrop_box"]) == 4 for a in answers)
+
+
+def test_the_reports_method_names_are_the_methods_labels():
+    from lmms_vg import report
+    from lmms_vg.presets import METHODS as LISTED
+
+    assert {name: cls.label for name, cls in methods.METHODS.items()} == report.METHOD_NAMES
+    assert set(LISTED) == set(methods.METHODS)  # every method has its model-id twins

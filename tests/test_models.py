@@ -9,7 +9,7 @@ from lmms_eval.models import get_model
 
 from lmms_vg.demo import tiny
 from lmms_vg.grounding import GroundingRecord
-from lmms_vg.vgrefine import VGRefineConfigError
+from lmms_vg.methods.vgrefine import VGRefineConfigError
 from lmms_vg_models.loading import ModelLoadError
 
 # model id -> (text family, heads, kv heads): the real models' families and head ratios, scaled down

@@ -116,7 +116,7 @@ def test_installed_names_are_distinct_and_the_core_is_free_of_lmms_eval(tmp_path
         "print(importlib.util.find_spec('models') is None, importlib.util.find_spec('tasks') is None);"
         "import lmms_vg_models, lmms_vg_tasks;"
         "print(pathlib.Path(lmms_vg_models.__file__).parent.name, pathlib.Path(lmms_vg_tasks.__file__).parent.name);"
-        "import lmms_vg.grounding, lmms_vg.vgrefine, lmms_vg.passes, lmms_vg.report, lmms_vg.cli, lmms_vg.vqa_results;"
+        "import lmms_vg.grounding, lmms_vg.methods, lmms_vg.passes, lmms_vg.report, lmms_vg.cli, lmms_vg.vqa_results;"
         "print(any(m == 'lmms_eval' or m.startswith('lmms_eval.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from lmms_eval.models import get_model
-from markers import landed_cells, marker_image, qwen2_vl_frame, white_extent
+from markers import frame, landed_cells, marker_image, white_extent
 from transformers import AutoProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -41,7 +41,8 @@ IMAGES = [
 CASES = [
     (mid, proc)
     for mid, preset in sorted(PRESETS.items())
-    if mid != "lmms_vg_demo" and preset.family not in ("vila", "internvl")  # squash geometry: tests/test_paper_models.py
+    if mid != "lmms_vg_demo" and preset.family in ("llava", "qwen2_vl")  # the processor classes these families meet; every family's
+    # own processor: tests/test_conformance.py
     for proc in (
         ("qwen3_vl",) if mid == "qwen3vl" else ("qwen2_vl",) if preset.family == "qwen2_vl" else ("clip", "llava_nopad", "llava_pad")
     )
@@ -65,15 +66,6 @@ def checkpoint_with(llava_dir, qwen2_vl_dir, qwen3_vl_dir, tmp_path_factory):
         return out
 
     return {proc: make(proc) for proc in PROCESSORS}
-
-
-def frame(adapter, image) -> np.ndarray:
-    """The ``[C, H, W]`` frame the model sees for ``image``."""
-    inputs = adapter.pixel_inputs([image])
-    pixels = inputs["pixel_values"].float().numpy()
-    if "image_grid_thw" in inputs:
-        return qwen2_vl_frame(pixels, inputs["image_grid_thw"][0].tolist(), patch=adapter.image_processor.patch_size)
-    return pixels[0]
 
 
 @pytest.mark.parametrize(("model_id", "proc"), CASES)
@@ -118,6 +110,6 @@ def test_marker_lands_in_the_cells_the_geometry_gives(model_id, proc, checkpoint
 def test_padding_uses_the_processors_mean_colour(proc, checkpoint_with):
     """LLaVA-1.5's expand2square fills with the processor's mean colour: those pixels normalise to zero."""
     wrapper = get_model("huatuo").create_from_arg_string(f"pretrained={checkpoint_with[proc]},device=cpu", {})
-    pixels = frame(wrapper.adapter, marker_image(337, 113, (0, 0, 337, 113)))
+    pixels = frame(wrapper.adapter, marker_image(337, 113, (0, 0, 337, 113)), raw=False)
     # the top rows of the 112x112 frame are padding (the image occupies rows ~37..75)
     assert np.abs(pixels[:, :30]).max() < 0.02

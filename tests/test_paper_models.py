@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_image
 from lmms_eval.models import get_model
-from markers import landed_cells, marker_image, white_extent
+from markers import frame, landed_cells, marker_image, white_extent
 from safetensors.torch import save_file
 from test_models import make_requests
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, Qwen2ForCausalLM
@@ -25,8 +25,8 @@ from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, Llama
 from lmms_vg import geometry, outputs
 from lmms_vg.convert import ConversionError, convert
 from lmms_vg.demo import tiny
+from lmms_vg.families.llava import LlavaS2ForConditionalGeneration
 from lmms_vg.grounding import GroundingRecord
-from lmms_vg.s2 import LlavaS2ForConditionalGeneration
 from lmms_vg_models.loading import ModelLoadError
 
 BIOMEDCLIP = "open_clip_hub:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -289,7 +289,7 @@ def test_marker_lands_where_the_geometry_says(model_id, converted):
     adapter = get_model(model_id).create_from_arg_string(f"pretrained={converted[model_id]},device=cpu", {}).adapter
     for width, height, box in [(337, 113, (250, 20, 320, 90)), (113, 337, (20, 260, 90, 320)), (200, 200, (30, 120, 90, 180))]:
         image = marker_image(width, height, box)
-        pixels = adapter.pixel_inputs([image])["pixel_values"][0].float().numpy()
+        pixels = frame(adapter, image)  # un-normalised with the processor's mean and std
         t = adapter.transform(image)
         assert pixels.shape[1:] == (t.rows * t.cell, t.cols * t.cell)
         cells = geometry.box_cells([box], "xyxy", t).mask
@@ -386,7 +386,7 @@ def original_vila(folder):
 
 
 def test_vila_fold_order_is_vilas_and_cell_order_makes_it_row_major():
-    from lmms_vg.vila import cell_order, fold
+    from lmms_vg.families.vila import cell_order, fold
 
     g = 5
     rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
@@ -439,7 +439,7 @@ def test_vila_marker_lands_where_the_squash_geometry_says(vila_dir):
     adapter = get_model("vila_m3").create_from_arg_string(f"pretrained={vila_dir},device=cpu", {}).adapter
     for width, height, box in [(337, 113, (250, 20, 320, 90)), (113, 337, (20, 200, 90, 320)), (200, 200, (30, 120, 90, 180))]:
         image = marker_image(width, height, box)
-        pixels = adapter.pixel_inputs([image])["pixel_values"][0].float().numpy() + 1.0  # SigLIP's (x - .5) / .5: white 2, black 0
+        pixels = frame(adapter, image)  # SigLIP's (x - .5) / .5 undone
         t = adapter.transform(image)
         covered = pixels[:, : 5 * 14, : 5 * 14]  # SigLIP sees 5 patches a side; the 6th row and column of the fold are zeros
         cells = geometry.box_cells([box], "xyxy", t).mask
@@ -614,7 +614,7 @@ def test_medrega_marker_lands_where_the_squash_geometry_says(tmp_path):
     )
     for width, height, box in [(337, 113, (250, 20, 320, 90)), (113, 337, (20, 200, 90, 320)), (200, 200, (30, 120, 90, 180))]:
         image = marker_image(width, height, box)
-        pixels = adapter.pixel_inputs([image])["pixel_values"][0].float().numpy()  # ImageNet statistics: white ~2.2, black ~-2
+        pixels = frame(adapter, image)  # ImageNet statistics undone
         t = adapter.transform(image)
         assert pixels.shape[1:] == (t.rows * t.cell, t.cols * t.cell)
         landed = landed_cells(pixels, int(t.cell))

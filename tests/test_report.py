@@ -157,3 +157,44 @@ def test_leaderboard_has_a_delta_row_per_method(tmp_path):
     ]
     assert rows[5][1:] == ["+2.0", "-2.0", "-1.0"]  # PAI: 52-50, 38-40, (52*10+38*30)/40 - (50*10+40*30)/40
     assert rows[6][1:] == ["-1.0", "+4.0", "+2.8"]
+
+
+def results_file(folder, name, model, task, acc, scored, run=None, model_args="") -> None:
+    """A results file as lmms-eval writes it for an lmms-vg task: the run record beside the counts."""
+    counts = {"scored": scored, **({"run": run} if run else {})}
+    data = {"config": {"model": model, "model_args": model_args}, "results": {task: {"accuracy,none": acc, "samples,none": counts}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+
+
+def test_runs_are_named_by_their_record_two_checkpoints_two_rows(tmp_path):
+    """Two medgemma runs on other checkpoints than the id's are two rows named by their folders; the method and its settings come
+    from the record (vgrefine=on on a plain id), never from model_args (which here says the opposite)."""
+    own = {"model": "medgemma", "checkpoint": "google/medgemma-4b-it", "method": None, "settings": {}, "default_checkpoint": True}
+    a = {**own, "checkpoint": "/ckpt/medgemma-ft-a", "default_checkpoint": False}
+    b = {**own, "checkpoint": "/ckpt/medgemma-ft-b/", "default_checkpoint": False}
+    refined = {**own, "method": "vgrefine", "settings": {"top_k": 20}}
+    results_file(tmp_path / "1", "20260101_000000_results.json", "medgemma", "vqa_rad", 50.0, 10, own, "vgrefine=on")
+    results_file(tmp_path / "2", "20260101_000001_results.json", "medgemma", "vqa_rad", 60.0, 10, a)
+    results_file(tmp_path / "3", "20260101_000002_results.json", "medgemma", "vqa_rad", 70.0, 10, b)
+    results_file(tmp_path / "4", "20260101_000003_results.json", "medgemma", "vqa_rad", 55.0, 10, refined, "vgrefine=off")
+    runs = {r.label: r for r in report.load_runs([tmp_path])}
+    assert set(runs) == {"medgemma", "medgemma [medgemma-ft-a]", "medgemma [medgemma-ft-b]", "medgemma + VGRefine"}
+    assert runs["medgemma [medgemma-ft-b]"].results["vqa_rad"]["accuracy,none"] == 70.0
+    assert runs["medgemma + VGRefine"].settings == {"top_k": 20} and runs["medgemma"].method is None
+
+
+def test_a_failed_rerun_never_replaces_a_good_row_and_check_says_so(tmp_path, capsys):
+    from lmms_vg.cli import main
+
+    run = {"model": "huatuo", "checkpoint": "x", "method": None, "settings": {}, "default_checkpoint": True}
+    results_file(tmp_path, "20260101_000000_results.json", "huatuo", "vqa_rad", 50.0, 10, run)
+    results_file(tmp_path, "20260102_000000_results.json", "huatuo", "vqa_rad", float("nan"), 0, run)
+    (found,) = report.load_runs([tmp_path])
+    assert found.results["vqa_rad"]["accuracy,none"] == 50.0 and "vqa_rad" in found.failed
+    assert "20260102_000000_results.json" in report.failed_notes([found])[0]
+    assert main(["check", str(tmp_path), "--tasks", "vqa_rad"]) == 2
+    assert "its newest results" in capsys.readouterr().err
+    results_file(tmp_path, "20260103_000000_results.json", "huatuo", "vqa_rad", 60.0, 10, run)  # a good rerun replaces it
+    (found,) = report.load_runs([tmp_path])
+    assert found.results["vqa_rad"]["accuracy,none"] == 60.0 and not found.failed

@@ -124,15 +124,15 @@ def test_settings_are_parsed_strictly_before_any_sample(llava_dir, tmp_path):
     """What lmms-eval hands over from --model_args: words it does not know as booleans stay strings; none may read as true."""
     from lmms_eval.models import get_model
 
+    from lmms_vg.methods.vgrefine import VGRefineConfigError
     from lmms_vg.settings import SettingError
-    from lmms_vg.vgrefine import VGRefineConfigError
     from lmms_vg_models.loading import ModelLoadError
 
     def make(model, args, cli_batch=1):
         return get_model(model).create_from_arg_string(f"pretrained={llava_dir},device=cpu,{args}", {"batch_size": cli_batch})
 
     # the preset's heads do not fit the tiny model: were 'off' read as true, this would raise
-    assert make("huatuo_vgrefine", "vgrefine=off").refiner is None
+    assert make("huatuo_vgrefine", "vgrefine=off").method is None
     assert make("huatuo", "batch_size=4").batch_size == 4  # --model_args wins over the CLI's --batch_size
     remote = tmp_path / "remote"
     remote.mkdir()

@@ -138,3 +138,26 @@ def test_task_yamls_carry_the_prompts_of_lmms_vg_prompts():
     assert closed == f"{prompts.GENERIC_PROMPT}\n{prompts.MC_INSTRUCTION}"  # the instruction as mc_prompt places it
     opened = read("medvqa/_open_yaml")["generation_kwargs"]["lmms_vg"]["reference_prompt"]
     assert opened == prompts.open_question(prompts.GENERIC_PROMPT)  # the instruction as open_question places it
+
+
+def test_task_yamls_list_the_metrics_lmms_vg_keys_names():
+    """Metric names are defined once (lmms_vg.keys): every YAML's metric_list is the set its process_results fills."""
+    from pathlib import Path
+
+    import yaml
+
+    from lmms_vg import keys
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    tasks = Path(__file__).resolve().parent.parent / "tasks"
+    expected = {
+        "vgmed/_default_template_yaml": keys.GROUNDING_METRICS,
+        "medvqa/_closed_yaml": keys.CLOSED_METRICS,
+        "medvqa/_open_yaml": keys.OPEN_METRICS,
+    }
+    for name, metrics in expected.items():
+        listed = [m["metric"] for m in yaml.load((tasks / name).read_text(), Loader=Loader)["metric_list"]]
+        assert sorted(listed) == sorted(metrics), name

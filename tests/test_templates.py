@@ -17,8 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from lmms_vg import adapters
+from lmms_vg.conformance import huatuo_tokenizer_image_token, llava_tokenizer_image_token  # transcribed from the originals
 from lmms_vg.demo import tiny
-from lmms_vg.presets import FAMILIES, GENERIC_MODEL_ID, PRESETS
+from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
+from lmms_vg.presets import GENERIC_MODEL_ID, PRESETS, family_of, load_families
+
+load_families()
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "chat_templates.json").read_text())
 SHIPPED = dict(PRESETS)  # as collected: other tests register presets of their own later
@@ -44,10 +48,11 @@ def test_every_model_id_has_its_original():
 def prompt_of(model_id: str) -> str:
     """The prompt lmms-vg's adapter for the id builds for the fixture's question (no model needed to write a prompt)."""
     preset = PRESETS[model_id]
-    special = ("<image>", "<IMG_CONTEXT>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
-    tokenizer = tiny.build_tokenizer(extra_special=special, image_token=False)
+    special = ("<image>", "<IMG_CONTEXT>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<bos>")
+    tokenizer = tiny.build_tokenizer(extra_special=special, image_token=False, bos="<bos>")  # a template may write it (Gemma 3)
     tokenizer.chat_template = preset.chat_template or original_of(model_id)["checkpoint_template"]
-    adapter = FAMILIES[preset.family].adapter_class().__new__(FAMILIES[preset.family].adapter_class())
+    adapter_class = family_of(preset.family).adapter
+    adapter = adapter_class.__new__(adapter_class)
     adapter.tokenizer, adapter.context = tokenizer, "<IMG_CONTEXT>"
     return adapter.prompt(QUESTION)
 
@@ -57,41 +62,6 @@ def test_prompt_equals_what_the_original_code_builds(model_id):
     original = original_of(model_id)
     assert prompt_of(model_id) == original["prompt"], original["source"]
     assert PRESETS[model_id].tokenisation == original["tokenisation"], original["source"]["how"]
-
-
-def llava_tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
-    """haotian-liu/LLaVA @ c121f04, llava/mm_utils.py ``tokenizer_image_token`` (LLaVA-Med, MedTrinity and VILA @ 355fda9
-    carry the same function), transcribed."""
-    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-
-    def insert_separator(X, sep):
-        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
-
-    input_ids = []
-    offset = 0
-    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        input_ids.append(prompt_chunks[0][0])
-    for x in insert_separator(prompt_chunks, [IMAGE] * (offset + 1)):
-        input_ids.extend(x[offset:])
-    return input_ids
-
-
-def huatuo_tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
-    """FreedomIntelligence/HuatuoGPT-Vision @ a6476ac, cli.py ``tokenizer_image_token``: chunks without special tokens."""
-    prompt_chunks = [tokenizer(chunk, add_special_tokens=False).input_ids for chunk in prompt.split("<image>")]
-
-    def insert_separator(X, sep):
-        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
-
-    input_ids = []
-    offset = 0
-    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        input_ids.append(prompt_chunks[0][0])
-    for x in insert_separator(prompt_chunks, [IMAGE] * (offset + 1)):
-        input_ids.extend(x[offset:])
-    return input_ids
 
 
 def internvl_chat_ids(prompt: str, tokenizer) -> list[int]:
@@ -173,5 +143,5 @@ def test_qwen_ids_lay_out_the_model_cards_message(qwen2_vl_dir):
     assert prompt_of(model_id) == FIXTURE["ids"][model_id]["prompt"]
     adapter = SimpleNamespace(tokenizer=tiny.build_tokenizer(extra_special=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")))
     adapter.tokenizer.chat_template = FIXTURE["ids"][model_id]["checkpoint_template"]
-    two = adapters.Qwen2VLAdapter.prompt(adapter, QUESTION, n_images=2)
+    two = Qwen2VLAdapter.prompt(adapter, QUESTION, n_images=2)
     assert two.count("<|vision_start|><|image_pad|><|vision_end|>") == 2 and two.index("<|image_pad|>") < two.index("Is there")

@@ -10,10 +10,10 @@ from reference_attention import REFERENCE
 from test_engine import QUESTIONS, eager_attentions, llava_batch, load_llava
 
 from lmms_vg import engine
-from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import tiny
+from lmms_vg.families.llava import LlavaAdapter
+from lmms_vg.methods.vgrefine import HeadRanking, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
 from lmms_vg.prompts import GENERIC_PROMPT
-from lmms_vg.vgrefine import HeadRanking, VGRefineConfig, VGRefineConfigError, VGRefiner, calibrate, load_heads
 
 HEADS = ((1, 0), (2, 3), (0, 1), (1, 2), (2, 0))
 REF_PROMPT = "Write a general description of the image."
@@ -160,7 +160,7 @@ def test_huatuo_vgrefine_through_cli(tmp_path, huatuo_shaped_dir):
 
 
 def test_triage_keeps_at_or_above_percentile_by_hand():
-    from lmms_vg.vgrefine import triage_keep, triage_map
+    from lmms_vg.methods.vgrefine import triage_keep, triage_map
 
     assert triage_keep(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), 50).tolist() == [[False, True, True, True]]  # median 2: ties kept
     assert triage_keep(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 25).tolist() == [[True, False, True, True]]  # threshold 1.75
@@ -182,14 +182,14 @@ def test_shared_prefix_equals_full_prompts(checkpoint, batch, request, images):
 
     LLaVA (1-D positions): the question and the generic prompt ride on the prefix's own pass, side by side, the
     second blocked from the first; M-RoPE (Qwen2-VL family): the prefix runs alone and the suffixes add its shift."""
-    from lmms_vg.adapters import Qwen2VLAdapter
+    from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
     from lmms_vg.passes import FullPromptBatch, ReferenceCache, SharedPrefixBatch
-    from lmms_vg.presets import FAMILIES
+    from lmms_vg.presets import family_of
     from lmms_vg_models.loading import load_checkpoint
 
     family = "llava" if checkpoint == "llava_dir" else "qwen2_vl"
     model, processor = load_checkpoint(
-        str(request.getfixturevalue(checkpoint)), FAMILIES[family].model_types, torch.float32, None, "main", False
+        str(request.getfixturevalue(checkpoint)), family_of(family).model_types, torch.float32, None, "main", False
     )
     engine.install(model)
     adapter = (LlavaAdapter if family == "llava" else Qwen2VLAdapter)(model, processor)
@@ -217,13 +217,13 @@ def test_shared_prefix_equals_full_prompts(checkpoint, batch, request, images):
 @pytest.mark.parametrize("checkpoint", ["llava_dir", "qwen2_vl_dir"])
 def test_knocked_pass_resumes_below_the_knockout_layer(checkpoint, batch, request, images):
     """Layers below the first knockout layer are not run again for the knocked-out pass: same tokens and logits as running them."""
-    from lmms_vg.adapters import Qwen2VLAdapter
-    from lmms_vg.presets import FAMILIES
+    from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
+    from lmms_vg.presets import family_of
     from lmms_vg_models.loading import load_checkpoint
 
     family = "qwen2_vl" if checkpoint.startswith("qwen") else "llava"
     model, processor = load_checkpoint(
-        str(request.getfixturevalue(checkpoint)), FAMILIES[family].model_types, torch.float32, None, "main", False
+        str(request.getfixturevalue(checkpoint)), family_of(family).model_types, torch.float32, None, "main", False
     )
     engine.install(model)
     adapter = (Qwen2VLAdapter if family == "qwen2_vl" else LlavaAdapter)(model, processor)

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..prompts import HUATUO_TEMPLATE
+from ..families.llava import HUATUO_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|endoftext|>", "<image>", "<|user|>", "<|assistant|>"]
 _CORPUS = (
@@ -33,13 +33,21 @@ QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 
 
 def build_tokenizer(
-    vocab_size: int = 1000, extra_special: tuple[str, ...] = (), image_token: bool = True, extra_corpus: str = "", qwen2_split: bool = False
+    vocab_size: int = 1000,
+    extra_special: tuple[str, ...] = (),
+    image_token: bool = True,
+    extra_corpus: str = "",
+    qwen2_split: bool = False,
+    bos: str | None = None,
+    extra_marks: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer trained on a fixed corpus (deterministic), plus ``extra_corpus``.
 
     The vocabulary is large enough that the corpus words become single tokens, so prompt lengths
     are close to a real LLM tokenizer's (benchmarks depend on that). ``qwen2_split``: Qwen2's
-    pre-tokenizer (GPT-2's otherwise, which the bundled demo model was trained with).
+    pre-tokenizer (GPT-2's otherwise, which the bundled demo model was trained with). ``bos``: a
+    BOS token (one of ``extra_special``) the tokenizer adds to every text, as Gemma's and Llama's do.
+    ``extra_marks``: named special tokens (e.g. Gemma 3's ``boi_token``), attributes of the tokenizer.
     """
     from tokenizers import Regex
 
@@ -62,12 +70,18 @@ def build_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS + extra_corpus] * 4, trainer)
+    if bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    marks = {"image_token": "<image>"} if image_token else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
         pad_token="<pad>",
         eos_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>"} if image_token else {},
+        bos_token=bos,
+        extra_special_tokens=marks | (extra_marks or {}),
         padding_side="left",
         chat_template=HUATUO_TEMPLATE,
     )

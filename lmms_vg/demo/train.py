@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from lmms_vg import engine
-from lmms_vg.adapters import LlavaAdapter
 from lmms_vg.demo import synthetic, tiny
+from lmms_vg.families.llava import LlavaAdapter
 from lmms_vg.geometry import box_cells
+from lmms_vg.methods.vgrefine import calibrate
 from lmms_vg.prompts import GENERIC_PROMPT, SHORT_ANSWER
 from lmms_vg.scoring import LETTERS, MC_INSTRUCTION, mc_prompt
-from lmms_vg.vgrefine import calibrate
 
 SHAPE = {"layers": 4, "heads": 4, "kv_heads": 2, "hidden": 128}
 PATCH = 14  # the vision tower's patch (tiny.build_llava): 8 x 8 patches on the 112 px scenes
@@ -139,7 +139,7 @@ def mc_items(rng: random.Random, n: int, shift: bool) -> list[tuple]:
 
 def vgrefine_accuracy(adapter: LlavaAdapter, config, items: list[tuple]) -> float:
     """VGRefine's multiple-choice accuracy on ``items``, normalised by the generic prompt with the task's instruction."""
-    from lmms_vg.vgrefine import VGRefiner
+    from lmms_vg.methods.vgrefine import VGRefiner
 
     refiner = VGRefiner(adapter, config, reference_cache_size=0)
     correct = 0
@@ -160,7 +160,7 @@ SELECTION_SCENES = 192  # held-out shifted scenes the knockout layer, percentile
 
 def choose_settings(adapter: LlavaAdapter, heads: tuple, rng: random.Random) -> tuple[tuple[int, float, int], dict]:
     """(knockout layer, percentile, K) with the best VGRefine accuracy on held-out shifted scenes, and every setting's accuracy."""
-    from lmms_vg.vgrefine import VGRefineConfig
+    from lmms_vg.methods.vgrefine import VGRefineConfig
 
     items = mc_items(rng, SELECTION_SCENES, shift=True)
     reference = GENERIC_PROMPT + "\n" + MC_INSTRUCTION  # the demo's VQA task: multiple choice

@@ -1,11 +1,10 @@
 """Medical VQA tasks: docs from lmms_vg.vqa_data, scoring from lmms_vg.scoring / vqa_results."""
 
 import os
-from collections import Counter
 
 import datasets
 
-from lmms_vg import prompts, scoring, vqa_data, vqa_results
+from lmms_vg import keys, prompts, scoring, vqa_data, vqa_results
 
 
 def _as_dataset(docs):
@@ -42,12 +41,12 @@ def open_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def closed_process_results(doc, results):
     outcome = vqa_results.closed_outcome(doc, results[0]).to_log()  # lmms-eval logs and aggregates plain records
-    return {"accuracy": outcome, "breakdown": outcome, "samples": outcome}
+    return dict.fromkeys(keys.CLOSED_METRICS, outcome)
 
 
 def open_process_results(doc, results):
     outcome = vqa_results.open_outcome(doc, results[0]).to_log()
-    return {"bleu1": outcome, "open_recall": outcome, "bertscore": outcome, "samples": outcome}
+    return dict.fromkeys(keys.OPEN_METRICS, outcome)
 
 
 def _closed(records):
@@ -69,9 +68,7 @@ def agg_breakdown(records):
 def agg_counts(records):
     """The counts of a closed or an open task (an open record carries the reference ``answer``)."""
     outcomes = _open(records) if records and "answer" in records[0] else _closed(records)
-    benchmarks = {o.benchmark for o in outcomes}
-    left_out = sum((vqa_data.LEFT_OUT.get(b, Counter()) for b in benchmarks), Counter())
-    return vqa_results.counts(outcomes, left_out)
+    return vqa_results.counts(outcomes)
 
 
 def agg_group_accuracy(values, sizes, weight_by_size=True):

@@ -2,8 +2,8 @@
 
 import datasets
 
-from lmms_vg import aggregate, files, scoring, vgmed_data
-from lmms_vg.grounding import GroundingRecord
+from lmms_vg import aggregate, files, keys, scoring, vgmed_data
+from lmms_vg.outputs import GroundingRecord
 
 
 def _docs(kind: str, natural: bool):
@@ -29,7 +29,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     record = GroundingRecord.from_output(results[0]).__dict__
-    return {key: record for key in ("ar_by_layer", "kl_by_layer", "js_by_layer", "iou_by_layer", "best_layer", "samples", "head_kl")}
+    return dict.fromkeys(keys.GROUNDING_METRICS, record)
 
 
 def agg_ar(records):

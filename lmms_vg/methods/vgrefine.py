@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import engine, metrics, settings
-from .passes import Passes
-from .prompts import GENERIC_PROMPT, SHORT_ANSWER
+from .. import engine, metrics, settings
+from ..passes import Passes, same_grid
+from ..prompts import GENERIC_PROMPT, SHORT_ANSWER
+from .base import Asked, GroundingPlan, Method, MethodOutcome, register
 
 HEADS_DIR = "heads"
 
@@ -173,6 +174,11 @@ class VGRefineConfig:
             raise VGRefineConfigError("no knockout layer: give knockout_layers= or a head ranking that names them")
         object.__setattr__(self, "selected", tuple(self.heads[: self.top_k]))
 
+    def check(self, adapter) -> None:
+        """Against the loaded model, before any sample."""
+        text = adapter.model.config.text_config
+        self.validate_for(text.num_hidden_layers, text.num_attention_heads, adapter.name)
+
     def validate_for(self, n_layers: int, n_heads: int, model_name: str) -> None:
         """Heads and layers must exist in the model (checked before any sample runs)."""
         bad = [list(h) for h in self.selected if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
@@ -261,3 +267,68 @@ def calibrate(head_kl: np.ndarray, top_k: int, knockout_layers: tuple[int, ...],
     order = np.argsort(head_kl, axis=None, kind="stable")[:top_k]
     heads = tuple((int(i // head_kl.shape[1]), int(i % head_kl.shape[1])) for i in order)
     return HeadRanking(heads, tuple(knockout_layers), model, source, samples, tuple(float(head_kl.flat[i]) for i in order))
+
+
+VGREFINE_ARGS = ("heads", "top_k", "percentile", "knockout_layers", "knockout_mode")
+
+
+@register
+class VGRefine(Method):
+    """VGRefine as a method: the triage and knockout per answer; grounding measured with its knockout in place."""
+
+    name, label, Settings = "vgrefine", "VGRefine", VGRefineConfig
+    one_image = True
+
+    def __init__(self, adapter, settings_: VGRefineConfig, reference_cache_size: int = 64) -> None:
+        super().__init__(adapter, settings_, reference_cache_size)
+        self.refiner = VGRefiner(adapter, settings_, reference_cache_size)
+
+    @classmethod
+    def argument_names(cls) -> frozenset[str]:
+        return frozenset(VGREFINE_ARGS)
+
+    @classmethod
+    def settings_from_args(cls, args: dict, defaults: dict) -> VGRefineConfig:
+        """``heads``, ``top_k``, ``percentile``, ``knockout_layers``, ``knockout_mode``; the preset's heads and layers by default."""
+        unknown = sorted(set(args) - set(VGREFINE_ARGS))
+        if unknown:
+            raise VGRefineConfigError(f"vgrefine: unknown settings {unknown}; it takes {sorted(VGREFINE_ARGS)}")
+        return config_from_args(
+            defaults.get("model", "model"),
+            args.get("heads") or defaults.get("heads"),
+            args.get("top_k"),
+            args.get("percentile"),
+            args.get("knockout_layers"),
+            args.get("knockout_mode", "mask"),
+            default_layers=tuple(defaults.get("knockout_layers", ())),
+            normalise=defaults.get("normalise", True),
+        )
+
+    def answer(self, asked: Asked, **generate_kwargs) -> MethodOutcome:
+        """Each group of one token grid in one batch (their prefixes must share a length); the samples in their order."""
+        images = [imgs[0] for imgs in asked.images]
+        rows, details, fields = [None] * len(images), [{}] * len(images), [{}] * len(images)
+        config = self.settings
+        used = (asked.reference_prompt or config.reference_prompt) if config.reference_prompt else None
+        for group in same_grid(self.adapter, images):
+            outcome = self.refiner.generate(
+                [images[n] for n in group],
+                [asked.texts[n] for n in group],
+                image_keys=[asked.image_keys[n] for n in group],
+                reference_prompt=asked.reference_prompt,
+                **generate_kwargs,
+            )
+            for n, row, fraction in zip(group, outcome.tokens, outcome.knocked_fraction):
+                rows[n] = row
+                fields[n] = {"knocked_fraction": round(fraction, 6), "knockout_layers": tuple(config.knockout_layers)}
+                details[n] = {"reference_prompt": used}
+        return MethodOutcome(rows, None, details, fields)
+
+    def grounding(self) -> GroundingPlan:
+        return GroundingPlan(knockout=self.settings)
+
+    def record(self) -> dict:
+        return self.settings.settings()
+
+    def not_applied(self, n_images: int) -> dict:
+        return {"vgrefine": f"not applied: {n_images} images (the knockout is defined for one)"}
