@@ -98,6 +98,9 @@ def cmd_check(args) -> list[Path]:
                 problems.append(f"{run.label} · {task}: no sample was scored ({counts})")
             if task in run.failed:  # the newest run of it scored nothing: an older one's results stand in the tables
                 problems.append(f"{run.label} · {task}: its newest results ({run.failed[task]}) scored no sample")
+            mismatch = report.samples_mismatch(run, task)
+            if mismatch:
+                problems.append(f"{run.label} · {task}: {mismatch}")
     if problems:
         raise report.ReportError("; ".join(problems))
     return []
@@ -131,6 +134,12 @@ def cmd_check_family(args) -> None:
     print(conformance.report(results))
     if any(r.passed is False for r in results):
         raise SystemExit(1)
+
+
+def cmd_merge(args) -> list[Path]:
+    from .merge import merge
+
+    return merge(args.shards, args.out, force=args.force)
 
 
 def cmd_tasks_path(args) -> None:
@@ -172,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     s = results_command("check", cmd_check, "exit non-zero unless each task has results with scored samples (for scripts)")
     s.add_argument("--tasks", required=True, help="e.g. 'vqa_rad,vgmed_loc'")
+
+    s = sub.add_parser("merge", help="join the output folders of one run's shards (--offset/--limit, machines) into one results folder")
+    s.add_argument("shards", nargs="+", help="lmms-eval --output_path folders of the shards (run with --log_samples)")
+    s.add_argument("--out", required=True, help="folder for the joined results (lmms-eval's layout)")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("heatmaps", help="attention over the image with the box (PNG, SVG), baseline vs VGRefine")
     s.add_argument("--baseline", required=True, help="save_maps folder of the baseline run")

@@ -22,13 +22,15 @@ TAG = "lmms_vg"
 @dataclass(frozen=True)
 class RunRecord:
     """What made a number: the model id (without its method), the checkpoint it loaded, whether that is the id's own
-    (False where ``pretrained=`` named another), the method (None: the baseline) and all its settings."""
+    (False where ``pretrained=`` named another), the method (None: the baseline) and all its settings, and the layers
+    its preset names (the report's fixed layer)."""
 
     model: str
     checkpoint: str
     method: str | None = None
     settings: dict = field(default_factory=dict)
     default_checkpoint: bool = True
+    layers: tuple[int, ...] = ()  # the layers the id's preset names (the paper's fixed layer, where it published one)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +45,7 @@ class RunRecord:
             value.get("method"),
             dict(value.get("settings") or {}),
             bool(value.get("default_checkpoint", True)),
+            tuple(int(v) for v in value.get("layers") or ()),
         )
 
     @property

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import keys, metrics
+from . import keys, metrics, stats
 from .outputs import RunRecord
 from .presets import METHODS, split_model_id
 from .prompts import INSTRUCTIONS
@@ -93,6 +94,8 @@ class Run:
     sources: dict[str, Path] = field(default_factory=dict)  # task -> the file its results came from
     settings: dict = field(default_factory=dict)  # the method's settings as the run used them
     failed: dict[str, Path] = field(default_factory=dict)  # task -> a newer file whose results scored nothing (kept out)
+    layers: tuple[int, ...] = ()  # the layers the model's preset names (the paper's fixed layer where it published one)
+    _lines: dict = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -121,6 +124,34 @@ class Run:
     def grounding_tasks(self) -> list[str]:
         return sorted(t for t in self.results if self.grounding(t) is not None)
 
+    def sample_lines(self, task: str) -> list[dict] | None:
+        """The task's per-sample log lines (lmms-eval's ``--log_samples`` file beside its results), or None without one."""
+        source = self.sources.get(task)
+        if source is None:
+            return None
+        found = source.parent / source.name.replace("_results.json", f"_samples_{task}.jsonl")
+        if not found.exists():
+            return None
+        if found not in self._lines:
+            self._lines[found] = [json.loads(line) for line in found.read_text().splitlines() if line.strip()]
+        return self._lines[found]
+
+    def closed_items(self, task: str) -> dict[str, int] | None:
+        """Item id -> 1 (right) or 0 (wrong) for every scored item of a closed-ended task; None without its sample log."""
+        lines = self.sample_lines(task)
+        if lines is None:
+            return None
+        records = [line.get(keys.ACCURACY) for line in lines]
+        return {str(r["id"]): int(bool(r.get("correct"))) for r in records if isinstance(r, dict) and not r.get("excluded")}
+
+    def grounding_items(self, task: str) -> list[dict] | None:
+        """The task's per-sample grounding records that were scored (per-layer ar/kl/js), or None without its sample log."""
+        lines = self.sample_lines(task)
+        if lines is None:
+            return None
+        records = [line.get(keys.GROUNDING_METRICS[0]) for line in lines]
+        return [r for r in records if isinstance(r, dict) and not r.get("skipped")]
+
     def take(self, task: str, metrics: dict, samples: int, path: Path) -> None:
         """A file's results for ``task``, newer than what the run holds: they replace it unless they scored nothing while
         it did (a failed rerun never replaces a good row; it is listed in ``failed``)."""
@@ -137,6 +168,25 @@ class Runs(list):
     def __init__(self, runs: list[Run], unreadable: list[tuple[Path, str]] = ()):
         super().__init__(runs)
         self.unreadable = list(unreadable)
+
+
+def samples_mismatch(run: Run, task: str) -> str | None:
+    """Why a task's per-sample log does not belong to its results (None where it does, or where there is no log): more or
+    fewer rows than the results counted, or a doc twice, as when two runs wrote into one folder in the same second."""
+    lines = run.sample_lines(task)
+    if lines is None:
+        return None
+    docs = Counter(line.get("doc_id") for line in lines)
+    twice = sorted(str(d) for d, n in docs.items() if n > 1)
+    expected = run.samples.get(task)
+    if twice or (expected and len(lines) != expected):
+        where = run.sources[task].parent
+        return (
+            f"its samples log has {len(lines)} rows for {expected} results items"
+            + (f", docs {', '.join(twice[:5])}{' ...' if len(twice) > 5 else ''} twice" if twice else "")
+            + f": two runs wrote into {where}; rerun each into its own --output_path"
+        )
+    return None
 
 
 def scored(metrics: dict) -> int | None:
@@ -156,16 +206,16 @@ def run_record(results: dict) -> RunRecord | None:
     return None
 
 
-def identify(data: dict, results: dict) -> tuple[str, str, str | None, dict]:
-    """(model id, the model as tables name it, method, settings) of a results file: from its run record, else (lmms-eval's
-    own tasks) the model id given to --model."""
+def identify(data: dict, results: dict) -> tuple[str, str, str | None, dict, tuple[int, ...]]:
+    """(model id, the model as tables name it, method, settings, the preset's layers) of a results file: from its run
+    record, else (lmms-eval's own tasks) the model id given to --model."""
     record = run_record(results)
     if record is not None:
         model_id = record.model + (f"_{record.method}" if record.method else "")
-        return model_id, record.name, record.method, record.settings
+        return model_id, record.name, record.method, record.settings, record.layers
     model = str(data.get("config", {}).get("model", "model"))
     base, method = split_model_id(model)
-    return model, base, method, {}
+    return model, base, method, {}, ()
 
 
 def load_runs(folders: list[str | Path]) -> Runs:
@@ -185,12 +235,12 @@ def load_runs(folders: list[str | Path]) -> Runs:
         try:
             data = json.loads(path.read_text())
             results = data["results"]
-            model, base, method, used = identify(data, results)
+            model, base, method, used, layers = identify(data, results)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             unreadable.append((path, f"{type(err).__name__}: {err}"))
             continue
         samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in (data.get("n-samples") or {}).items()}
-        found = Run(model, base, method, {}, {}, path, settings=used)
+        found = Run(model, base, method, {}, {}, path, settings=used, layers=layers)
         run = runs.setdefault(found.label, found)
         for task, values in results.items():
             run.take(task, values, samples.get(task, 0), path)
@@ -214,7 +264,9 @@ def _scored_vqa(run: Run, task: str) -> VqaResult | None:
 
 
 def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Models x benchmarks (closed-ended accuracy, %), the Avg. weighted by items scored, and a method - baseline row per method run.
+    """Models x benchmarks: closed-ended accuracy (%) with its Wilson 95% interval in the next column, the Avg. weighted
+    by items scored (its interval over the pooled items), and a method - baseline row per method run: the delta with its
+    paired bootstrap interval over the items both scored (``*``: the interval excludes 0; :func:`deltas` has McNemar's p).
 
     When one of the paper's benchmarks was scored on another item set than the paper's, the Avg.
     column is headed "Avg. (not the paper's item sets)"; :func:`item_set_notes` says which sets.
@@ -224,22 +276,114 @@ def leaderboard(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         raise ReportError("no closed-ended accuracy in these results: run the VQA tasks (e.g. --tasks medvqa)")
     # the question only arises for the paper's benchmarks: is each scored on the items the paper reports?
     other_sets = {v.item_set for r in runs for t in tasks if t in VQA_TASKS and (v := _scored_vqa(r, t))} - {"paper", ""}
-    header = ["Model"] + [VQA_NAMES.get(t, t) for t in tasks] + ["Avg. (not the paper's item sets)" if other_sets else "Avg."]
-    rows, values = [], {}
-    for run in sorted(runs, key=lambda r: r.order):
+    average = "Avg. (not the paper's item sets)" if other_sets else "Avg."
+    header = ["Model"] + [c for name in [VQA_NAMES.get(t, t) for t in tasks] + [average] for c in (name, f"{name} 95% CI")]
+    rows = []
+    ordered = sorted(runs, key=lambda r: r.order)
+    for run in ordered:
         results = [_scored_vqa(run, t) for t in tasks]
-        accs = [v.accuracy if v else None for v in results]
-        pairs = [(v.accuracy, v.scored) for v in results if v and v.scored > 0]
-        avg = sum(a * w for a, w in pairs) / sum(w for _, w in pairs) if pairs else None
-        values[run.label] = accs + [avg]
-        rows.append([run.label] + [_fmt(v) for v in accs + [avg]])
-    for run in sorted(runs, key=lambda r: r.order):
-        without = values.get(run.base)
-        if run.method and without:
-            name = METHOD_NAMES[run.method]
+        pooled = [(round(v.accuracy * v.scored / 100), v.scored) for v in results if v and v.scored > 0]
+        right, n = sum(k for k, _ in pooled), sum(m for _, m in pooled)
+        cells = [(v.accuracy, _wilson_cell(v.accuracy * v.scored / 100, v.scored)) if v else (None, "-") for v in results]
+        cells.append((100.0 * right / n if n else None, _wilson_cell(right, n)))
+        rows.append([run.label] + [c for value, interval in cells for c in (_fmt(value), interval)])
+    baselines = {r.base: r for r in ordered if r.method is None}
+    for run in ordered:
+        baseline = baselines.get(run.base)
+        if run.method and baseline is not None:
+            found = [_delta_cells(d) for d in task_deltas(baseline, run, tasks)]
+            rows.append([f"{run.base}: {METHOD_NAMES[run.method]} - baseline"] + [c for pair in found for c in pair])
+    return header, rows
+
+
+def _wilson_cell(right: float, n: int) -> str:
+    if not n:
+        return "-"
+    low, high = stats.wilson(round(right), n)
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+@dataclass(frozen=True)
+class Delta:
+    """B - A in points on one task (or the pooled average): paired over the items both scored where their sample logs are
+    there, else the difference of the two accuracies with no interval."""
+
+    task: str
+    value: float | None
+    paired: stats.PairedDelta | None  # in points
+
+    @property
+    def marked(self) -> bool:
+        return self.paired is not None and self.paired.excludes_zero
+
+
+def task_deltas(a: Run, b: Run, tasks: list[str]) -> list[Delta]:
+    """Per task, then the average: paired over the union of the tasks' items (each item weighing one, as the Avg. weighs
+    them) where every task both runs scored has its sample logs, else the difference of the two Avg. columns."""
+    found, pooled_a, pooled_b, paired = [], [], [], True
+    for task in tasks:
+        va, vb = _scored_vqa(a, task), _scored_vqa(b, task)
+        if not (va and vb):
+            found.append(Delta(task, None, None))
+            continue
+        ia, ib = a.closed_items(task), b.closed_items(task)
+        if ia is None or ib is None:
+            paired = False
+            found.append(Delta(task, vb.accuracy - va.accuracy, None))
+            continue
+        common = sorted(set(ia) & set(ib))
+        pooled_a += [ia[i] for i in common]
+        pooled_b += [ib[i] for i in common]
+        found.append(_paired(task, [ia[i] for i in common], [ib[i] for i in common]))
+    found.append(_paired("Avg.", pooled_a, pooled_b) if paired and pooled_a else Delta("Avg.", _average_delta(a, b, tasks), None))
+    return found
+
+
+def _paired(task: str, a: list[int], b: list[int]) -> Delta:
+    d = stats.paired_delta(a, b)
+    points = stats.PairedDelta(100 * d.delta, 100 * d.low, 100 * d.high, d.p_value, d.n)
+    return Delta(task, points.delta if d.n else None, points if d.n else None)
+
+
+def _average_delta(a: Run, b: Run, tasks: list[str]) -> float | None:
+    """The difference of the two Avg. columns (items-scored weights), where the items cannot be paired."""
+    means = []
+    for run in (a, b):
+        pairs = [(v.accuracy, v.scored) for t in tasks if (v := _scored_vqa(run, t)) and v.scored > 0]
+        means.append(sum(x * w for x, w in pairs) / sum(w for _, w in pairs) if pairs else None)
+    return means[1] - means[0] if None not in means else None
+
+
+def _delta_cells(d: Delta) -> tuple[str, str]:
+    if d.value is None:
+        return "-", "-"
+    if d.paired is None:
+        return _fmt(d.value, signed=True), "n/a (no sample logs: rerun with --log_samples)"
+    return _fmt(d.value, signed=True) + ("*" if d.marked else ""), f"[{d.paired.low:+.1f}, {d.paired.high:+.1f}]"
+
+
+def deltas(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Every method against its baseline and every pair of baseline models, per task and on the average: the paired delta,
+    its 95% bootstrap interval, the exact McNemar p-value, the paired items, and whether the interval excludes 0."""
+    tasks = accuracy_tasks(runs)
+    ordered = sorted(runs, key=lambda r: r.order)
+    baselines = [r for r in ordered if r.method is None]
+    pairs = [(b, r) for r in ordered for b in baselines if r.method and b.base == r.base]
+    pairs += [(a, b) for i, a in enumerate(baselines) for b in baselines[i + 1 :]]
+    header = ["Comparison", "Task", "Delta (points)", "95% CI low", "95% CI high", "McNemar p", "Paired items", "Interval excludes 0"]
+    rows = []
+    for a, b in pairs:
+        for d in task_deltas(a, b, tasks):
+            if d.value is None:
+                continue
+            p = d.paired
             rows.append(
-                [f"{run.base}: {name} - baseline"]
-                + [_fmt(a - b if a is not None and b is not None else None, signed=True) for a, b in zip(values[run.label], without)]
+                [f"{b.label} - {a.label}", VQA_NAMES.get(d.task, d.task), _fmt(d.value, signed=True)]
+                + (
+                    [_fmt(p.low, signed=True), _fmt(p.high, signed=True), f"{p.p_value:.3g}", str(p.n), "yes" if d.marked else "no"]
+                    if p
+                    else ["-"] * 5
+                )
             )
     return header, rows
 
@@ -264,17 +408,40 @@ def failed_notes(runs: list[Run]) -> list[str]:
 
 
 def grounding_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Per model and grounding task: the best layer (lowest mean KL) with its AR, KL and JS, and the sample counts."""
-    header = ["Model", "Task", "Best layer", "AR", "KL", "JS", "Scored", "Skipped"]
+    """Per model and grounding task: AR, KL and JS with bootstrap 95% intervals over the scored items, at the best layer
+    (lowest mean KL, chosen on these same data) and at the fixed layer the model's preset names (the paper's, where it
+    published one); the column ``Layer`` says which each row uses. Sample counts last."""
+    header = (
+        ["Model", "Task", "Layer", "Layer chosen"] + [c for m in ("AR", "KL", "JS") for c in (m, f"{m} 95% CI")] + ["Scored", "Skipped"]
+    )
     rows = []
     for run in sorted(runs, key=lambda r: r.order):
         for task in run.grounding_tasks():
             g = run.grounding(task)
-            rows.append(
-                [run.label, task, str(g.best_layer), *(_fmt(g.best[m], 3) for m in ("ar", "kl", "js"))]
-                + [str(n) if n is not None else "" for n in (g.scored, g.skipped)]
-            )
+            items = run.grounding_items(task)
+            layers = [(g.best_layer, "best on these data")] + [(layer, "fixed (the preset's)") for layer in run.layers[:1]]
+            for layer, how in layers:
+                if layer is None:
+                    continue
+                cells = []
+                for metric in keys.LAYER_METRICS:
+                    mean, low, high = _layer_interval(items, metric, layer)
+                    if items is None:  # no sample log: the aggregate's mean, no interval
+                        mean = g.best[metric] if layer == g.best_layer else _at(g.by_layer[metric], layer)
+                    cells += [_fmt(mean, 3), "-" if items is None else f"[{low:.3f}, {high:.3f}]"]
+                rows.append([run.label, task, str(layer), how, *cells] + [str(n) if n is not None else "" for n in (g.scored, g.skipped)])
     return header, rows
+
+
+def _layer_interval(items: list[dict] | None, metric: str, layer: int) -> tuple[float, float, float]:
+    if items is None:
+        return float("nan"), float("nan"), float("nan")
+    values = [r[metric][layer] if len(r.get(metric) or []) > layer and r[metric][layer] is not None else float("nan") for r in items]
+    return stats.bootstrap_mean(values)
+
+
+def _at(values: list, index: int):
+    return values[index] if index < len(values) else None
 
 
 def _fmt(value, digits: int = 1, signed: bool = False) -> str:
@@ -296,7 +463,7 @@ def markdown(header: list[str], rows: list[list[str]], notes: list[str] = (), ke
 def write_leaderboards(runs: list[Run], out: Path) -> list[Path]:
     """The accuracy leaderboard (with its item-set notes) and the grounding table, whichever the runs hold; each printed too."""
     written = []
-    for build, stem in ((leaderboard, "leaderboard"), (grounding_table, "grounding")):
+    for build, stem in ((leaderboard, "leaderboard"), (deltas, "deltas"), (grounding_table, "grounding")):
         try:
             header, rows = build(runs)
         except ReportError:

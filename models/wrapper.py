@@ -141,7 +141,8 @@ class VGModel(lmms):
         # what made every number this model gives: each answer and record carries it
         model_id = preset.model_id if preset else presets.GENERIC_MODEL_ID
         own = preset is not None and pretrained == presets.resolve_checkpoint(preset.checkpoint)
-        self.run_record = RunRecord(model_id, pretrained, method_name, self.method.record() if self.method else {}, own)
+        used = self.method.record() if self.method else {}
+        self.run_record = RunRecord(model_id, pretrained, method_name, used, own, tuple(preset.knockout_layers) if preset else ())
 
     def _method_name(self, vgrefine) -> str | None:
         """The id's method; ``vgrefine=on/off`` switches VGRefine on any id."""

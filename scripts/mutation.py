@@ -27,18 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.toml"
 TARGET = 90.0
-# module (under lmms_vg/) -> the test files that exercise it in-process
+# module -> (its files under lmms_vg/, the test files that exercise it in-process)
 MODULES = {
-    "metrics": ["test_metrics.py", "test_authors_pipeline.py", "test_grounding.py"],
-    "geometry": ["test_geometry.py", "test_padding.py", "test_authors_pipeline.py", "test_grounding.py"],
-    "scoring": ["test_scoring.py", "test_medvqa.py", "test_bad_inputs.py"],
-    "vqa_results": ["test_medvqa.py", "test_scoring.py", "test_bad_inputs.py"],
-    "vgrefine": ["test_vgrefine.py", "test_internals.py", "test_bad_inputs.py"],
-    "engine": ["test_engine.py", "test_vgrefine.py", "test_methods.py"],
-    "methods": ["test_methods.py"],
-    "grounding": ["test_grounding.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"],
-    "passes": ["test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py"],
+    "metrics": (["metrics.py"], ["test_metrics.py", "test_authors_pipeline.py", "test_grounding.py"]),
+    "geometry": (
+        ["geometry.py"],
+        ["test_geometry.py", "test_padding.py", "test_authors_pipeline.py", "test_grounding.py", "test_conformance.py"],
+    ),
+    "scoring": (["scoring.py"], ["test_scoring.py", "test_medvqa.py", "test_bad_inputs.py"]),
+    "vqa_results": (["vqa_results.py"], ["test_medvqa.py", "test_scoring.py", "test_bad_inputs.py"]),
+    "vgrefine": (["methods/vgrefine.py"], ["test_vgrefine.py", "test_internals.py", "test_bad_inputs.py", "test_conformance.py"]),
+    "engine": (["engine.py"], ["test_engine.py", "test_vgrefine.py", "test_methods.py"]),
+    "methods": (["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"], ["test_methods.py"]),
+    "grounding": (["grounding.py"], ["test_grounding.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"]),
+    "passes": (["passes/*.py"], ["test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py", "test_conformance.py"]),
 }
+# lines not mutated: an error's or a log line's wording is not behaviour (the bad-input tests check that a message names
+# its input; a mutated word in it would survive every test that reads the condition, not the prose)
+NOT_MUTATED = [r"^\s*raise \w+(Error|Exception|Unsupported)\(", r"^\s*(logger|log)\.(warning|info|error|debug)\("]
 
 
 def source_files() -> list[str]:
@@ -48,17 +54,25 @@ def source_files() -> list[str]:
 
 
 def scratch_copy(module: str) -> Path:
+    """The checkout copied to ``.mutation/<module>/``, configured for mutmut; ``lmms_vg_models`` and ``lmms_vg_tasks``
+    resolve to the copy's ``models/`` and ``tasks/`` (through ``.shim/`` on PYTHONPATH), not to the installed checkout."""
     folder = WORK / module
     shutil.rmtree(folder, ignore_errors=True)
     for name in source_files():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
-    tests = [f"tests/{t}" for t in MODULES[module]]
+    shim = folder / ".shim"
+    shim.mkdir()
+    (shim / "lmms_vg_models").symlink_to(folder / "mutants" / "models")
+    (shim / "lmms_vg_tasks").symlink_to(folder / "mutants" / "tasks")
+    files, tests = MODULES[module]
     config = {
         "source_paths": ["lmms_vg"],
-        "only_mutate": [f"lmms_vg/{module}.py"],
-        "pytest_add_cli_args_test_selection": tests,
+        "only_mutate": [f"lmms_vg/{f}" for f in files],
+        "also_copy": ["models", "tasks"],
+        "do_not_mutate_patterns": NOT_MUTATED,
+        "pytest_add_cli_args_test_selection": [f"tests/{t}" for t in tests],
         "pytest_add_cli_args": ["-p", "no:randomly", "-q"],
         "process_isolation": "forkserver",  # torch is not fork-safe after use
     }
@@ -71,7 +85,13 @@ def scratch_copy(module: str) -> Path:
 def run_module(module: str, children: int) -> dict[str, str]:
     """mutmut on one module: mutant name -> status (killed, survived, timeout, no tests, ...)."""
     folder = scratch_copy(module)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(folder / ".shim"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     log = WORK / f"{module}.log"
     with open(log, "w") as fh:
         subprocess.run(

@@ -30,14 +30,21 @@ def test_demo_writes_results_tables_and_figures(demo):
     for model in ("lmms_vg_demo", "lmms_vg_demo_vgrefine", "lmms_vg_demo_pai", "lmms_vg_demo_adaptvis", "lmms_vg_demo_vicrop"):
         assert list((out / "results" / model).rglob("*_results.json")), model
     rows = list(csv.reader((out / "report" / "leaderboard.csv").read_text().splitlines()))
-    assert rows[0] == ["Model", "medvqa_demo", "medvqa_demo_shifted", "Avg."]
+    assert rows[0] == [
+        "Model",
+        *(c for name in ("medvqa_demo", "medvqa_demo_shifted", "Avg.") for c in (name, f"{name} 95% CI")),
+    ]
     methods = ("VGRefine", "PAI", "AdaptVis", "ViCrop")
     assert [r[0] for r in rows[1:]] == [
         "lmms_vg_demo",
         *(f"lmms_vg_demo + {m}" for m in methods),
         *(f"lmms_vg_demo: {m} - baseline" for m in methods),
     ]
-    assert (out / "report" / "leaderboard.md").read_text().startswith("| Model | medvqa_demo | medvqa_demo_shifted | Avg. |")
+    assert (out / "report" / "leaderboard.md").read_text().startswith("| Model | medvqa_demo | medvqa_demo 95% CI | medvqa_demo_shifted |")
+    deltas = list(csv.reader((out / "report" / "deltas.csv").read_text().splitlines()))
+    shifted = next(r for r in deltas if r[0] == "lmms_vg_demo + VGRefine - lmms_vg_demo" and r[1] == "medvqa_demo_shifted")
+    print(f"\ndemo, VGRefine - baseline on the shifted domain: {shifted[2]} points, 95% CI [{shifted[3]}, {shifted[4]}], McNemar p {shifted[5]}")
+    assert int(shifted[6]) == 192 and shifted[7] in ("yes", "no")
     grounding = list(csv.reader((out / "report" / "grounding.csv").read_text().splitlines()))
     assert len(grounding) == 7  # two models x (task, control, shifted task)
     for name in ("layer_curves", "heatmaps", "heatmaps_shifted"):

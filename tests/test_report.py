@@ -60,21 +60,30 @@ def test_leaderboard_tables(runs):
     out = tmp / "report"
     assert cli.main(["leaderboard", str(tmp / "base" / "results"), str(tmp / "vg" / "results"), "--out", str(out)]) == 0
     rows = list(csv.reader((out / "leaderboard.csv").read_text().splitlines()))
-    # each benchmark's own source, not the paper's item sets: the average says so
-    assert rows[0] == ["Model", "PMC-VQA", "OmniMedVQA", "MMMU H&M", "Avg. (not the paper's item sets)"]
+    # each benchmark's own source, not the paper's item sets: the average says so; each figure has its interval beside it
+    names = ["PMC-VQA", "OmniMedVQA", "MMMU H&M", "Avg. (not the paper's item sets)"]
+    assert rows[0] == ["Model"] + [c for name in names for c in (name, f"{name} 95% CI")]
     labels = [r[0] for r in rows[1:]]
     assert len(labels) == 3 and labels[1].endswith("+ VGRefine") and labels[2].endswith("VGRefine - baseline")
-    base, vg, delta = ([float(v) for v in r[1:]] for r in rows[1:])
-    assert delta == pytest.approx([b - a for a, b in zip(base, vg)], abs=0.11)
+    base, vg, delta = ([float(v.rstrip("*")) for v in r[1::2]] for r in rows[1:])
+    assert delta == pytest.approx([b - a for a, b in zip(base, vg)], abs=0.11)  # every item paired: the same items
     results = json.loads(next((tmp / "base" / "results").rglob("*_results.json")).read_text())
     n = {t: results["results"][t]["samples,none"]["scored"] for t in ("pmc_vqa", "omnimedvqa", "mmmu_med")}
     acc = {t: results["results"][t]["accuracy,none"] for t in n}
     assert base[-1] == pytest.approx(sum(acc[t] * n[t] for t in n) / sum(n.values()), abs=0.051)  # weighted by items scored
+    for row in rows[1:3]:  # Wilson intervals hold their accuracy
+        for value, interval in zip(row[1::2], row[2::2]):
+            low, high = (float(x) for x in interval.strip("[]").split(","))
+            assert low <= float(value) <= high
+    assert all(cell.startswith("[") for cell in rows[3][2::2])  # the delta's paired interval
     md = (out / "leaderboard.md").read_text().splitlines()
     assert md[0].startswith("| Model |") and md[5:7] == ["", "Item sets:"]
     assert md[8] == "- OmniMedVQA: OmniMedVQA open-access, every QA file, 2 items scored"
+    paired = list(csv.reader((out / "deltas.csv").read_text().splitlines()))
+    assert paired[0][:4] == ["Comparison", "Task", "Delta (points)", "95% CI low"] and len(paired) == 5  # three tasks and Avg.
     grounding = list(csv.reader((out / "grounding.csv").read_text().splitlines()))
-    assert grounding[0][:4] == ["Model", "Task", "Best layer", "AR"] and len(grounding) == 5
+    assert grounding[0][:6] == ["Model", "Task", "Layer", "Layer chosen", "AR", "AR 95% CI"]
+    assert {r[3] for r in grounding[1:]} == {"best on these data"} and len(grounding) == 5  # the generic id names no layer
 
 
 def test_layer_curves_and_heatmaps(runs):
@@ -145,7 +154,7 @@ def test_leaderboard_has_a_delta_row_per_method(tmp_path):
         }
         (folder / f"20261124_00000{i}_results.json").write_text(json.dumps(results))
     header, rows = report.leaderboard(report.load_runs([tmp_path]))
-    assert header == ["Model", "VQA-RAD", "PMC-VQA", "Avg."]
+    assert header == ["Model", "VQA-RAD", "VQA-RAD 95% CI", "PMC-VQA", "PMC-VQA 95% CI", "Avg.", "Avg. 95% CI"]
     assert [r[0] for r in rows] == [
         "huatuo",
         "huatuo + VGRefine",
@@ -155,8 +164,9 @@ def test_leaderboard_has_a_delta_row_per_method(tmp_path):
         "huatuo: PAI - baseline",
         "huatuo: AdaptVis - baseline",
     ]
-    assert rows[5][1:] == ["+2.0", "-2.0", "-1.0"]  # PAI: 52-50, 38-40, (52*10+38*30)/40 - (50*10+40*30)/40
-    assert rows[6][1:] == ["-1.0", "+4.0", "+2.8"]
+    assert rows[5][1::2] == ["+2.0", "-2.0", "-1.0"]  # PAI: 52-50, 38-40, (52*10+38*30)/40 - (50*10+40*30)/40
+    assert rows[6][1::2] == ["-1.0", "+4.0", "+2.8"]
+    assert set(rows[5][2::2]) == {"n/a (no sample logs: rerun with --log_samples)"}  # no samples files here: no paired interval
 
 
 def results_file(folder, name, model, task, acc, scored, run=None, model_args="") -> None:
