@@ -38,19 +38,25 @@ class ImageTransform:
     def cell_h(self) -> float:
         return self.cell if self.cell_y is None else self.cell_y
 
-    def then(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float) -> ImageTransform:
-        return ImageTransform(
-            self.scale_x * scale_x,
-            self.scale_y * scale_y,
-            self.offset_x * scale_x + offset_x,
-            self.offset_y * scale_y + offset_y,
-            self.rows,
-            self.cols,
-            self.cell,
-            self.width,
-            self.height,
-            self.cell_y,
+
+@dataclass(frozen=True)
+class Affine:
+    """A preprocessing chain so far: x_new = x * scale_x + offset_x (y alike), from original pixels."""
+
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def then(self, scale_x: float, scale_y: float, offset_x: float = 0.0, offset_y: float = 0.0) -> Affine:
+        """This step followed by another (scale, then offset)."""
+        return Affine(
+            self.scale_x * scale_x, self.scale_y * scale_y, self.offset_x * scale_x + offset_x, self.offset_y * scale_y + offset_y
         )
+
+    def grid(self, rows: int, cols: int, cell: float, width: int, height: int, cell_y: float | None = None) -> ImageTransform:
+        """The chain with the token grid laid over its frame."""
+        return ImageTransform(self.scale_x, self.scale_y, self.offset_x, self.offset_y, rows, cols, cell, width, height, cell_y)
 
 
 @dataclass(frozen=True)
@@ -86,25 +92,24 @@ def llava_transform(
     patch: int,
 ) -> ImageTransform:
     """LLaVA-family preprocessing: optional expand2square, shortest-edge resize, optional centre crop."""
-    t, w, h = _padded(width, height, pad_to_square, float(patch))
+    t, w, h = _padded(width, height, pad_to_square)
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = shortest_edge, int(shortest_edge * long / short)  # transformers' rounding
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    t = t.then(new_w / w, new_h / h, 0.0, 0.0)
+    t = t.then(new_w / w, new_h / h)
     if crop is not None:
         crop_h, crop_w = crop
         t = t.then(1.0, 1.0, -((new_w - crop_w) // 2), -((new_h - crop_h) // 2))
         new_w, new_h = crop_w, crop_h
-    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, new_h // patch, new_w // patch, float(patch), width, height)
+    return t.grid(new_h // patch, new_w // patch, float(patch), width, height)
 
 
-def _padded(width: int, height: int, pad_to_square: bool, cell: float) -> tuple[ImageTransform, int, int]:
+def _padded(width: int, height: int, pad_to_square: bool) -> tuple[Affine, int, int]:
     """The identity, or the image pasted at the centre of a max-side square (LLaVA-1.5 expand2square); with the new size."""
-    t = ImageTransform(1.0, 1.0, 0.0, 0.0, 0, 0, cell, width, height)
     if not pad_to_square:
-        return t, width, height
+        return Affine(), width, height
     side = max(width, height)
-    return t.then(1.0, 1.0, (side - width) // 2, (side - height) // 2), side, side
+    return Affine(offset_x=(side - width) // 2, offset_y=(side - height) // 2), side, side
 
 
 # qwen_vl_utils 0.0.14 (vision_process.py): fetch_image's pixel limits, in tokens of (patch * merge)^2 pixels
@@ -154,24 +159,21 @@ def qwen2_vl_transform(
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision needed
 
     factor = patch * merge
-    t, w, h = _padded(width, height, pad_to_square, float(factor))
+    t, w, h = _padded(width, height, pad_to_square)
     fetched_w, fetched_h = qwen_fetch_size(w, h, factor) if fetch else (w, h)
     new_h, new_w = smart_resize(fetched_h, fetched_w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     rows, cols = new_h // factor, new_w // factor
     if fetch:
-        t = t.then(fetched_w / w, fetched_h / h, 0.0, 0.0)
-        return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, rows, cols, fetched_w / cols, width, height, fetched_h / rows)
-    t = t.then(new_w / w, new_h / h, 0.0, 0.0)
-    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, rows, cols, float(factor), width, height)
+        return t.then(fetched_w / w, fetched_h / h).grid(rows, cols, fetched_w / cols, width, height, fetched_h / rows)
+    return t.then(new_w / w, new_h / h).grid(rows, cols, float(factor), width, height)
 
 
 def squash_transform(width: int, height: int, *, size: int, patch: int, merge: int, pad_to_square: bool = False) -> ImageTransform:
     """VILA's ``resize``: the image resized to ``size`` x ``size`` whatever its shape (or padded to square first);
     ``size // patch`` patches a side, merged ``merge`` x ``merge`` into one token (an odd side padded with one more)."""
-    t, w, h = _padded(width, height, pad_to_square, float(patch * merge))
-    t = t.then(size / w, size / h, 0.0, 0.0)
+    t, w, h = _padded(width, height, pad_to_square)
     side = math.ceil((size // patch) / merge)
-    return ImageTransform(t.scale_x, t.scale_y, t.offset_x, t.offset_y, side, side, float(patch * merge), width, height)
+    return t.then(size / w, size / h).grid(side, side, float(patch * merge), width, height)
 
 
 def box_cells(boxes: Iterable[Sequence[float]], fmt: BoxFormat, transform: ImageTransform) -> BoxCells:

@@ -52,8 +52,9 @@ def qwen_vl_utils():
 
 @pytest.mark.parametrize("patch", [14, 16])  # Qwen2/2.5-VL, Qwen3-VL
 def test_fetch_size_equals_qwen_vl_utils(qwen_vl_utils, patch):
-    for width, height in [*SIZES, (4000, 3900), (15, 12)]:  # and the max- and min-pixel branches
-        factor = patch * 2
+    factor = patch * 2
+    # and the max- and min-pixel branches, a product of exactly max_pixels, an aspect ratio of exactly 200 (allowed)
+    for width, height in [*SIZES, (4000, 3900), (15, 12), (128 * factor, 128 * factor), (200, 1)]:
         expected_h, expected_w = qwen_vl_utils.smart_resize(height, width, factor=factor)
         assert geometry.qwen_fetch_size(width, height, factor) == (expected_w, expected_h), (width, height)
     with pytest.raises(ValueError, match="aspect ratio"):

@@ -43,7 +43,9 @@ def test_demo_writes_results_tables_and_figures(demo):
     assert (out / "report" / "leaderboard.md").read_text().startswith("| Model | medvqa_demo | medvqa_demo 95% CI | medvqa_demo_shifted |")
     deltas = list(csv.reader((out / "report" / "deltas.csv").read_text().splitlines()))
     shifted = next(r for r in deltas if r[0] == "lmms_vg_demo + VGRefine - lmms_vg_demo" and r[1] == "medvqa_demo_shifted")
-    print(f"\ndemo, VGRefine - baseline on the shifted domain: {shifted[2]} points, 95% CI [{shifted[3]}, {shifted[4]}], McNemar p {shifted[5]}")
+    print(
+        f"\ndemo, VGRefine - baseline on the shifted domain: {shifted[2]} points, 95% CI [{shifted[3]}, {shifted[4]}], McNemar p {shifted[5]}"
+    )
     assert int(shifted[6]) == 192 and shifted[7] in ("yes", "no")
     grounding = list(csv.reader((out / "report" / "grounding.csv").read_text().splitlines()))
     assert len(grounding) == 7  # two models x (task, control, shifted task)

@@ -102,3 +102,78 @@ def test_border_multiple_and_bad_boxes():
     assert empty.n_empty == 1 and not empty.mask.any()
     with pytest.raises(ValueError, match="4 numbers"):
         geometry.box_cells([[1, 2, 3]], "xyxy", t)
+
+
+# ---------------------------------------------------------------- exact values where rounding or a boundary decides
+def test_padding_offsets_floor_an_odd_margin():
+    """expand2square pastes at (side - size) // 2: an odd margin floors (49, not 49.5), on either axis."""
+    tall = geometry.llava_transform(300, 201, pad_to_square=True, shortest_edge=300, crop=None, patch=10)
+    assert (tall.offset_x, tall.offset_y, tall.scale_x, tall.scale_y) == (0, 49, 1.0, 1.0)
+    wide = geometry.llava_transform(201, 300, pad_to_square=True, shortest_edge=300, crop=None, patch=10)
+    assert (wide.offset_x, wide.offset_y) == (49, 0)
+    assert (wide.rows, wide.cols, wide.cell, wide.width, wide.height) == (30, 30, 10.0, 201, 300)
+
+
+def test_centre_crop_offsets_floor_an_odd_excess():
+    """The crop starts at (new - crop) // 2 on each axis: 31 // 2 = 15 and 11 // 2 = 5 (not 15.5, 5.5 or a third)."""
+    t = geometry.llava_transform(130, 110, pad_to_square=False, shortest_edge=110, crop=(99, 99), patch=11)
+    assert (t.offset_x, t.offset_y, t.scale_x, t.scale_y) == (-15, -5, 1.0, 1.0)
+    assert (t.rows, t.cols) == (9, 9)
+
+
+def test_qwen_geometry_fetches_by_default_and_honours_its_limits_and_padding():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    limits = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    assert geometry.qwen2_vl_transform(130, 90, **limits) == geometry.qwen2_vl_transform(130, 90, **limits, fetch=True)
+    assert geometry.qwen2_vl_transform(130, 90, **limits) != geometry.qwen2_vl_transform(130, 90, **limits, fetch=False)
+    t = geometry.qwen2_vl_transform(130, 90, **limits, fetch=False)  # the processor's resize of the original only
+    new_h, new_w = smart_resize(90, 130, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert (t.scale_x, t.scale_y, t.offset_x, t.offset_y) == (new_w / 130, new_h / 90, 0.0, 0.0)
+    assert (t.rows, t.cols, t.cell, t.cell_y, t.width, t.height) == (new_h // 28, new_w // 28, 28.0, None, 130, 90)
+    # a min_pixels above the default: a 28 px image grows to 3 x 3 tokens (the default's floor gives 2 x 2)
+    small = geometry.qwen2_vl_transform(28, 28, patch=14, merge=2, min_pixels=8 * 28 * 28, max_pixels=112 * 112, fetch=False)
+    assert (small.rows, small.cols) == (3, 3)
+    padded = geometry.qwen2_vl_transform(130, 90, **limits, fetch=False, pad_to_square=True)
+    assert padded.offset_y == 20 * padded.scale_y and padded.offset_x == 0
+
+
+def test_squash_geometry_defaults_unpadded_and_counts_whole_patches():
+    t = geometry.squash_transform(200, 100, size=70, patch=14, merge=2)
+    assert (t.scale_x, t.scale_y, t.offset_x, t.offset_y, t.cell) == (0.35, 0.7, 0.0, 0.0, 28.0)
+    # SigLIP sees whole patches only: 85 px is 6 patches of 14 (not 6.07), folded into 3 x 3 tokens
+    assert (
+        geometry.squash_transform(100, 100, size=85, patch=14, merge=2).rows,
+        geometry.squash_transform(100, 100, size=85, patch=14, merge=2).cols,
+    ) == (3, 3)
+    padded = geometry.squash_transform(201, 300, size=100, patch=10, merge=2, pad_to_square=True)
+    assert padded.offset_x == pytest.approx(49 / 3) and padded.scale_x == pytest.approx(1 / 3)
+
+
+def crop_transform() -> geometry.ImageTransform:
+    """A 200 x 100 image resized to 224 x 112 and centre-cropped to 112 x 112: x 56..168 of the resize is kept."""
+    return geometry.llava_transform(200, 100, pad_to_square=False, shortest_edge=112, crop=(112, 112), patch=14)
+
+
+def test_box_cells_count_clipped_and_empty_boxes_one_by_one():
+    t = geometry.llava_transform(100, 100, pad_to_square=False, shortest_edge=112, crop=(112, 112), patch=14)
+    inside = geometry.box_cells([(0.5, 0.5, 10, 10), (0, 0, 0.5, 0.5)], "xyxy", t)  # near the origin: nothing to clip
+    assert (inside.n_boxes, inside.n_clipped, inside.n_empty) == (2, 0, 0) and inside.mask.reshape(8, 8)[0, 0]
+    clipped = geometry.box_cells([(-5, 10, 20, 20), (90, 90, 120, 130)], "xyxy", t)
+    assert (clipped.n_clipped, clipped.n_empty) == (2, 0)
+    # two empty boxes (zero height; outside the image), then a real one: each counted, and the real one still mapped
+    found = geometry.box_cells([(10, 30, 40, 30), (150, 10, 160, 20), (80, 80, 99, 99)], "xyxy", t)
+    # 80..99 px x 1.12 = 89.6..110.9 in the 112 px frame: cells 6 and 7 of 14 px on each axis
+    assert (found.n_empty, found.n_clipped) == (2, 1) and found.mask.reshape(8, 8)[6:, 6:].all() and found.mask.sum() == 4
+    assert found.mask.shape == (64,)
+
+
+def test_a_box_the_crop_removed_is_empty_on_either_axis():
+    t = crop_transform()  # the crop keeps original x 50..150, every row
+    left = geometry.box_cells([(0, 20, 40, 60), (60, 20, 90, 60)], "xyxy", t)
+    assert left.n_empty == 1 and left.mask.any()  # only the second box lands
+    tall = geometry.llava_transform(100, 200, pad_to_square=False, shortest_edge=100, crop=(100, 100), patch=10)
+    top = geometry.box_cells([(20, 0, 60, 40)], "xyxy", tall)  # the crop keeps original y 50..150 (scale 1)
+    assert top.n_empty == 1 and not top.mask.any()
+    edge = geometry.box_cells([(20, 0, 60, 50), (0, 60, 0, 90)], "xyxy", tall)  # ends where the crop starts; zero width
+    assert edge.n_empty == 2 and not edge.mask.any()

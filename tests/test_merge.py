@@ -26,7 +26,9 @@ def sharded(tmp_path_factory):
     whole, _ = run_lmms_eval(tmp / "whole", "lmms_vg_demo", "device=cpu", TASKS, extra=NEW_TOKENS)
     shards = []
     for i, (offset, limit) in enumerate([(0, 32), (32, 32), (64, 128)]):  # every slice holds items of both tasks
-        run_lmms_eval(tmp / f"shard{i}", "lmms_vg_demo", "device=cpu", TASKS, extra=[*NEW_TOKENS, "--offset", str(offset), "--limit", str(limit)])
+        run_lmms_eval(
+            tmp / f"shard{i}", "lmms_vg_demo", "device=cpu", TASKS, extra=[*NEW_TOKENS, "--offset", str(offset), "--limit", str(limit)]
+        )
         shards.append(tmp / f"shard{i}" / "results")
     return tmp, whole, shards
 
@@ -49,7 +51,10 @@ def test_offset_limit_shards_merge_into_the_unsharded_results(sharded):
     merged = results_of(tmp / "merged")
     assert_same(merged, whole)
     assert merged["shards"] == 3 and len(written) == 3  # results and the two tasks' joined sample logs
-    lines = [json.loads(x) for x in (written[0].parent / written[0].name.replace("_results.json", "_samples_medvqa_demo.jsonl")).read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in (written[0].parent / written[0].name.replace("_results.json", "_samples_medvqa_demo.jsonl")).read_text().splitlines()
+    ]
     assert [x["doc_id"] for x in lines] == list(range(192))
     # the report and check read the merged folder like any other
     assert cli.main(["check", str(tmp / "merged"), "--tasks", TASKS]) == 0

@@ -60,7 +60,10 @@ def write_run(folder, model, method, correct: list[int], stamp: str) -> None:
     """A results file and its samples file as lmms-eval writes them for vqa_rad: per item, the closed outcome."""
     run = {"model": model, "checkpoint": "x", "method": method, "settings": {}, "default_checkpoint": True}
     acc = 100.0 * sum(correct) / len(correct)
-    results = {"results": {"vqa_rad": {"accuracy,none": acc, "samples,none": {"scored": len(correct), "run": run}}}, "config": {"model": model}}
+    results = {
+        "results": {"vqa_rad": {"accuracy,none": acc, "samples,none": {"scored": len(correct), "run": run}}},
+        "config": {"model": model},
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stamp}_results.json").write_text(json.dumps(results))
     lines = [json.dumps({"doc_id": i, "accuracy": {"id": f"rad_{i}", "correct": bool(c), "excluded": None}}) for i, c in enumerate(correct)]
@@ -78,7 +81,7 @@ def test_leaderboard_delta_is_paired_over_the_same_items(tmp_path):
     write_run(tmp_path / "a", "huatuo", None, base, "20260101_000000")
     write_run(tmp_path / "b", "huatuo", "vgrefine", method, "20260101_000001")
     runs = report.load_runs([tmp_path])
-    header, rows = report.leaderboard(runs)
+    _, rows = report.leaderboard(runs)
     delta_row = rows[-1]
     expected = stats.paired_delta(base, method)
     assert delta_row[1] == f"{100 * expected.delta:+.1f}*"
