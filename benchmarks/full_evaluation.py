@@ -61,7 +61,9 @@ def main() -> None:
     items = dict(VQA_ITEMS, **({"OmniMedVQA": OPEN_ACCESS_OMNIMEDVQA} if args.open_access else {}))
     n_vqa = sum(items.values())
     methods = ("baseline", "VGRefine", "PAI", "AdaptVis", "ViCrop")
-    print(f"{n_vqa:,} VQA items ({'open-access OmniMedVQA' if args.open_access else 'the paper item sets'}) + {VGMED_ITEMS:,} VGMED grounding samples")
+    print(
+        f"{n_vqa:,} VQA items ({'open-access OmniMedVQA' if args.open_access else 'the paper item sets'}) + {VGMED_ITEMS:,} VGMED grounding samples"
+    )
     print(f"effective throughput {args.tflops:.0f} TFLOP/s per GPU (an assumption; see the docstring)\n")
     print("GPU-hours per model:")
     print(f"{'model (shape)':<50}" + "".join(f"{m:>10}" for m in methods) + f"{'grounding':>11}")

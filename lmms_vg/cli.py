@@ -136,6 +136,14 @@ def cmd_check_family(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_browse(args) -> list[Path]:
+    from .browse import browse
+
+    written = browse(args.results, args.out, force=args.force)
+    print(f"open {written[0]} in a browser (works from disk, offline)")
+    return written[:1]
+
+
 def cmd_merge(args) -> list[Path]:
     from .merge import merge
 
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     s = results_command("check", cmd_check, "exit non-zero unless each task has results with scored samples (for scripts)")
     s.add_argument("--tasks", required=True, help="e.g. 'vqa_rad,vgmed_loc'")
+
+    s = results_command("browse", cmd_browse, "a static per-sample browser: maps, boxes, answers, runs side by side (open index.html)")
+    s.set_defaults(out="lmms_vg_browser")
 
     s = sub.add_parser("merge", help="join the output folders of one run's shards (--offset/--limit, machines) into one results folder")
     s.add_argument("shards", nargs="+", help="lmms-eval --output_path folders of the shards (run with --log_samples)")

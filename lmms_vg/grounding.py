@@ -66,6 +66,7 @@ class GroundingRunner:
         self.reference_prompt = reference_prompt
         self.head_level = head_level
         self.save_maps = Path(save_maps) if save_maps else None
+        self.kept: torch.Tensor | None = None  # the last batch's patches the knockout kept, row-major ``[B, N]`` (None without one)
         self._warned_clip = False
         if self.save_maps:
             self.save_maps.mkdir(parents=True, exist_ok=True)
@@ -76,12 +77,14 @@ class GroundingRunner:
         steer = self.steering(images, questions) if self.steering is not None else None
         question, reference = batch.question_and_reference(self.reference_prompt, steer=steer)
         plan = self.knockout
+        self.kept = None
         if plan is not None:  # the same question, now with the knockout in place
-            keep = plan.keep(question, reference)
-            question = batch.question_maps(batch.knockout(keep, plan.knockout_layers, plan.mode))
+            self.kept = plan.keep(question, reference)
+            question = batch.question_maps(batch.knockout(self.kept, plan.knockout_layers, plan.mode))
         order = self.adapter.cell_order  # image tokens -> row-major cells, where a model orders them otherwise
         if order is not None:
             question, reference = question[..., order], (None if reference is None else reference[..., order])
+            self.kept = None if self.kept is None else self.kept[..., order]
         return question, reference
 
     def score(self, samples: list[GroundingSample]) -> list[GroundingRecord]:
@@ -108,11 +111,12 @@ class GroundingRunner:
             q, ref = self.question_and_reference_maps(
                 [samples[i].image for i in todo], [samples[i].question for i in todo], [samples[i].image_key for i in todo]
             )
+            kept = self.kept  # the patches a knockout kept, per sample, row-major (None without one)
             for j, i in enumerate(todo):
-                records[i] = self._record(samples[i], cells[i], q[j], None if ref is None else ref[j])
+                records[i] = self._record(samples[i], cells[i], q[j], None if ref is None else ref[j], None if kept is None else kept[j])
         return records
 
-    def _record(self, sample, cell_info, q: torch.Tensor, ref: torch.Tensor | None) -> GroundingRecord:
+    def _record(self, sample, cell_info, q: torch.Tensor, ref: torch.Tensor | None, kept: torch.Tensor | None = None) -> GroundingRecord:
         c, transform = cell_info
         if q.shape[-1] != c.mask.size:
             raise ValueError(f"model gives {q.shape[-1]} image tokens but its grid is {transform.rows}x{transform.cols}")
@@ -135,10 +139,18 @@ class GroundingRunner:
                 head_kl[head_undefined.cpu().numpy()] = np.nan
             record.head_kl = head_kl.tolist()
         if self.save_maps:
-            self._save(sample, transform, layer_maps, c.mask, layer_q)
+            self._save(sample, transform, layer_maps, c.mask, layer_q, kept)
         return record
 
-    def _save(self, sample: GroundingSample, transform, layer_maps: torch.Tensor, box: np.ndarray, question: torch.Tensor) -> None:
+    def _save(
+        self,
+        sample: GroundingSample,
+        transform,
+        layer_maps: torch.Tensor,
+        box: np.ndarray,
+        question: torch.Tensor,
+        kept: torch.Tensor | None,
+    ) -> None:
         """One sample's normalised maps and the question's own head-averaged maps (float16), with what a heatmap needs:
         the image, the boxes, the geometry."""
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample.sample_id) or "sample"
@@ -167,4 +179,5 @@ class GroundingRunner:
             boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
             question=np.array(sample.question),
             knockout_layers=np.array(self.knockout.knockout_layers if self.knockout else (), dtype=np.int64),
+            kept=np.zeros(0, dtype=bool) if kept is None else kept.cpu().numpy().astype(bool),  # row-major cells VGRefine kept
         )

@@ -31,6 +31,7 @@ class RunRecord:
     settings: dict = field(default_factory=dict)
     default_checkpoint: bool = True
     layers: tuple[int, ...] = ()  # the layers the id's preset names (the paper's fixed layer, where it published one)
+    maps: str | None = None  # the save_maps folder of the run's grounding maps (the sample browser draws them)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +47,7 @@ class RunRecord:
             dict(value.get("settings") or {}),
             bool(value.get("default_checkpoint", True)),
             tuple(int(v) for v in value.get("layers") or ()),
+            value.get("maps"),
         )
 
     @property

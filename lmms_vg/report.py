@@ -362,6 +362,16 @@ def _delta_cells(d: Delta) -> tuple[str, str]:
     return _fmt(d.value, signed=True) + ("*" if d.marked else ""), f"[{d.paired.low:+.1f}, {d.paired.high:+.1f}]"
 
 
+def browser_link(task: str, a: Run, b: Run) -> str:
+    """The sample browser's view of a comparison (``lmms-vg browse`` into ``<report>/browser``): the items B gained over A."""
+    from urllib.parse import quote
+
+    query = f"a={quote(a.label, safe='')}&b={quote(b.label, safe='')}&outcome=gained" + (
+        "" if task == "Avg." else f"&task={quote(task, safe='')}"
+    )
+    return f"browser/index.html#?{query}"
+
+
 def deltas(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Every method against its baseline and every pair of baseline models, per task and on the average: the paired delta,
     its 95% bootstrap interval, the exact McNemar p-value, the paired items, and whether the interval excludes 0."""
@@ -370,20 +380,30 @@ def deltas(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     baselines = [r for r in ordered if r.method is None]
     pairs = [(b, r) for r in ordered for b in baselines if r.method and b.base == r.base]
     pairs += [(a, b) for i, a in enumerate(baselines) for b in baselines[i + 1 :]]
-    header = ["Comparison", "Task", "Delta (points)", "95% CI low", "95% CI high", "McNemar p", "Paired items", "Interval excludes 0"]
+    header = [
+        "Comparison",
+        "Task",
+        "Delta (points)",
+        "95% CI low",
+        "95% CI high",
+        "McNemar p",
+        "Paired items",
+        "Interval excludes 0",
+        "Items",
+    ]
     rows = []
     for a, b in pairs:
         for d in task_deltas(a, b, tasks):
             if d.value is None:
                 continue
             p = d.paired
+            found = (
+                [_fmt(p.low, signed=True), _fmt(p.high, signed=True), f"{p.p_value:.3g}", str(p.n), "yes" if d.marked else "no"]
+                if p
+                else ["-"] * 5
+            )
             rows.append(
-                [f"{b.label} - {a.label}", VQA_NAMES.get(d.task, d.task), _fmt(d.value, signed=True)]
-                + (
-                    [_fmt(p.low, signed=True), _fmt(p.high, signed=True), f"{p.p_value:.3g}", str(p.n), "yes" if d.marked else "no"]
-                    if p
-                    else ["-"] * 5
-                )
+                [f"{b.label} - {a.label}", VQA_NAMES.get(d.task, d.task), _fmt(d.value, signed=True), *found, browser_link(d.task, a, b)]
             )
     return header, rows
 

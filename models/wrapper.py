@@ -142,7 +142,8 @@ class VGModel(lmms):
         model_id = preset.model_id if preset else presets.GENERIC_MODEL_ID
         own = preset is not None and pretrained == presets.resolve_checkpoint(preset.checkpoint)
         used = self.method.record() if self.method else {}
-        self.run_record = RunRecord(model_id, pretrained, method_name, used, own, tuple(preset.knockout_layers) if preset else ())
+        layers = tuple(preset.knockout_layers) if preset else ()
+        self.run_record = RunRecord(model_id, pretrained, method_name, used, own, layers, str(self.save_maps) if self.save_maps else None)
 
     def _method_name(self, vgrefine) -> str | None:
         """The id's method; ``vgrefine=on/off`` switches VGRefine on any id."""

@@ -55,7 +55,8 @@ def source_files() -> list[str]:
 
 def scratch_copy(module: str) -> Path:
     """The checkout copied to ``.mutation/<module>/``, configured for mutmut; ``lmms_vg_models`` and ``lmms_vg_tasks``
-    resolve to the copy's ``models/`` and ``tasks/`` (through ``.shim/`` on PYTHONPATH), not to the installed checkout."""
+    resolve to the copy's ``models/`` and ``tasks/`` (through ``.shim/`` on PYTHONPATH), not to the installed checkout, and so
+    does ``lmms_vg`` in the subprocesses tests start (the mutated copy)."""
     folder = WORK / module
     shutil.rmtree(folder, ignore_errors=True)
     for name in source_files():
@@ -64,6 +65,7 @@ def scratch_copy(module: str) -> Path:
         shutil.copy2(ROOT / name, target)
     shim = folder / ".shim"
     shim.mkdir()
+    (shim / "lmms_vg").symlink_to(folder / "mutants" / "lmms_vg")  # subprocesses (the lmms-eval CLI tests) run the mutants too
     (shim / "lmms_vg_models").symlink_to(folder / "mutants" / "models")
     (shim / "lmms_vg_tasks").symlink_to(folder / "mutants" / "tasks")
     files, tests = MODULES[module]
@@ -82,9 +84,10 @@ def scratch_copy(module: str) -> Path:
     return folder
 
 
-def run_module(module: str, children: int) -> dict[str, str]:
-    """mutmut on one module: mutant name -> status (killed, survived, timeout, no tests, ...)."""
-    folder = scratch_copy(module)
+def run_module(module: str, children: int, again: bool = True) -> dict[str, str]:
+    """mutmut on one module: mutant name -> status (killed, survived, timeout, no tests, ...); ``again`` False reads the
+    last run's results in ``.mutation/<module>/`` without running anything."""
+    folder = scratch_copy(module) if again else WORK / module
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -93,9 +96,9 @@ def run_module(module: str, children: int) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(folder / ".shim"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     log = WORK / f"{module}.log"
-    with open(log, "w") as fh:
+    with open(log, "w" if again else "a") as fh:
         subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)] if again else [sys.executable, "-c", "pass"],
             cwd=folder,
             env=env,
             stdout=fh,
@@ -132,6 +135,7 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--show", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--no-run", action="store_true", help="report the last run's results (in .mutation/) without running")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -141,7 +145,7 @@ def main() -> int:
     rows, summary = [], {}
     for module in args.modules or list(MODULES):
         t0 = time.time()
-        statuses = run_module(module, args.children)
+        statuses = run_module(module, args.children, again=not args.no_run)
         survivors = sorted(n for n, s in statuses.items() if s == "survived")
         equivalent = [n for n in survivors if n in known]
         for name in equivalent:  # an entry whose mutant is now a different change is stale: it counts as a survivor
@@ -162,7 +166,8 @@ def main() -> int:
             for name in survivors:
                 if name not in equivalent:
                     print(f"\n{name}\n{diff_of(module, name)}")
-    (WORK / "summary.json").write_text(json.dumps(summary, indent=1))
+    previous = json.loads((WORK / "summary.json").read_text()) if (WORK / "summary.json").exists() else {}
+    (WORK / "summary.json").write_text(json.dumps(previous | summary, indent=1))
     print(f"\n{'module':12} {'mutants':>8} {'killed':>7} {'survived':>9} {'equivalent':>11} {'kill rate':>10} {'time':>7}")
     for module, total, killed, survived, equivalent, rate, seconds in rows:
         flag = "" if rate >= TARGET else f"  < {TARGET:.0f}%"

@@ -53,3 +53,16 @@ def images():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """README's main command, run once for the session: its folder and how long it took."""
+    import time
+
+    from lmms_vg import cli
+
+    out = tmp_path_factory.mktemp("demo")
+    t0 = time.time()
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    return out, time.time() - t0

@@ -5,23 +5,13 @@ import dataclasses
 import json
 import math
 import random
-import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from lmms_vg import cli, engine, report
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    t0 = time.time()
-    assert cli.main(["demo", "--out", str(out)]) == 0
-    return out, time.time() - t0
 
 
 def test_demo_writes_results_tables_and_figures(demo):

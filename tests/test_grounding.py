@@ -75,7 +75,8 @@ def test_vgmed_tasks_through_lmms_eval_cli(tmp_path, llava_dir):
     assert loc["skip_reasons"] == {"box has zero area inside the image": 1} and loc["clipped_boxes"] == 1
     logged = [json.loads(line) for line in next(folder.glob("*samples_vgmed_loc.jsonl")).read_text().splitlines()]
     assert len(logged) == 4 and all(len(s["kl_by_layer"]["kl"]) in (0, n_layers) for s in logged)
-    assert "maps" not in json.dumps(logged[0])  # per-layer numbers, not whole maps
+    record = logged[0]["kl_by_layer"]  # per-layer numbers, not whole maps (the run record names the maps' folder)
+    assert all(len(v) <= n_layers for v in record.values() if isinstance(v, list)) and record["run"]["maps"] == str(maps_dir)
     saved = sorted(maps_dir.glob("*.npz"))
     assert len(saved) == 9
     import numpy as np

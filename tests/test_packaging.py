@@ -45,6 +45,9 @@ def test_wheel_layout(wheel_names):
     ):
         assert f"lmms_vg_tasks/{task}" in wheel_names
     assert "lmms_vg/heads/huatuo_7b.json" in wheel_names and "lmms_vg/heads/demo.json" in wheel_names
+    # every subpackage of the core (the package list is explicit): each family, method and pass module ships
+    source = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "lmms_vg").rglob("*.py") if "__pycache__" not in p.parts)
+    assert [s for s in source if s not in wheel_names] == []
     assert "lmms_vg/demo/data/grounding.jsonl" in wheel_names and any(n.startswith("lmms_vg/demo/data/images/") for n in wheel_names)
     assert "lmms_vg/demo/model/model.safetensors" in wheel_names and "lmms_vg/demo/model/config.json" in wheel_names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in wheel_names)  # safetensors only

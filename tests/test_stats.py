@@ -88,6 +88,7 @@ def test_leaderboard_delta_is_paired_over_the_same_items(tmp_path):
     assert delta_row[2] == f"[{100 * expected.low:+.1f}, {100 * expected.high:+.1f}]"
     _, table = report.deltas(runs)
     (rad, avg) = table
-    assert rad[1] == "VQA-RAD" and float(rad[5]) == pytest.approx(binomtest(1, 9, 0.5).pvalue, rel=1e-3) and rad[6:] == ["30", "yes"]
+    assert rad[1] == "VQA-RAD" and float(rad[5]) == pytest.approx(binomtest(1, 9, 0.5).pvalue, rel=1e-3) and rad[6:8] == ["30", "yes"]
+    assert rad[8] == "browser/index.html#?a=huatuo&b=huatuo%20%2B%20VGRefine&outcome=gained&task=vqa_rad"
     assert avg[1] == "Avg." and avg[2] == rad[2]
     assert rows[0][2] == "[33.2, 66.8]"  # Wilson for 15/30

@@ -6,8 +6,8 @@ Runs offline on the bundled demo model and data, in one lmms-eval process (its `
 the grounding task (and its random-box control) and the multiple-choice task, each in the source
 domain and the shifted one, for ``lmms_vg_demo`` and ``lmms_vg_demo_vgrefine``; the multiple-choice
 tasks for the PAI, AdaptVis and ViCrop ids; then writes the leaderboard (a column per domain, a
-method - baseline row each), the grounding table, the layer curves (source vs shifted) and the
-heatmaps of each domain under ``<out>/report``.
+method - baseline row each), the grounding table, the layer curves (source vs shifted), the
+heatmaps of each domain and the sample browser (``report/browser/index.html``) under ``<out>/report``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .. import report, writing
+from ..browse import browse
 
 GROUNDING = "vgmed_demo,vgmed_demo_random,vgmed_demo_shifted"
 VQA = "medvqa_demo,medvqa_demo_shifted"
@@ -105,6 +106,7 @@ def run_demo(out: Path, device: str = "cpu", force: bool = False) -> list[Path]:
         # the shifted domain's figure shows the question's own attention: the disc's share of it, and the knockout removing it
         written += report.heatmaps(panels, stage, pattern="vgmed_demo_shifted_*", stem="heatmaps_shifted", normalised=False)
         written = writing.in_place(written, stage, target)
+    written += browse([out / "results"], target / "browser", force=force)[:1]  # every sample, runs side by side
     writing.record(out, written, by="lmms-vg demo")
     print(f"demo done in {time.time() - t0:.0f}s; report in {target}")
     return written
