@@ -32,7 +32,8 @@ class LoggedOutcome:
     def to_log(self) -> dict:
         """The per-sample record (the method's fields beside the others)."""
         record = asdict(self)
-        return {**record, **record.pop("method")}
+        method = record.pop("method")
+        return {**record, **method}
 
     @classmethod
     def from_log(cls, record):

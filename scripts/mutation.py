@@ -34,9 +34,12 @@ MODULES = {
         ["geometry.py"],
         ["test_geometry.py", "test_padding.py", "test_authors_pipeline.py", "test_grounding.py", "test_conformance.py"],
     ),
-    "scoring": (["scoring.py"], ["test_scoring.py", "test_medvqa.py", "test_bad_inputs.py"]),
-    "vqa_results": (["vqa_results.py"], ["test_medvqa.py", "test_scoring.py", "test_bad_inputs.py"]),
-    "vgrefine": (["methods/vgrefine.py"], ["test_vgrefine.py", "test_internals.py", "test_bad_inputs.py", "test_conformance.py"]),
+    "scoring": (["scoring.py"], ["test_scoring.py", "test_vqa_units.py", "test_medvqa.py", "test_bad_inputs.py"]),
+    "vqa_results": (["vqa_results.py"], ["test_vqa_units.py", "test_medvqa.py", "test_scoring.py", "test_bad_inputs.py"]),
+    "vgrefine": (
+        ["methods/vgrefine.py"],
+        ["test_vgrefine.py", "test_internals.py", "test_bad_inputs.py", "test_conformance.py", "test_models.py", "test_robustness.py"],
+    ),
     "engine": (["engine.py"], ["test_engine.py", "test_vgrefine.py", "test_methods.py"]),
     "methods": (["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"], ["test_methods.py"]),
     "grounding": (["grounding.py"], ["test_grounding.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"]),
@@ -55,8 +58,7 @@ def source_files() -> list[str]:
 
 def scratch_copy(module: str) -> Path:
     """The checkout copied to ``.mutation/<module>/``, configured for mutmut; ``lmms_vg_models`` and ``lmms_vg_tasks``
-    resolve to the copy's ``models/`` and ``tasks/`` (through ``.shim/`` on PYTHONPATH), not to the installed checkout, and so
-    does ``lmms_vg`` in the subprocesses tests start (the mutated copy)."""
+    resolve to the copy's ``models/`` and ``tasks/`` (through ``.shim/`` on PYTHONPATH), not to the installed checkout."""
     folder = WORK / module
     shutil.rmtree(folder, ignore_errors=True)
     for name in source_files():
@@ -65,7 +67,6 @@ def scratch_copy(module: str) -> Path:
         shutil.copy2(ROOT / name, target)
     shim = folder / ".shim"
     shim.mkdir()
-    (shim / "lmms_vg").symlink_to(folder / "mutants" / "lmms_vg")  # subprocesses (the lmms-eval CLI tests) run the mutants too
     (shim / "lmms_vg_models").symlink_to(folder / "mutants" / "models")
     (shim / "lmms_vg_tasks").symlink_to(folder / "mutants" / "tasks")
     files, tests = MODULES[module]
@@ -93,6 +94,7 @@ def run_module(module: str, children: int, again: bool = True) -> dict[str, str]
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "LMMS_VG_MUTATION": "1",  # tests that run lmms-eval in a subprocess skip: mutants live in this process only
         "PYTHONPATH": os.pathsep.join([str(folder / ".shim"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     log = WORK / f"{module}.log"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # Random-weight models never stop early: where the protocol's 256 new tokens are not what a test is about,
 # it asks for a few (test_medvqa_group_through_cli checks the protocol's own setting).
 FEW_TOKENS = ["--gen_kwargs", "max_new_tokens=8"]
@@ -19,6 +21,8 @@ def run_lmms_eval(
     ``processes`` > 1: data parallel on CPU. ``accelerate launch`` starts CPU workers only through MPI,
     so the workers come from torchrun and accelerate joins them (ACCELERATE_USE_CPU=true, gloo).
     """
+    if os.environ.get("LMMS_VG_MUTATION"):
+        pytest.skip("mutation testing: mutmut's mutants live in this process, not in an lmms-eval subprocess")
     out = tmp_path / "results"
     launcher = [sys.executable, "-m", "lmms_eval"]
     if processes > 1:

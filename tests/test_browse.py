@@ -76,7 +76,7 @@ def test_the_demo_browser_opens_from_disk_and_shows_every_item(demo, driver):
     while cards() < len(items):  # cards render a page at a time as the list scrolls
         seen = cards()
         driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
-        WebDriverWait(driver, 10).until(lambda d: cards() > seen)
+        WebDriverWait(driver, 10).until(lambda d, seen=seen: cards() > seen)
     assert cards() == len(items)
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors

@@ -69,3 +69,22 @@ def test_reference_normalisation():
     out = metrics.normalise_by_reference(q, ref)
     assert out[0].item() == pytest.approx(2.0)
     assert out[1].item() == pytest.approx(0.4 / 1e-10)
+
+
+def test_kl_floor_for_a_box_cell_with_almost_no_attention():
+    """A box cell holding 1e-20 of the attention: P is floored at 1e-12 there (the authors' clip), so KL stays finite and
+    equals the hand-computed sum with the floor; unclipped it would be about 21 nats larger."""
+    import math
+
+    maps = torch.tensor([[0.5, 1e-20, 0.5 - 1e-20, 0.0]])
+    box = torch.tensor([True, True, False, False])
+    p = [0.5, 1e-12]  # the box cells' P after the floor
+    expected = sum(0.5 * math.log(0.5 / q) for q in p)
+    assert metrics.kl_to_box(maps, box).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_box_given_as_zeros_and_ones_is_a_mask():
+    maps = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    as_ints = metrics.attention_ratio(maps, [0, 1, 1, 0])
+    assert as_ints.item() == pytest.approx(metrics.attention_ratio(maps, torch.tensor([False, True, True, False])).item())
+    assert as_ints.item() == pytest.approx(0.5 / ((1.0 / 4) * 2 + 1e-8))

@@ -241,3 +241,58 @@ def test_knocked_pass_resumes_below_the_knockout_layer(checkpoint, batch, reques
     assert first_runs == len(calls) - 1  # layer 0 ran once less: the knocked-out prefill resumed at layer 2
     assert torch.equal(shared.tokens, full.tokens) and torch.equal(shared.keep, full.keep)
     assert torch.allclose(shared.first_logits, full.first_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_two_knockout_layers_and_another_percentile_equal_the_reference(llava_dir, images, mode):
+    """Knockout at layers 1 and 2 (the resumed pass starts below the first), the 30th percentile on 64 patches: tokens, first
+    logits and the logged knocked fraction as the three-pass reference gives them."""
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    config = VGRefineConfig(heads=HEADS, knockout_layers=(1, 2), top_k=3, percentile=30, mode=mode, reference_prompt=REF_PROMPT)
+    ours = VGRefiner(adapter, config).generate(images, QUESTIONS[:2], max_new_tokens=6, do_sample=False, output_logits=True)
+    tokens, logits, blocked = reference_vgrefine(model, processor, images, QUESTIONS[:2], 3, 30, (1, 2), mode, 6)
+    assert torch.equal(ours.tokens, tokens) and torch.allclose(ours.first_logits, logits, atol=1e-4, rtol=0)
+    assert ours.knocked_fraction == pytest.approx((blocked.sum(1).float() / 64).tolist())
+    assert all(abs(f - 0.30) < 0.02 for f in ours.knocked_fraction)  # about 30% of 64 patches below the 30th percentile
+    assert ours.layers == (1, 2)
+
+
+def test_the_users_knockout_layers_win_over_the_heads_files(tmp_path):
+    from lmms_vg.methods.vgrefine import config_from_args
+
+    ranking = tmp_path / "heads.json"
+    ranking.write_text(json.dumps({"heads": [[0, 1], [1, 2], [2, 0]], "knockout_layers": [2], "percentile": 40}))
+    given = config_from_args("m", str(ranking), None, None, "1", "mask")
+    assert (given.knockout_layers, given.top_k, given.percentile, given.mode) == ((1,), 3, 40.0, "mask")
+    assert config_from_args("m", str(ranking), "2", "60", None, "zero", default_layers=(0,)).knockout_layers == (2,)  # the file's
+    assert config_from_args("m", str(ranking), None, None, None, "mask").selected == ((0, 1), (1, 2), (2, 0))
+    no_layers = tmp_path / "bare.json"
+    no_layers.write_text(json.dumps({"heads": [[0, 1]]}))
+    assert config_from_args("m", str(no_layers), None, None, None, "mask", default_layers=(2,)).knockout_layers == (2,)  # the preset's
+    assert config_from_args("m", str(no_layers), None, None, None, "mask", (2,), normalise=False).reference_prompt is None
+    with pytest.raises(ValueError, match="m: VGRefine needs heads="):
+        config_from_args("m", None, None, None, None, "mask")
+
+
+def test_the_reference_cache_keys_on_the_prompt_and_the_steer(llava_dir, images):
+    """An image seen again with another generic prompt, or under another steer, gets that prompt's or steer's maps, not the
+    cached ones: each equal to a pass without the cache."""
+    from lmms_vg.methods.base import Steering
+    from lmms_vg.passes import Passes
+
+    model, processor = load_llava(llava_dir)
+    adapter = LlavaAdapter(model, processor)
+    cached, fresh = Passes(adapter, 8), Passes(adapter, 0)
+    keys = ["img0", "img1"]
+
+    def reference(passes, prompt, steer=None):
+        return passes.batch(images, QUESTIONS[:2], keys).question_and_reference(prompt, steer=steer)[1]
+
+    first = reference(cached, REF_PROMPT)
+    other = reference(cached, "Describe the image.")
+    assert torch.allclose(other, reference(fresh, "Describe the image."), atol=1e-6) and not torch.allclose(other, first, atol=1e-4)
+    steer = Steering("amplify", frozenset({1, 2}), torch.tensor([0.5, 0.5]), "all")
+    steered = reference(cached, REF_PROMPT, steer)
+    assert torch.allclose(steered, reference(fresh, REF_PROMPT, steer), atol=1e-6) and not torch.allclose(steered, first, atol=1e-4)
+    assert torch.equal(reference(cached, REF_PROMPT), first)  # and the first is still served from the cache
