@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = args.fn(args)
     except (report.ReportError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        print(f"lmms-vg {args.command}: {err}", file=sys.stderr)
+        prefix = f"lmms-vg {args.command}: "
+        print(("" if str(err).startswith(prefix) else prefix) + str(err), file=sys.stderr)
         return 2
     if written is None:  # a command that prints its answer itself
         return 0

@@ -45,6 +45,18 @@ def written_before(folder: Path) -> dict[str, dict]:
     return {k: v for k, v in data.items() if isinstance(v, dict) and "sha256" in v} if isinstance(data, dict) else {}
 
 
+def written_within(folder: Path) -> dict[str, dict]:
+    """The files lmms-vg wrote anywhere under ``folder``: its own list and those of the folders inside it that a command
+    wrote into (``report/browser`` has its own), as paths relative to ``folder``; the deeper list is the newer word."""
+    folder = Path(folder)
+    lists = sorted(folder.rglob(MANIFEST), key=lambda p: len(p.parts)) if folder.is_dir() else []
+    merged: dict[str, dict] = {}
+    for listing in lists:
+        prefix = listing.parent.relative_to(folder)
+        merged.update({str(prefix / k): v for k, v in written_before(listing.parent).items()})
+    return merged
+
+
 def ours(folder: Path, relative: str, manifest: dict[str, dict], by: str | None = None) -> bool:
     """Whether the file at ``folder/relative`` is one lmms-vg (``by`` that command) wrote and nobody changed since."""
     path, entry = folder / relative, manifest.get(relative)
@@ -59,7 +71,7 @@ def users_files(folder: Path, names: list[str] | None = None) -> list[str]:
     """Of ``names`` (relative paths; None: every file in ``folder``), those that exist and are not lmms-vg's own, unchanged."""
     if not folder.exists():
         return []
-    manifest = written_before(folder)
+    manifest = written_within(folder)
     if names is None:
         names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
     return sorted(n for n in names if (folder / n).exists() and not ours(folder, n, manifest))
@@ -120,7 +132,7 @@ def clear_own(target: Path, under: list[str], force: bool = False, what: str = "
     """Before a command writes under ``target/<under...>`` itself (the demo's lmms-eval runs): refused where the user has
     files there (unless ``force``); lmms-vg's own earlier files there, unchanged, are removed (they are superseded)."""
     target = Path(target).expanduser().resolve()
-    manifest = written_before(target)
+    manifest = written_within(target)
     inside = [str(p.relative_to(target)) for p in files_under(target, under)]
     clash = sorted(n for n in inside if not ours(target, n, manifest))
     if clash and not force:
@@ -131,9 +143,9 @@ def clear_own(target: Path, under: list[str], force: bool = False, what: str = "
     for name in inside:
         if name not in clash:
             (target / name).unlink()
-            manifest.pop(name, None)
-    if target.exists():
-        _save(target, manifest)
+    for listing in [target / MANIFEST, *(p for u in under if (target / u).is_dir() for p in (target / u).rglob(MANIFEST))]:
+        if listing.exists():  # each list keeps only the files still there
+            _save(listing.parent, {k: v for k, v in written_before(listing.parent).items() if (listing.parent / k).is_file()})
 
 
 def record(target: Path, paths: list[Path], by: str) -> None:

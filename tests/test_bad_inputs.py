@@ -134,6 +134,30 @@ def test_heatmaps_and_the_demo_refuse_the_users_files(tmp_path, capsys, llava_di
     assert code == 2 and (tmp_path / "fig" / "heatmaps.png").read_bytes() == b"mine"
 
 
+def test_a_folder_written_inside_another_commands_output_is_known_as_lmms_vgs(tmp_path):
+    """The demo writes its browser with ``browse`` into ``report/browser``, which keeps its own list: a run again clears
+    those files as lmms-vg's own, and a file of the user's beside them still stops it."""
+    from lmms_vg import writing
+
+    out = tmp_path / "demo"
+    with writing.staged(out / "report", what="lmms-vg demo") as stage:
+        (stage / "leaderboard.md").write_text("table")
+    with writing.staged(out / "report" / "browser", what="lmms-vg browse") as stage:
+        (stage / "chunks").mkdir()
+        (stage / "index.html").write_text("<html>")
+        (stage / "chunks" / "c00000.js").write_text("var c = 0;")
+    writing.clear_own(out, ["report"], what="lmms-vg demo")  # all of it lmms-vg's: removed
+    assert sorted(p.name for p in (out / "report").rglob("*") if p.is_file()) == [writing.MANIFEST, writing.MANIFEST]
+    assert all(json.loads(p.read_text()) == {} for p in (out / "report").rglob(writing.MANIFEST))  # nothing listed that is gone
+    with writing.staged(out / "report" / "browser", what="lmms-vg browse") as stage:
+        (stage / "index.html").write_text("<html>")
+    (out / "report" / "browser" / "notes.txt").write_text("mine")
+    (out / "report" / "browser" / "index.html").write_text("<html> edited by hand")
+    with pytest.raises(writing.OwnedFileError, match="browser/index.html, report/browser/notes.txt"):
+        writing.clear_own(out, ["report"], what="lmms-vg demo")
+    assert (out / "report" / "browser" / "notes.txt").read_text() == "mine"
+
+
 def test_save_maps_refuses_a_folder_of_the_users(tmp_path, llava_dir):
     mine = tmp_path / "mine"
     mine.mkdir()
