@@ -174,7 +174,7 @@ class Ledger:
             self._items.popitem(last=False)
         return answer.text
 
-    def take(self, doc: dict, output: str):
+    def take(self, doc: dict | None, output: str):
         """The typed value for a doc's output: the answer kept for it, else what the string decodes to."""
         key = doc.get("id") if isinstance(doc, dict) else None
         found = self._items.pop((str(key), output), None) if key is not None else None

@@ -18,7 +18,7 @@ PAPER_ITEM_SET = "paper"  # medvqa.BUNDLE_ITEM_SET: the items HuatuoGPT-Vision's
 def read_output(output: str, doc: dict | None = None) -> tuple[outputs.Answer | None, str | None]:
     """A model output as (answer, None), or (None, why the sample could not run); the answer the model kept for ``doc``
     where it kept one (:data:`lmms_vg.outputs.LEDGER`)."""
-    value = outputs.LEDGER.take(doc, output) if doc is not None else outputs.decode(output)
+    value = outputs.LEDGER.take(doc, output)  # without a doc: what the string decodes to
     if isinstance(value, outputs.SampleError):
         return None, value.reason
     if isinstance(value, outputs.Answer):

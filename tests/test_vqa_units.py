@@ -113,6 +113,47 @@ def test_the_group_average_weighs_by_items_scored_not_docs():
     assert math.isnan(vqa_results.weighted_average([], []))
 
 
+def test_outcomes_take_the_ledgers_answer_and_keep_their_defaults(monkeypatch):
+    """What the model kept for the doc (VGRefine's knocked fraction) reaches the logged outcome; a doc without a category
+    or an item set logs them empty; an excluded item logs the raw output."""
+    monkeypatch.delenv(scoring.LETTER_CASE_VAR, raising=False)
+    bare = {"id": "b1", "benchmark": "pmc_vqa", "options": ["yes", "no"], "answer": "no"}
+    handed = outputs.LEDGER.hand_over(bare, outputs.Answer("B", knocked_fraction=0.25, run=RUN))
+    closed = vqa_results.closed_outcome(bare, handed)
+    assert (closed.correct, closed.category, closed.item_set, closed.left_out) == (True, "", "", "")
+    assert closed.method["knocked_fraction"] == 0.25
+    opened = {"id": "o1", "benchmark": "pmc_vqa", "answer": "heart"}
+    handed = outputs.LEDGER.hand_over(opened, outputs.Answer("heart", knocked_fraction=0.75, run=RUN))
+    found = vqa_results.open_outcome(opened, handed)
+    assert (found.recall, found.category, found.method["knocked_fraction"]) == (1.0, "", 0.75)
+    failed = outputs.encode(outputs.SampleError("sample failed: OOM (o2)"))
+    excluded = vqa_results.open_outcome({"id": "o2", "benchmark": "pmc_vqa", "answer": "x"}, failed)
+    assert (excluded.excluded, excluded.output) == ("sample failed: OOM (o2)", failed)
+    applied = outputs.Answer("A", method={"name": "vicrop", "applied": "no: 2 images"}, run=RUN)
+    named = vqa_results.closed_outcome(doc(11), outputs.encode(applied))
+    assert named.to_log()["method"] == {"name": "vicrop", "applied": "no: 2 images"}  # the method's own record, by its name
+    assert vqa_results.ClosedOutcome.from_log(json.loads(json.dumps(named.to_log()))) == named
+
+
+def test_breakdowns_keep_four_places_and_named_categories_only_and_counts_name_each_letter_case(monkeypatch):
+    monkeypatch.delenv(scoring.LETTER_CASE_VAR, raising=False)
+    docs = [doc(1), doc(3), doc(5, answer="no"), {**doc(7), "category": ""}]
+    found = [vqa_results.closed_outcome(d, said("A")) for d in docs]
+    assert vqa_results.breakdown(found) == {"CT": 66.6667}  # 2 of 3; the uncategorised item is in no group
+    monkeypatch.setenv(scoring.LETTER_CASE_VAR, "lenient")
+    found.append(vqa_results.closed_outcome(doc(9), said("a")))
+    assert found[-1].correct and vqa_results.counts(found)["letter_case"] == "lenient, strict"
+
+
+def test_the_average_warns_where_it_mixes_the_papers_item_set_with_others(caplog):
+    paper, own, other = (vqa_results.Accuracy(50.0, 4, s) for s in ("paper", "own", "other"))
+    for values, warned in (([paper, own], True), ([paper, paper], False), ([own, other], False), ([paper, 40.0], True)):
+        caplog.clear()
+        vqa_results.weighted_average(values, [4, 4])
+        assert ("not comparable with the paper's Avg." in caplog.text) == warned, values
+    assert vqa_results.weighted_average([float("nan"), 50.0], [5, 5]) == pytest.approx(50.0)  # an unscored value counts nowhere
+
+
 # ---------------------------------------------------------------- scoring
 def test_options_up_to_the_last_letter_are_allowed():
     scoring.check_options([f"option {i}" for i in range(len(scoring.LETTERS))])

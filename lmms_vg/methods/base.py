@@ -10,6 +10,8 @@ wrapper takes it by name and knows nothing else of it.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -86,26 +88,28 @@ class MethodOutcome:
     answer_fields: list[dict] = field(default_factory=list)  # per sample: Answer fields beside ``method`` (VGRefine's knockout)
 
 
+PARSERS = {int: settings.as_int, float: settings.as_float, bool: settings.as_bool}
+
+
+def _value_type(hint: Any) -> Any:
+    """The type a setting given as text is parsed to: ``int`` for ``int`` and for ``int | None``."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    return options[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1 else hint
+
+
 def parse_settings(cls: type, args: dict, method: str) -> Any:
     """``cls`` (a settings dataclass) from ``--model_args`` values, each parsed by its field's type; unknown names are an error."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(args) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(args) - fields)
     if unknown:
         raise MethodConfigError(f"{method}: unknown settings {unknown}; it takes {sorted(fields)}")
-    parse = {
-        int: settings.as_int,
-        float: settings.as_float,
-        bool: settings.as_bool,
-        "int": settings.as_int,
-        "float": settings.as_float,
-        "bool": settings.as_bool,
-    }
+    hints = typing.get_type_hints(cls)
     values = {}
     for name, value in args.items():
         if value is None:
             continue
-        kind = fields[name].type if fields[name].type in parse else type(fields[name].default)
-        values[name] = parse[kind](name, value) if kind in parse else value
+        parse = PARSERS.get(_value_type(hints[name]))
+        values[name] = parse(name, value) if parse else value
     return cls(**values)
 
 

@@ -116,7 +116,7 @@ def relative_attention(adapter, images, texts, layer: int) -> list:
     heads averaged, divided by the generic prompt's (no epsilon, as its code)."""
     import numpy as np
 
-    passes, maps = Passes(adapter, reference_cache_size=0), [None] * len(images)
+    passes, maps = Passes(adapter), [None] * len(images)  # no image keys: nothing cached
     for members in same_grid(adapter, images):
         batch = passes.batch([images[i] for i in members], [texts[i] for i in members])
         question, reference = batch.question_and_reference(GENERIC_PROMPT + SHORT_ANSWER, frozenset({layer}))
@@ -152,10 +152,8 @@ def vicrop_generate(adapter, images, texts, config: ViCropConfig, attention_text
     crops = [image.crop(box) for image, box in zip(images, boxes)]
     encoded = adapter.encode([[image, crop] for image, crop in zip(images, crops)], texts)
     tokens, first = generate_new_tokens(adapter.model, encoded, **generate_kwargs)
-    details = [
-        {"vicrop_box": [round(float(v), 2) for v in box], "vicrop_layer": layer, "vicrop_attention_prompt": q}
-        for box, q in zip(boxes, asked)
-    ]
+    # the box is in whole pixels (the search centres on ints and halves sizes with //): logged as is
+    details = [{"vicrop_box": [float(v) for v in box], "vicrop_layer": layer, "vicrop_attention_prompt": q} for box, q in zip(boxes, asked)]
     return MethodOutcome(tokens, first, details)
 
 
