@@ -38,10 +38,21 @@ MODULES = {
     "vqa_results": (["vqa_results.py"], ["test_vqa_units.py", "test_medvqa.py", "test_scoring.py", "test_bad_inputs.py"]),
     "vgrefine": (
         ["methods/vgrefine.py"],
-        ["test_vgrefine.py", "test_internals.py", "test_bad_inputs.py", "test_conformance.py", "test_models.py", "test_robustness.py"],
+        [
+            "test_vgrefine.py",
+            "test_vgrefine_units.py",
+            "test_internals.py",
+            "test_bad_inputs.py",
+            "test_conformance.py",
+            "test_models.py",
+            "test_robustness.py",
+        ],
     ),
     "engine": (["engine.py"], ["test_engine.py", "test_vgrefine.py", "test_methods.py"]),
-    "methods": (["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"], ["test_methods.py", "test_methods_units.py"]),
+    "methods": (
+        ["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"],
+        ["test_methods.py", "test_methods_units.py"],
+    ),
     "grounding": (["grounding.py"], ["test_grounding.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"]),
     "passes": (["passes/*.py"], ["test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py", "test_conformance.py"]),
 }
