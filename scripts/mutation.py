@@ -48,7 +48,7 @@ MODULES = {
             "test_robustness.py",
         ],
     ),
-    "engine": (["engine.py"], ["test_engine.py", "test_vgrefine.py", "test_methods.py"]),
+    "engine": (["engine.py"], ["test_engine.py", "test_engine_units.py", "test_vgrefine.py", "test_methods.py"]),
     "methods": (
         ["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"],
         ["test_methods.py", "test_methods_units.py"],
