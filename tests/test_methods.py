@@ -297,7 +297,7 @@ def reference_high_res_blocks(image):
     return blocks, vertical_split, horizontal_split
 
 
-@pytest.mark.parametrize(("batch", "high_res"), [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize(("batch", "high_res"), [(1, False), (2, False), (1, True), (2, True)])
 def test_vicrop_equals_its_published_method(llava_dir, images, batch, high_res):
     """Relative attention on the short question (its run.py prompt) at the layer -> its crop search (on the joined block
     maps with rel_att_high) -> the answer from the task's prompt with the image and the crop."""

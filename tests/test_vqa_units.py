@@ -97,6 +97,7 @@ def test_open_outcomes_and_their_means():
     assert (found[1].recall, found[1].bleu1) == (0.0, 0.0) and found[1].method["run"] == RUN
     assert found[2].excluded == "image unreadable: y" and found[2].recall is None
     assert vqa_results.mean_of(found, "recall") == pytest.approx(50.0)
+    assert vqa_results.mean_of(found, "bleu1") == pytest.approx(100 * (2 / 3 + 0) / 2)
     assert math.isnan(vqa_results.mean_of(found[2:], "recall"))
     again = vqa_results.OpenOutcome.from_log(found[0].to_log())
     assert again == found[0] and vqa_results.OpenOutcome.from_log(again) is again
