@@ -177,3 +177,5 @@ def test_a_box_the_crop_removed_is_empty_on_either_axis():
     assert top.n_empty == 1 and not top.mask.any()
     edge = geometry.box_cells([(20, 0, 60, 50), (0, 60, 0, 90)], "xyxy", tall)  # ends where the crop starts; zero width
     assert edge.n_empty == 2 and not edge.mask.any()
+    again = geometry.box_cells([(0, 60, 0, 90), (20, 0, 60, 50), (20, 0, 60, 40)], "xyxy", tall)  # the crop-removed ones last
+    assert again.n_empty == 3
