@@ -182,14 +182,18 @@ def test_vgrefine_answers_say_which_reference_prompt_they_used_and_keep_its_cach
 
     from lmms_vg.families.llava import LlavaAdapter
     from lmms_vg.methods import Asked
-    from lmms_vg.methods.vgrefine import VGRefine
+    from lmms_vg.methods.vgrefine import VGRefine, VGRefiner
 
     model, processor = load_llava(llava_dir)
     adapter = LlavaAdapter(model, processor)
     config = VGRefineConfig(heads=((1, 0), (0, 1)), knockout_layers=(1,), top_k=2, percentile=30.0, reference_prompt="Describe it.")
     assert VGRefine(adapter, config).refiner.passes.cache.size == 64
-    method = VGRefine(adapter, config, reference_cache_size=3)
-    assert method.refiner.passes.cache.size == 3
+    assert VGRefiner(adapter, config).passes.cache.size == 64
+    with pytest.raises(VGRefineConfigError, match="^tiny-llava has 3 layers"):
+        adapter.name = "tiny-llava"
+        VGRefiner(adapter, dataclasses_replace(config, heads=((5, 0),), top_k=1))
+    method = VGRefine(adapter, config, reference_cache_size=4)
+    assert method.refiner.passes.cache.size == 4
     kwargs = {"max_new_tokens": 2, "do_sample": False}
     pair = [[images[0]], [images[1]]]
     own = method.answer(Asked(pair, list(QUESTIONS[:2]), ["a", "b"], list(QUESTIONS[:2])), **kwargs)
@@ -201,6 +205,13 @@ def test_vgrefine_answers_say_which_reference_prompt_they_used_and_keep_its_cach
     assert [r.tolist() for r in own.tokens] == direct.tokens.tolist()
     tasks = method.answer(Asked(pair, list(QUESTIONS[:2]), [None, None], list(QUESTIONS[:2]), reference_prompt="Where?"), **kwargs)
     assert tasks.details == [{"reference_prompt": "Where?"}] * 2  # the task's generic prompt over the method's
+    keyed = method.answer(Asked(pair, list(QUESTIONS[:2]), ["c", "d"], list(QUESTIONS[:2]), reference_prompt="Where?"), **kwargs)
+    assert keyed.details == tasks.details and {k[:2] for k in method.refiner.passes.cache._items} == {
+        ("a", "Describe it."),
+        ("b", "Describe it."),
+        ("c", "Where?"),
+        ("d", "Where?"),
+    }  # the triage normalised by the prompt the answer names
     unnormalised = VGRefine(adapter, dataclasses_replace(config, reference_prompt=None))
     plain = unnormalised.answer(Asked(pair, list(QUESTIONS[:2]), [None, None], list(QUESTIONS[:2]), reference_prompt="Where?"), **kwargs)
     assert plain.details == [{"reference_prompt": None}] * 2  # normalisation off: no prompt, whatever the task names
@@ -225,3 +236,13 @@ def test_checked_against_the_loaded_model_by_its_name():
     adapter = SimpleNamespace(name="tiny-llava", model=SimpleNamespace(config=SimpleNamespace(text_config=text)))
     with pytest.raises(VGRefineConfigError, match="^tiny-llava has 2 layers x 2 heads"):
         VGRefineConfig(heads=((2, 0),), knockout_layers=(1,), top_k=1).check(adapter)
+
+
+def test_the_triage_keeps_what_lies_at_or_above_the_percentile_exactly():
+    """203 distinct values: the 100th percentile keeps the top one only, the 0th all, the 50th the upper half and the median."""
+    import torch
+
+    from lmms_vg.methods.vgrefine import triage_keep
+
+    values = torch.arange(203.0)[None]
+    assert [int(triage_keep(values, p).sum()) for p in (100.0, 0.0, 50.0)] == [1, 203, 102]

@@ -241,7 +241,6 @@ class VGRefiner:
 
     def __init__(self, adapter, config: VGRefineConfig, reference_cache_size: int = 64, share_layers: bool = True):
         """``share_layers``: resume the knocked-out pass from the maps pass below the first knockout layer (greedy answers)."""
-        self.adapter = adapter
         self.share_layers = share_layers
         self.config = config
         text = adapter.model.config.text_config
