@@ -136,6 +136,8 @@ def test_vgrefine_settings_from_model_args_field_by_field(tmp_path):
         VGRefine.settings_from_args({"alpha": "1"}, defaults)
     with pytest.raises(ValueError, match="^model: VGRefine needs heads="):
         VGRefine.settings_from_args({}, {})
+    with pytest.raises(ValueError, match="^medgemma: VGRefine needs heads="):  # the preset's model named
+        VGRefine.settings_from_args({}, {"model": "medgemma"})
 
 
 def test_config_from_args_normalises_by_default(tmp_path):
