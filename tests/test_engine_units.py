@@ -42,3 +42,96 @@ def test_a_steer_refuses_cols_that_are_not_bool_and_values_that_are_not_one_per_
         steer(kind="add")
     with pytest.raises(ValueError, match="steps"):
         steer(steps="first")
+
+
+# ---------------------------------------------------------------- the attention function itself, against attention by hand
+
+
+class Attention(torch.nn.Module):
+    """What transformers' SDPA path reads from an attention module: causal, 2 query heads per key head."""
+
+    is_causal, num_key_value_groups = True, 2
+
+
+def by_hand(q, k, v, keys_ok, scale, knocked=None, cols=None, mode="mask", steer=None):
+    """Eager attention, each rule written out: [B, H, Q, D] queries over [B, KVH, KV, D]; ``keys_ok`` [B, Q, KV];
+    ``knocked`` [B, Q] rows that may not see ``cols`` [B, KV] (mask: before the softmax; zero: their weights zeroed after);
+    ``steer`` (kind, values [B], cols [B, KV]) edits the last row's logits."""
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, Q, KV]
+    allowed = keys_ok[:, None].clone()
+    blocked = torch.zeros_like(allowed)
+    if knocked is not None:
+        blocked = (knocked[:, :, None] & cols[:, None, :])[:, None]
+        if mode == "mask":
+            allowed &= ~blocked
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if steer is not None:
+        kind, values, steer_cols = steer
+        last = scores[:, :, -1, :]
+        edited = last + values[:, None, None] * last.abs() if kind == "amplify" else last * values[:, None, None]
+        scores[:, :, -1, :] = torch.where(steer_cols[:, None, :], edited, last)
+    weights = torch.softmax(scores, -1)
+    if knocked is not None and mode == "zero":
+        weights = weights * ~blocked
+    return (weights @ v).transpose(1, 2), weights
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_the_attention_function_on_a_resumed_padded_chunk_with_its_own_scale(mode):
+    """A chunk of 3 queries after 4 cached keys (start 4), the second sample left-padded by 2, grouped heads, a scale that
+    is not 1/sqrt(d); one row knocked out for the first sample only; the capture of the last row; a prompt-pass steer."""
+    torch.manual_seed(0)
+    B, H, KVH, Q, KV, D, scale = 2, 4, 2, 3, 7, 8, 0.3
+    q, k, v = torch.randn(B, H, Q, D), torch.randn(B, KVH, KV, D), torch.randn(B, KVH, KV, D)
+    start = KV - Q
+    keys = torch.arange(KV)
+    padded = torch.tensor([[True] * KV, [False, False] + [True] * (KV - 2)])
+    keys_ok = (keys[None, None, :] <= (start + torch.arange(Q))[None, :, None]) & padded[:, None, :]  # [B, Q, KV]
+    rows = torch.zeros(B, KV, dtype=torch.bool)
+    rows[0, start + 1] = True  # one knocked row in this chunk, in the first sample only
+    cols = torch.zeros(B, KV, dtype=torch.bool)
+    cols[:, 2:4] = True  # the "image"
+    attn, model = Attention(), torch.nn.Module()
+    model._lmms_vg_layers = {id(attn): 0}
+    knockout = engine.Knockout(frozenset({0}), rows, cols, mode)
+    capture = engine.Capture(rows=torch.tensor([[start + 2], [start + 2]]), cols=torch.tensor([[2, 3], [2, 3]]))
+    with engine.arm(model, capture=capture, knockout=knockout):
+        out, _ = engine.vg_attention(attn, q, k, v, keys_ok[:, None], scaling=scale)
+    expected, weights = by_hand(q, k, v, keys_ok, scale, rows[:, start:], cols, mode)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(capture.maps[0][:, :, 0], weights[:, :, -1, 2:4], atol=1e-6, rtol=0)
+    plain, _ = by_hand(q, k, v, keys_ok, scale)
+    assert not torch.allclose(out[0, 1], plain[0, 1]) and torch.equal(
+        out[1], engine.vg_attention(attn, q, k, v, keys_ok[:, None], scaling=scale)[0][1]
+    )
+
+    steer_cols = cols.clone()
+    steer = engine.Steer(frozenset({0}), steer_cols, "amplify", torch.tensor([0.5, 2.0]), "prefill")
+    with engine.arm(model, steer=steer):
+        out, _ = engine.vg_attention(attn, q, k, v, keys_ok[:, None], scaling=scale)
+    expected, _ = by_hand(q, k, v, keys_ok, scale, steer=("amplify", torch.tensor([0.5, 2.0]), steer_cols))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_a_capture_outside_the_chunk_is_left_for_another_and_every_row_inside_is_taken():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    attn, model = Attention(), torch.nn.Module()
+    model._lmms_vg_layers = {id(attn): 0}
+    keys_ok = torch.arange(5)[None, None, :] <= (2 + torch.arange(3))[None, :, None]
+    for rows, taken in (([[1]], False), ([[5]], False), ([[2]], True), ([[4]], True)):  # the chunk holds positions 2..4
+        capture = engine.Capture(rows=torch.tensor(rows), cols=torch.tensor([[0, 1]]))
+        with engine.arm(model, capture=capture):
+            engine.vg_attention(attn, q, k, v, keys_ok[:, None])
+        assert (0 in capture.maps) is taken, rows
+    _, weights = by_hand(q, k, v, keys_ok, 8**-0.5)
+    torch.testing.assert_close(capture.maps[0][:, :, 0], weights[:, :, 2, 0:2], atol=1e-6, rtol=0)
+
+
+def test_a_knockout_refuses_rows_and_cols_that_are_not_bool_masks_of_one_shape():
+    ok = torch.zeros(1, 4, dtype=torch.bool)
+    engine.Knockout(frozenset({0}), ok, ok)
+    for rows, cols in ((ok, torch.zeros(1, 5, dtype=torch.bool)), (ok.long(), ok), (ok, ok.long())):
+        with pytest.raises(ValueError, match="bool tensors of the same shape"):
+            engine.Knockout(frozenset({0}), rows, cols)
