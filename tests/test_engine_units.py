@@ -135,3 +135,49 @@ def test_a_knockout_refuses_rows_and_cols_that_are_not_bool_masks_of_one_shape()
     for rows, cols in ((ok, torch.zeros(1, 5, dtype=torch.bool)), (ok.long(), ok), (ok, ok.long())):
         with pytest.raises(ValueError, match="bool tensors of the same shape"):
             engine.Knockout(frozenset({0}), rows, cols)
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_float_masks_read_as_bool_ones(float_mask):
+    """Some models hand the attention a float mask (0 or the dtype's minimum): it means what the bool one does."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    keys_ok = (torch.arange(6)[None, None, :] <= (3 + torch.arange(3))[None, :, None]) & torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]]).bool()[:, None]
+    mask = keys_ok[:, None]
+    if float_mask:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    attn, model = Attention(), torch.nn.Module()
+    model._lmms_vg_layers = {id(attn): 0}
+    rows, cols = torch.zeros(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)
+    rows[:, 4], cols[:, 1:3] = True, True
+    capture = engine.Capture(rows=torch.tensor([[5], [5]]), cols=torch.tensor([[1, 2], [1, 2]]))
+    with engine.arm(model, capture=capture, knockout=engine.Knockout(frozenset({0}), rows, cols)):
+        out, _ = engine.vg_attention(attn, q, k, v, mask)
+    expected, weights = by_hand(q, k, v, keys_ok, 8**-0.5, rows[:, 3:], cols)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(capture.maps[0][:, :, 0], weights[:, :, -1, 1:3], atol=1e-6, rtol=0)
+
+
+def test_a_decoding_step_without_a_mask_knocks_out_and_captures_its_own_row():
+    """One query after 4 cached keys, no mask (transformers passes none for a one-row causal step of one sample)."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    attn, model = Attention(), torch.nn.Module()
+    model._lmms_vg_layers = {id(attn): 0}
+    rows, cols = torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool)
+    rows[0, 4], cols[0, 1:3] = True, True
+    capture = engine.Capture(rows=torch.tensor([[4]]), cols=torch.tensor([[0, 1, 2, 3, 4]]))
+    with engine.arm(model, capture=capture, knockout=engine.Knockout(frozenset({0}), rows, cols)):
+        out, _ = engine.vg_attention(attn, q, k, v, None)
+    keys_ok = torch.ones(1, 1, 5, dtype=torch.bool)
+    expected, weights = by_hand(q, k, v, keys_ok, 8**-0.5, rows[:, 4:], cols)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(capture.maps[0][:, :, 0], weights[:, :, 0], atol=1e-6, rtol=0)
+
+
+def test_image_token_positions_name_the_items_without_images_or_with_other_counts():
+    assert engine.image_token_positions(torch.tensor([[1, 9, 9], [9, 9, 2]]), 9).tolist() == [[1, 2], [0, 1]]
+    with pytest.raises(engine.EngineError, match="^model: no image tokens \\(id 9\\) in the prompt of batch item\\(s\\) \\[1\\]"):
+        engine.image_token_positions(torch.tensor([[1, 9, 9], [1, 1, 1]]), 9)
+    with pytest.raises(engine.EngineError, match="different image-token counts \\[2, 1\\]"):
+        engine.image_token_positions(torch.tensor([[1, 9, 9], [1, 1, 9]]), 9)
