@@ -142,7 +142,9 @@ def test_float_masks_read_as_bool_ones(float_mask):
     """Some models hand the attention a float mask (0 or the dtype's minimum): it means what the bool one does."""
     torch.manual_seed(2)
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    keys_ok = (torch.arange(6)[None, None, :] <= (3 + torch.arange(3))[None, :, None]) & torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]]).bool()[:, None]
+    keys_ok = (torch.arange(6)[None, None, :] <= (3 + torch.arange(3))[None, :, None]) & torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]]).bool()[
+        :, None
+    ]
     mask = keys_ok[:, None]
     if float_mask:
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -181,3 +183,47 @@ def test_image_token_positions_name_the_items_without_images_or_with_other_count
         engine.image_token_positions(torch.tensor([[1, 9, 9], [1, 1, 1]]), 9)
     with pytest.raises(engine.EngineError, match="different image-token counts \\[2, 1\\]"):
         engine.image_token_positions(torch.tensor([[1, 9, 9], [1, 1, 9]]), 9)
+
+
+def test_an_explicit_is_causal_reaches_sdpa_and_a_capture_can_stop_at_its_deepest_layer():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    attn, model = Attention(), torch.nn.Module()
+    model._lmms_vg_layers = {id(attn): 0}
+    full, _ = by_hand(q, k, v, torch.ones(1, 3, 3, dtype=torch.bool), 8**-0.5)
+    out, _ = engine.vg_attention(attn, q, k, v, None, is_causal=False)  # bidirectional where the model says so
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=0)
+    capture = engine.Capture(rows=torch.tensor([[2]]), cols=torch.tensor([[0, 1]]), layers=frozenset({0}), stop_early=True)
+    with engine.arm(model, capture=capture), pytest.raises(engine.CaptureComplete):
+        engine.vg_attention(attn, q, k, v, None)
+    assert 0 in capture.maps
+
+
+def decoder(layers: int = 2, with_attention: bool = True):
+    inner = torch.nn.Module()
+    inner.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(layers))
+    for layer in inner.layers if with_attention else ():
+        layer.self_attn = torch.nn.Module()
+    return inner
+
+
+@pytest.mark.parametrize("where", ["model.language_model", "model.language_model.model", "text_model", "model.text_model.model"])
+def test_the_text_decoder_is_found_where_each_layout_keeps_it(where):
+    model, found = torch.nn.Module(), decoder()
+    node = model
+    parts = where.split(".")
+    for part in parts[:-1]:
+        setattr(node, part, torch.nn.Module())
+        node = getattr(node, part)
+    setattr(node, parts[-1], found)
+    assert engine.text_attention_layers(model) == {id(found.layers[0].self_attn): 0, id(found.layers[1].self_attn): 1}
+
+
+def test_a_decoder_without_layers_or_attention_is_named():
+    model = torch.nn.Module()
+    model.language_model = torch.nn.Module()
+    with pytest.raises(engine.EngineError, match="found no decoder `layers`"):
+        engine.text_attention_layers(model)
+    model.language_model = decoder(with_attention=False)
+    with pytest.raises(engine.EngineError, match="decoder layer 0 has no `self_attn`"):
+        engine.text_attention_layers(model)
