@@ -55,7 +55,10 @@ MODULES = {
         ["methods/base.py", "methods/pai.py", "methods/adaptvis.py", "methods/vicrop.py"],
         ["test_methods.py", "test_methods_units.py"],
     ),
-    "grounding": (["grounding.py"], ["test_grounding.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"]),
+    "grounding": (
+        ["grounding.py"],
+        ["test_grounding.py", "test_grounding_units.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"],
+    ),
     "passes": (["passes/*.py"], ["test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py", "test_conformance.py"]),
 }
 # lines not mutated: an error's or a log line's wording is not behaviour (the bad-input tests check that a message names

@@ -1,0 +1,48 @@
+"""One grounding record and one saved map file, field by field: what each sample's record counts, why a sample is
+skipped (named with its id), and what the map file holds, with the image shrunk to 336 px at most."""
+
+import numpy as np
+import pytest
+from lmms_eval.models import get_model
+from PIL import Image
+
+from lmms_vg.grounding import GroundingRunner, GroundingSample
+
+
+@pytest.fixture(scope="module")
+def adapter(llava_dir):
+    return get_model("huatuo").create_from_arg_string(f"pretrained={llava_dir},device=cpu", {}).adapter
+
+
+def test_records_count_boxes_and_clipping_and_skips_name_their_samples(adapter, images):
+    runner = GroundingRunner(adapter)
+    samples = [
+        GroundingSample(images[0], "Where?", [[10, 10, 60, 50], [-5, 0, 20, 20]], "xyxy", sample_id="two"),
+        GroundingSample(images[1], "Where?", [[10, 10, float("nan"), 50]], "xyxy", sample_id="nan-box"),
+        GroundingSample(images[1], "Where?", [], "xyxy", sample_id="no-box"),
+    ]
+    two, bad, none = runner.score(samples)
+    assert (two.n_boxes, two.n_clipped, two.zero_reference_layers, two.exif_orientation, two.skipped) == (2, 1, 0, 0, None)
+    assert len(two.kl) == adapter.model.config.text_config.num_hidden_layers and not np.isnan(two.kl).any()
+    assert bad.skipped.startswith("malformed box: ") and bad.skipped.endswith("(nan-box)")
+    assert none.skipped == "no box (no-box)"
+
+
+def test_a_saved_map_file_holds_the_shrunk_image_and_typed_fields(adapter, tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()  # an empty folder of its own is fine
+    big = Image.new("RGB", (672, 448), (40, 80, 120))
+    runner = GroundingRunner(adapter, save_maps=folder)
+    runner.score([GroundingSample(big, "Where?", [[100, 100, 300, 200]], "xyxy", sample_id="case 1/a.b-c_d")])
+    (path,) = folder.glob("*.npz")
+    assert path.name == "case_1_a.b-c_d.npz"  # letters, digits and -_. kept; anything else "_"
+    saved = np.load(path)
+    assert saved["image"].shape == (224, 336, 3) and saved["image_size"].tolist() == [672, 448]
+    assert saved["kept"].dtype == bool and saved["kept"].shape == (0,)  # no knockout: nothing kept
+    assert saved["knockout_layers"].dtype == np.int64 and saved["knockout_layers"].shape == (0,)
+    maps = saved["maps"].astype(np.float32)
+    assert maps.shape[0] == adapter.model.config.text_config.num_hidden_layers
+    assert np.allclose(maps.max(-1), 1.0, atol=1e-3)  # each layer scaled to a maximum of 1
+    small = Image.new("RGB", (200, 100))
+    runner.score([GroundingSample(small, "Where?", [[10, 10, 50, 50]], "xyxy", sample_id="small")])
+    assert np.load(folder / "small.npz")["image"].shape == (100, 200, 3)  # under 336 px: as it is
