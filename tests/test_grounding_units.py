@@ -16,6 +16,7 @@ def adapter(llava_dir):
 
 def test_records_count_boxes_and_clipping_and_skips_name_their_samples(adapter, images):
     runner = GroundingRunner(adapter)
+    assert runner.passes.cache.size == 64 and GroundingRunner(adapter, reference_cache_size=2).passes.cache.size == 2
     samples = [
         GroundingSample(images[0], "Where?", [[10, 10, 60, 50], [-5, 0, 20, 20]], "xyxy", sample_id="two"),
         GroundingSample(images[1], "Where?", [[10, 10, float("nan"), 50]], "xyxy", sample_id="nan-box"),
@@ -46,3 +47,27 @@ def test_a_saved_map_file_holds_the_shrunk_image_and_typed_fields(adapter, tmp_p
     small = Image.new("RGB", (200, 100))
     runner.score([GroundingSample(small, "Where?", [[10, 10, 50, 50]], "xyxy", sample_id="small")])
     assert np.load(folder / "small.npz")["image"].shape == (100, 200, 3)  # under 336 px: as it is
+
+
+def test_a_clipped_box_is_warned_about_once_per_run(adapter, images, caplog):
+    runner = GroundingRunner(adapter)
+    clipped = [GroundingSample(images[i % 2], "Where?", [[-5, 0, 20, 20]], "xyxy", sample_id=f"c{i}") for i in range(3)]
+    runner.score(clipped[:2])
+    runner.score(clipped[2:])
+    assert caplog.text.count("reaches outside the image") == 1 and "sample c0" in caplog.text
+
+
+def test_grounding_under_a_knockout_saves_what_it_kept_and_measures_the_knocked_maps(adapter, images, tmp_path):
+    from lmms_vg.methods.vgrefine import VGRefineConfig
+
+    config = VGRefineConfig(heads=((1, 0), (0, 1)), knockout_layers=(1,), top_k=2, percentile=30.0)
+    sample = [GroundingSample(images[0], "Where is it?", [[10, 10, 60, 50]], "xyxy", sample_id="k")]
+    plain = GroundingRunner(adapter).score(sample)[0]
+    knocked_runner = GroundingRunner(adapter, knockout=config, save_maps=tmp_path / "maps")
+    knocked = knocked_runner.score(sample)[0]
+    kept = np.load(tmp_path / "maps" / "k.npz")["kept"]
+    n = adapter.image_tokens(images[0])
+    assert kept.dtype == bool and kept.shape == (n,) and 0 < kept.sum() < n
+    assert knocked_runner.kept.shape == (1, n)
+    assert np.load(tmp_path / "maps" / "k.npz")["knockout_layers"].tolist() == [1]
+    assert plain.kl[0] == pytest.approx(knocked.kl[0]) and plain.kl[-1] != pytest.approx(knocked.kl[-1])  # from layer 1 on
