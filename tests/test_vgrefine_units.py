@@ -2,6 +2,7 @@
 the fields a hand-written file may leave out), the bounds on heads, layers and the percentile at their edges, and the
 ranking's order where heads tie."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -193,7 +194,7 @@ def test_vgrefine_answers_say_which_reference_prompt_they_used_and_keep_its_cach
     assert VGRefiner(adapter, config).passes.cache.size == 64
     with pytest.raises(VGRefineConfigError, match="^tiny-llava has 3 layers"):
         adapter.name = "tiny-llava"
-        VGRefiner(adapter, dataclasses_replace(config, heads=((5, 0),), top_k=1))
+        VGRefiner(adapter, dataclasses.replace(config, heads=((5, 0),), top_k=1))
     method = VGRefine(adapter, config, reference_cache_size=4)
     assert method.refiner.passes.cache.size == 4
     kwargs = {"max_new_tokens": 2, "do_sample": False}
@@ -214,7 +215,7 @@ def test_vgrefine_answers_say_which_reference_prompt_they_used_and_keep_its_cach
         ("c", "Where?"),
         ("d", "Where?"),
     }  # the triage normalised by the prompt the answer names
-    unnormalised = VGRefine(adapter, dataclasses_replace(config, reference_prompt=None))
+    unnormalised = VGRefine(adapter, dataclasses.replace(config, reference_prompt=None))
     plain = unnormalised.answer(Asked(pair, list(QUESTIONS[:2]), [None, None], list(QUESTIONS[:2]), reference_prompt="Where?"), **kwargs)
     assert plain.details == [{"reference_prompt": None}] * 2  # normalisation off: no prompt, whatever the task names
     raw = unnormalised.refiner.generate([images[0], images[1]], list(QUESTIONS[:2]), reference_prompt="Where?", **kwargs)
@@ -222,13 +223,6 @@ def test_vgrefine_answers_say_which_reference_prompt_they_used_and_keep_its_cach
     assert torch.equal(raw.keep, none.keep)
     normalised = method.refiner.generate([images[0], images[1]], list(QUESTIONS[:2]), reference_prompt="Where?", **kwargs)
     assert not torch.equal(normalised.keep, none.keep)  # the test tells the two apart
-
-
-def dataclasses_replace(config, **changes):
-    import dataclasses
-
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return VGRefineConfig(**(fields | changes))
 
 
 def test_checked_against_the_loaded_model_by_its_name():

@@ -324,6 +324,17 @@ def is_open_clip(original: dict, weights: dict, folder: Path | None) -> bool:
     return named or any(k.startswith(TIMM_PREFIX) for k in weights) or bool(folder and (folder / "open_clip_config.json").exists())
 
 
+def vision_feature_fields(original: dict, default_feature: str) -> dict:
+    """The HF config's vision-feature fields from a LLaVA-codebase config: the tower layer (``mm_vision_select_layer``)
+    and whether the CLS token is dropped (``mm_vision_select_feature`` "patch"); codebases differ in the feature's default
+    (LLaVA "patch", VILA "cls_patch")."""
+    select = original.get("mm_vision_select_feature", default_feature)
+    return {
+        "vision_feature_layer": int(original.get("mm_vision_select_layer", -2)),
+        "vision_feature_select_strategy": "default" if select == "patch" else "full",
+    }
+
+
 def convert_llava(source: Path, out: Path, original: dict, arch: str | None = None, vision_tower: str | Path | None = None) -> Path:
     """An original LLaVA-format checkpoint (its config ``original``) written as a transformers-native folder into ``out``."""
     from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -354,7 +365,6 @@ def convert_llava(source: Path, out: Path, original: dict, arch: str | None = No
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    select = original.get("mm_vision_select_feature", "patch")
     config_class, model_class = (
         (LlavaS2Config, LlavaS2ForConditionalGeneration) if s2_scales else (LlavaConfig, LlavaForConditionalGeneration)
     )
@@ -362,8 +372,7 @@ def convert_llava(source: Path, out: Path, original: dict, arch: str | None = No
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=image_token_id,
-        vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
-        vision_feature_select_strategy="default" if select == "patch" else "full",
+        **vision_feature_fields(original, default_feature="patch"),
         projector_hidden_act="gelu",
         **({"s2_scales": list(s2_scales)} if s2_scales else {}),
     )

@@ -33,7 +33,7 @@ from ..architectures import InnerModelSwap, register
 from ..convert import ConversionError, Converter, load_weights, make_room_for, map_key, register_converter
 from ..presets import Family, ModelPreset, register_family, register_preset
 from ..prompts import VICUNA_V1_TEMPLATE
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, vision_feature_fields
 
 # VILA's ``llama_3`` conversation (SeparatorStyle.LLAMA_3): VILA-M3-8B's (MONAI's m3-vila8b.sh --version llama_3)
 VILA_LLAMA3_TEMPLATE = (
@@ -184,13 +184,11 @@ def convert_vila(source: Path, out: Path) -> Path:
     llama3 = "<|start_header_id|>" in tokenizer.get_vocab()
     tokenizer.chat_template = VILA_LLAMA3_TEMPLATE if llama3 else VICUNA_V1_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    select = original.get("mm_vision_select_feature", "cls_patch")
     config = VilaConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=image_token_id,
-        vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
-        vision_feature_select_strategy="default" if select == "patch" else "full",
+        **vision_feature_fields(original, default_feature="cls_patch"),
     )
     weights = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in load_weights(source / "llm").items()}
     weights |= {"model.vision_tower." + k: v for k, v in load_weights(source / "vision_tower").items()}
