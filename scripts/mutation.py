@@ -3,6 +3,7 @@
     .venv/bin/python scripts/mutation.py                 # every core module (tens of minutes on 2 cores)
     .venv/bin/python scripts/mutation.py metrics scoring # some of them (minutes)
     .venv/bin/python scripts/mutation.py passes --sample 200  # a seeded sample of a large module's mutants
+    .venv/bin/python scripts/mutation.py passes --sample 200 --seed 1  # another sample (after tests that target the first)
 
 For each module, mutmut (pinned in the lock) changes the code one small step at a time and runs the
 test files mapped to it below (only the tests that reach the changed function). A mutant the tests do
@@ -101,10 +102,10 @@ def scratch_copy(module: str) -> Path:
     return folder
 
 
-def run_module(module: str, children: int, again: bool = True, sample: int = 0) -> dict[str, str]:
+def run_module(module: str, children: int, again: bool = True, sample: int = 0, seed: int = 0) -> dict[str, str]:
     """mutmut on one module: mutant name -> status (killed, survived, timeout, no tests, ...); ``again`` False reads the
     last run's results in ``.mutation/<module>/`` without running anything. ``sample``: run that many of its mutants,
-    drawn with a fixed seed (the others stay "not checked" and out of the rate)."""
+    drawn with ``seed`` (the others stay "not checked" and out of the rate)."""
     folder = scratch_copy(module) if again else WORK / module
     env = {
         **os.environ,
@@ -120,7 +121,7 @@ def run_module(module: str, children: int, again: bool = True, sample: int = 0) 
         if again and sample:  # mutants generated and the tests' coverage collected, then nothing matches the name
             subprocess.run([*run, "lmms_vg.no_such_mutant"], cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
             names = sorted(statuses(folder, env))
-            run += random.Random(0).sample(names, min(sample, len(names)))
+            run += random.Random(seed).sample(names, min(sample, len(names)))
         subprocess.run(
             run if again else [sys.executable, "-c", "pass"], cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
         )
@@ -161,7 +162,8 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--show", action="store_true", help="print each survivor's diff")
     parser.add_argument("--no-run", action="store_true", help="report the last run's results (in .mutation/) without running")
-    parser.add_argument("--sample", type=int, default=0, help="run N mutants of each module, drawn with a fixed seed (0: all)")
+    parser.add_argument("--sample", type=int, default=0, help="run N mutants of each module, drawn with --seed (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed: another seed draws other mutants (default 0)")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -171,7 +173,7 @@ def main() -> int:
     rows, summary = [], {}
     for module in args.modules or list(MODULES):
         t0 = time.time()
-        found = run_module(module, args.children, again=not args.no_run, sample=args.sample)
+        found = run_module(module, args.children, again=not args.no_run, sample=args.sample, seed=args.seed)
         survivors = sorted(n for n, s in found.items() if s == "survived")
         equivalent = [n for n in survivors if n in known]
         for name in equivalent:  # an entry whose mutant is now a different change is stale: it counts as a survivor

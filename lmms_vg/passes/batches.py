@@ -226,7 +226,12 @@ class SharedPrefixBatch(PassBatch):
         return suffix_maps(self.adapter.model, self.state, [self.suffixes], self.pad, knockout=knockout)[0]
 
     def generate(self, knockout=None, resume: Resume | None = None, **generate_kwargs):
-        if resume is not None and resume.complete and can_resume(generate_kwargs) and internals.of(self.adapter.model).layer_cache_kwarg:
+        if (
+            resume is not None
+            and resume.complete
+            and can_resume(self.adapter.model, generate_kwargs)
+            and internals.of(self.adapter.model).layer_cache_kwarg
+        ):
             return resumed_generate(self.adapter.model, self.state, self.suffixes, self.pad, resume, knockout, **generate_kwargs)
         return suffix_generate(self.adapter.model, self.state, self.suffixes, self.pad, knockout=knockout, **generate_kwargs)
 

@@ -100,9 +100,9 @@ def resumed_generate(
         return suffix_generate(model, state, suffixes, pad_id, knockout=knockout, **generate_kwargs)
     first_logits = out.logits[:, -1]
     first = first_logits.argmax(-1, keepdim=True)
-    new = generate_kwargs.get("max_new_tokens", 1)
+    new = generate_kwargs["max_new_tokens"]  # can_resume: given, and no minimum length
     if new > 1:
-        kwargs = {**generate_kwargs, "max_new_tokens": new - 1, "min_new_tokens": max(0, generate_kwargs.get("min_new_tokens", 0) - 1)}
+        kwargs = {**generate_kwargs, "max_new_tokens": new - 1}
         kwargs.pop("output_logits", None)
         inputs = after_prefix(model, state, torch.cat([ids, first], dim=1), torch.cat([mask, torch.ones_like(first)], dim=1))
         rest, _ = generate_new_tokens(model, inputs, **kwargs)
@@ -114,7 +114,32 @@ def resumed_generate(
     return first, (first_logits if generate_kwargs.get("output_logits") else None)
 
 
-def can_resume(generate_kwargs: dict) -> bool:
-    """Greedy, one sequence, no logits processors: the first token is the argmax, which a resumed pass reproduces."""
-    plain = not generate_kwargs.get("do_sample") and generate_kwargs.get("num_beams", 1) == 1
-    return plain and not generate_kwargs.get("logits_processor") and not generate_kwargs.get("repetition_penalty")
+# generate() settings that can change which token comes first (a minimum length holds back the end of sequence, the others
+# edit or ban tokens); the resumed pass takes the plain argmax, so where any is set the answer takes the full pass
+FIRST_TOKEN_SETTINGS = (
+    "logits_processor",
+    "min_new_tokens",
+    "min_length",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "penalty_alpha",
+)
+
+
+def can_resume(model, generate_kwargs: dict) -> bool:
+    """Greedy, one sequence, a set number of new tokens, nothing that edits the first step's logits: the first token is the
+    argmax, which a resumed pass reproduces. A setting the call leaves out is the model's generation config's (a checkpoint
+    may ship ``do_sample`` or a ``repetition_penalty``, as Qwen2.5-VL's does)."""
+    config = model.generation_config
+
+    def setting(name: str):
+        return generate_kwargs[name] if name in generate_kwargs else getattr(config, name, None)
+
+    if "max_new_tokens" not in generate_kwargs or setting("do_sample") or (setting("num_beams") or 1) != 1:
+        return False
+    if setting("repetition_penalty") not in (None, 1.0) or setting("guidance_scale") not in (None, 1.0):
+        return False
+    return not any(setting(name) for name in FIRST_TOKEN_SETTINGS)

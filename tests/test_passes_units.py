@@ -1,0 +1,297 @@
+"""The passes, part by part, at the edges where a shared prefix, a resumed pass or the reference cache could go wrong unseen.
+
+References: eager attention over whole prompts (``test_vgrefine.last_row_maps``), the full-prompt passes (themselves
+held to eager attention in test_engine), the image processor's own grid, and values written by hand.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from test_engine import QUESTIONS, load_llava
+from test_vgrefine import REF_PROMPT, last_row_maps
+
+from lmms_vg import engine, internals
+from lmms_vg.families.llava import LlavaAdapter
+from lmms_vg.methods.base import Steering
+from lmms_vg.methods.vgrefine import VGRefineConfig, VGRefiner
+from lmms_vg.passes import (
+    FullPromptBatch,
+    Passes,
+    ReferenceCache,
+    Resume,
+    SharedPrefixBatch,
+    can_resume,
+    same_grid,
+)
+from lmms_vg.passes.prefix import with_text_after
+
+ATOL = 1e-5
+
+
+@pytest.fixture
+def llava(llava_dir):
+    model, processor = load_llava(llava_dir)
+    return model, processor, LlavaAdapter(model, processor)
+
+
+def load(checkpoint, request):
+    from lmms_vg.families.qwen2_vl import Qwen2VLAdapter
+    from lmms_vg.presets import family_of
+    from lmms_vg_models.loading import load_checkpoint
+
+    family = "llava" if checkpoint == "llava_dir" else "qwen2_vl"
+    path = str(request.getfixturevalue(checkpoint))
+    model, processor = load_checkpoint(path, family_of(family).model_types, torch.float32, None, "main", False)
+    engine.install(model)
+    return model, processor, (LlavaAdapter if family == "llava" else Qwen2VLAdapter)(model, processor)
+
+
+def batches(adapter, images, texts, keys=None):
+    keys = keys or [None] * len(images)
+    return SharedPrefixBatch(adapter, images, texts, keys, ReferenceCache(0)), FullPromptBatch(
+        adapter, images, texts, keys, ReferenceCache(0)
+    )
+
+
+def count_runs(layer, into: list):
+    """A hook noting the rows a decoder layer ran on, per call (after the pass's own hooks cut them)."""
+    return layer.register_forward_hook(lambda _m, _args, out: into.append((out[0] if isinstance(out, tuple) else out).shape[1]))
+
+
+# --- plain helpers, by hand -----------------------------------------------------------------------------------------
+
+
+def test_only_plain_greedy_decoding_resumes(llava):
+    """A resumed pass reproduces the first token as the argmax: a sampler, beams, a penalty or any logits edit, set by the
+    call or by the checkpoint's generation config, takes the full pass; so does a call that leaves the length to generate()."""
+    model = llava[0]
+    plain = {"do_sample": False, "num_beams": 1, "max_new_tokens": 4}
+    assert can_resume(model, plain) and can_resume(model, {**plain, "logits_processor": [], "repetition_penalty": 1.0})
+    assert not can_resume(model, {"do_sample": False})
+    edits = [{"do_sample": True}, {"num_beams": 2}, {"logits_processor": [object()]}, {"repetition_penalty": 1.2}]
+    edits += [{"min_new_tokens": 1}, {"guidance_scale": 1.5}, {"no_repeat_ngram_size": 2}, {"suppress_tokens": [3]}]
+    for edit in edits:
+        assert not can_resume(model, {**plain, **edit}), edit
+    model.generation_config.repetition_penalty = 1.05  # as Qwen2.5-VL's generation_config.json ships it
+    assert not can_resume(model, plain) and can_resume(model, {**plain, "repetition_penalty": 1.0})
+    model.generation_config.repetition_penalty, model.generation_config.do_sample = 1.0, True
+    assert not can_resume(model, {"num_beams": 1, "max_new_tokens": 4}) and can_resume(model, plain)
+
+
+def test_reference_cache_drops_the_least_recently_used():
+    cache, a, b, c = ReferenceCache(2), torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # now the most recently used: b goes first
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    cache.put("d", b)  # c was used after a: a goes
+    assert cache.get("a") is None and cache.get("c") is c and cache.get("d") is b
+    off = ReferenceCache(0)
+    off.put("a", a)
+    assert off.get("a") is None
+    cache.put(None, a)  # an image without a key is never cached
+    assert cache.get(None) is None
+
+
+def test_with_text_after_gives_the_texts_type_zero():
+    """Per-token inputs of the prefix (``[B, width]``) are widened with zeros for the texts after it; anything else passes as is."""
+    types = torch.tensor([[0, 1, 1], [0, 2, 2]])
+    grid = torch.tensor([[1, 4, 4, 4]])  # 2-D but not per token (another width)
+    flat = torch.tensor([1, 1, 1])  # per token, not per sample
+    out = with_text_after({"token_type_ids": types, "grid": grid, "flat": flat, "name": "x"}, width=3, total=5)
+    assert torch.equal(out["token_type_ids"], torch.tensor([[0, 1, 1, 0, 0], [0, 2, 2, 0, 0]]))
+    assert out["grid"] is grid and out["flat"] is flat and out["name"] == "x"
+    assert with_text_after({}, 3, 5) == {}
+
+
+def test_same_grid_groups_by_the_processors_own_grid(qwen2_vl_dir, llava, images, request):
+    """Qwen's dynamic resolution: images of two sizes are two prefixes, grouped as the image processor grids them; LLaVA: one."""
+    from conftest import random_image
+
+    _, _, adapter = load("qwen2_vl_dir", request)
+    imgs = [images[0], random_image(300, 120, 3), images[0], images[1], random_image(300, 120, 4)]
+    grids = adapter.processor.image_processor(images=imgs, return_tensors="pt")["image_grid_thw"].tolist()
+    expected: dict = {}
+    for n, grid in enumerate(grids):
+        expected.setdefault(tuple(grid), []).append(n)
+    assert len(expected) >= 3 and same_grid(adapter, imgs) == list(expected.values())
+    assert same_grid(llava[2], imgs) == [[0, 1, 2, 3, 4]]
+
+
+def test_the_resume_watch_reads_a_layer_that_returns_a_tuple(llava):
+    """Decoder layers of some releases and families return ``(hidden, ...)``, others the tensor alone: the watch takes either."""
+    model, _, _ = llava
+    hidden = torch.randn(2, 7, 64)
+    for returned in (hidden, (hidden, None)):
+        resume = Resume(depth=2, width=3)
+        handle = resume.watch(model, slice(1, None), 2)
+        try:
+            layer = engine.text_decoder_layers(model)[1]
+            layer._forward_hooks[handle.id](layer, (), returned)
+        finally:
+            handle.remove()
+        assert torch.equal(resume.hidden, hidden[1:, 2:5])
+
+
+# --- maps: the shared prefix against whole prompts --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["prefix pass", "suffix pass", "steered", "full prompts"])
+def test_maps_of_chosen_layers_stop_at_the_deepest(llava, images, path):
+    """``layers={1}``: layer 1 equals eager attention over the whole prompts, layer 0 is left zero, and no text row reaches
+    layer 2 (the prefix's own pass carries only the prefix's rows there, to fill its cache)."""
+    model, processor, adapter = llava
+    shared, full = batches(adapter, images, QUESTIONS)
+    batch = full if path == "full prompts" else shared
+    if path in ("suffix pass", "steered"):
+        assert shared.state is not None  # the prefix runs alone first: the texts' maps come from a pass of their own
+    steer = Steering("amplify", frozenset({1}), torch.zeros(2), "all") if path == "steered" else None  # a steer of 0 edits nothing
+    rows = []
+    hook = count_runs(engine.text_decoder_layers(model)[2], rows)
+    try:
+        (maps,) = batch.maps([QUESTIONS], frozenset({1}), steer)
+    finally:
+        hook.remove()
+    _, _, eager = last_row_maps(model, processor, images, QUESTIONS)
+    assert maps.shape == (2, 2, 4, eager.shape[-1])
+    assert torch.allclose(maps[:, 1], eager[:, 1], atol=ATOL, rtol=0) and not maps[:, 0].any()
+    prefix = len(shared.prefix[0])
+    assert rows == ([prefix] if path == "prefix pass" else [])
+
+
+@pytest.mark.parametrize("checkpoint", ["llava_dir", "qwen2_vl_dir"])
+def test_a_checkpoint_saved_without_cache_still_shares_its_prefix(checkpoint, request, images):
+    """A config saved with ``use_cache: false`` (as training with gradient checkpointing leaves it): the prefix's pass still
+    fills its cache, so maps and the knocked-out answer equal whole prompts'."""
+    model, _, adapter = load(checkpoint, request)
+    for config in (model.config, model.config.get_text_config()):
+        config.use_cache = False
+    imgs = [images[0]] * 2
+    shared, full = batches(adapter, imgs, QUESTIONS)
+    q_s, r_s = shared.question_and_reference(REF_PROMPT)
+    q_f, r_f = full.question_and_reference(REF_PROMPT)
+    assert torch.allclose(q_s, q_f, atol=ATOL, rtol=0) and torch.allclose(r_s, r_f, atol=ATOL, rtol=0)
+    keep = torch.ones(2, q_s.shape[-1], dtype=torch.bool)
+    keep[:, ::3] = False
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "pad_token_id": adapter.tokenizer.pad_token_id}
+    tokens_s, logits_s = shared.generate(shared.knockout(keep, (1,), "mask"), **kwargs)
+    tokens_f, logits_f = full.generate(full.knockout(keep, (1,), "mask"), **kwargs)
+    assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)
+
+
+# --- the questions and the generic prompt, with and without the cache -------------------------------------------------
+
+
+def spy_sets(batch) -> list[int]:
+    """How many sets of texts each of ``batch``'s map passes carries."""
+    calls, maps = [], batch.maps
+
+    def counted(text_sets, *args, **kwargs):
+        calls.append(len(text_sets))
+        return maps(text_sets, *args, **kwargs)
+
+    batch.maps = counted
+    return calls
+
+
+def test_no_generic_prompt_runs_the_questions_alone(llava, images):
+    model, processor, adapter = llava
+    batch = Passes(adapter, 8).batch(images, QUESTIONS, ["img0", "img1"])
+    sets = spy_sets(batch)
+    question, reference = batch.question_and_reference(None)
+    _, _, eager = last_row_maps(model, processor, images, QUESTIONS)
+    assert reference is None and sets == [1] and torch.allclose(question, eager, atol=ATOL, rtol=0)
+
+
+def test_cached_references_leave_the_questions_pass_alone_and_steered(llava, images):
+    """Every reference cached: one pass of the questions only, under the same steer as without the cache."""
+    _, _, adapter = llava
+    keys = ["img0", "img1"]
+    steer = Steering("amplify", frozenset({0, 1, 2}), torch.tensor([5.0, 9.0]), "all")
+    cached = Passes(adapter, 8)
+    first_q, first_r = cached.batch(images, QUESTIONS, keys).question_and_reference(REF_PROMPT, steer=steer)
+    again = cached.batch(images, QUESTIONS, keys)
+    sets = spy_sets(again)
+    second_q, second_r = again.question_and_reference(REF_PROMPT, steer=steer)
+    fresh_q, fresh_r = Passes(adapter, 0).batch(images, QUESTIONS, keys).question_and_reference(REF_PROMPT, steer=steer)
+    plain_q, _ = Passes(adapter, 0).batch(images, QUESTIONS, keys).question_and_reference(REF_PROMPT)
+    assert sets == [1]
+    assert torch.allclose(second_q, fresh_q, atol=ATOL, rtol=0) and torch.equal(second_r, first_r)
+    assert torch.allclose(first_q, fresh_q, atol=ATOL, rtol=0) and torch.allclose(first_r, fresh_r, atol=ATOL, rtol=0)
+    assert not torch.allclose(second_q, plain_q, atol=1e-3)  # the steer shows
+
+
+def test_one_cached_reference_is_reused_and_the_other_computed(llava, images):
+    model, processor, adapter = llava
+    cached = Passes(adapter, 8)
+    cached.batch(images[:1], QUESTIONS[:1], ["img0"]).question_and_reference(REF_PROMPT)
+    batch = cached.batch(images, QUESTIONS, ["img0", "img1"])
+    sets = spy_sets(batch)
+    question, reference = batch.question_and_reference(REF_PROMPT)
+    _, _, eager = last_row_maps(model, processor, images, [REF_PROMPT] * 2)
+    assert sets == [2] and torch.allclose(reference, eager, atol=ATOL, rtol=0)
+    assert torch.allclose(question, last_row_maps(model, processor, images, QUESTIONS)[2], atol=ATOL, rtol=0)
+
+
+# --- the resumed knocked-out pass ------------------------------------------------------------------------------------
+
+
+def test_a_resumed_answer_stops_at_the_callers_eos(llava, images):
+    """``eos_token_id`` given by the caller (not the model's): a sample whose first new token is it is padded after it, as
+    ``generate()`` pads a finished sample; the other goes on. Resumed and full passes give the same tokens."""
+    model, _, adapter = llava
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    pad = adapter.tokenizer.pad_token_id
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": pad}
+    probe = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs).tokens
+    eos = int(probe[0, 0])
+    assert eos != model.generation_config.eos_token_id and eos not in probe[1]
+    calls = []
+    hook = count_runs(engine.text_decoder_layers(model)[0], calls)
+    try:
+        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, eos_token_id=eos, **kwargs)
+    finally:
+        hook.remove()
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, eos_token_id=eos, **kwargs)
+    assert torch.equal(resumed.tokens, full.tokens) and resumed.first_logits is None
+    assert resumed.tokens[0, 0] == eos and (resumed.tokens[0, 1:] == pad).all() and torch.equal(resumed.tokens[1], probe[1])
+    assert len(calls) == 1 + 3  # the prefix with both texts once, then the 3 later tokens: the first new one resumed at layer 2
+
+
+def test_a_resumed_pass_that_fails_falls_back_to_the_exact_pass(llava, images, monkeypatch):
+    """A decoder layer that hands the resumed layer no cache: the path is turned off for the model, the answer is the full pass's."""
+    model, _, adapter = llava
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    monkeypatch.setattr(model, "_lmms_vg_internals", dataclasses.replace(internals.of(model), layer_cache_kwarg="no_such_keyword"))
+    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
+    assert internals.of(model).layer_cache_kwarg is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "where"),
+    [("min_new_tokens", "call"), ("suppress_tokens", "call"), ("bad_words_ids", "call"), ("min_new_tokens", "generation_config")],
+)
+def test_settings_that_change_the_first_token_take_the_full_pass(llava, images, setting, where):
+    """A minimum length, suppressed tokens or banned words change which token comes first: whether the caller or the
+    checkpoint's generation config sets them, the answer is generate()'s own (a resumed pass would take the plain argmax)."""
+    model, _, adapter = llava
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "pad_token_id": adapter.tokenizer.pad_token_id}
+    plain = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    first = int(plain.tokens[0, 0])
+    value = {"min_new_tokens": 2, "suppress_tokens": [first], "bad_words_ids": [[first]]}[setting]
+    if setting == "min_new_tokens":  # it shows where the plain first token ends the sequence (generate() spares an EOS from bans)
+        kwargs["eos_token_id"] = first
+    if where == "call":
+        kwargs[setting] = value
+    else:
+        setattr(model.generation_config, setting, value)
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    assert full.tokens[0, 0] != first  # the setting changes the first token here
+    assert torch.equal(resumed.tokens, full.tokens)
