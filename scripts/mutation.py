@@ -60,7 +60,10 @@ MODULES = {
         ["grounding.py"],
         ["test_grounding.py", "test_grounding_units.py", "test_authors_pipeline.py", "test_methods.py", "test_bad_inputs.py"],
     ),
-    "passes": (["passes/*.py"], ["test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py", "test_conformance.py"]),
+    "passes": (
+        ["passes/*.py"],
+        ["test_passes_units.py", "test_vgrefine.py", "test_internals.py", "test_grounding.py", "test_methods.py", "test_conformance.py"],
+    ),
 }
 # lines not mutated: an error's or a log line's wording is not behaviour (the bad-input tests check that a message names
 # its input; a mutated word in it would survive every test that reads the condition, not the prose)

@@ -67,7 +67,9 @@ def test_only_plain_greedy_decoding_resumes(llava):
     call or by the checkpoint's generation config, takes the full pass; so does a call that leaves the length to generate()."""
     model = llava[0]
     plain = {"do_sample": False, "num_beams": 1, "max_new_tokens": 4}
-    assert can_resume(model, plain) and can_resume(model, {**plain, "logits_processor": [], "repetition_penalty": 1.0})
+    assert can_resume(model, plain) and can_resume(
+        model, {**plain, "logits_processor": [], "repetition_penalty": 1.0, "guidance_scale": 1.0}
+    )
     assert not can_resume(model, {"do_sample": False})
     edits = [{"do_sample": True}, {"num_beams": 2}, {"logits_processor": [object()]}, {"repetition_penalty": 1.2}]
     edits += [{"min_new_tokens": 1}, {"guidance_scale": 1.5}, {"no_repeat_ngram_size": 2}, {"suppress_tokens": [3]}]
@@ -295,3 +297,90 @@ def test_settings_that_change_the_first_token_take_the_full_pass(llava, images, 
     resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
     assert full.tokens[0, 0] != first  # the setting changes the first token here
     assert torch.equal(resumed.tokens, full.tokens)
+
+
+def test_the_row_cut_cuts_every_per_token_input_by_hand():
+    """Above the deepest captured layer only the prefix's rows run: hidden states (given by position or by name), mask,
+    positions and rotary tables are cut to them; other arguments pass as they are."""
+    from lmms_vg.passes import prefix_rows_only
+
+    hook = prefix_rows_only(2)
+    hidden, mask = torch.arange(12.0).view(1, 4, 3), torch.arange(16.0).view(1, 1, 4, 4)
+    positions, cos, sin = torch.tensor([[0, 1, 2, 3]]), torch.rand(1, 4, 5), torch.rand(1, 4, 5)
+    given = {"attention_mask": mask, "position_ids": positions, "position_embeddings": (cos, sin), "use_cache": True}
+    for args, kwargs in (((hidden,), dict(given)), ((), {**given, "hidden_states": hidden})):
+        new_args, new_kwargs = hook(None, args, kwargs)
+        assert len(new_args) == 1 and torch.equal(new_args[0], hidden[:, :2]) and "hidden_states" not in new_kwargs
+        assert torch.equal(new_kwargs["attention_mask"], mask[..., :2, :2]) and torch.equal(new_kwargs["position_ids"], positions[:, :2])
+        assert all(torch.equal(a, b[:, :2]) for a, b in zip(new_kwargs["position_embeddings"], (cos, sin)))
+        assert new_kwargs["use_cache"] is True
+    with pytest.raises(internals.Unsupported, match="positional"):
+        hook(None, (hidden, mask), {})
+
+
+@pytest.mark.parametrize("kind", ["shared", "full"])
+def test_steered_maps_of_two_sets_equal_each_set_alone(llava, images, kind):
+    """The questions and the generic prompt side by side under a steer of one value per sample: each set's maps as its own
+    pass gives them, and those as whole prompts give them."""
+    _, _, adapter = llava
+    steer = Steering("amplify", frozenset({0, 1, 2}), torch.tensor([5.0, 9.0]), "all")
+    shared, full = batches(adapter, images, QUESTIONS)
+    batch = shared if kind == "shared" else full
+    both = batch.maps([QUESTIONS, [REF_PROMPT] * 2], None, steer)
+    alone = [full.maps([texts], None, steer)[0] for texts in (QUESTIONS, [REF_PROMPT] * 2)]
+    for together, single in zip(both, alone):
+        assert torch.allclose(together, single, atol=ATOL, rtol=0)
+    assert not torch.allclose(both[0], full.maps([QUESTIONS])[0], atol=1e-3)  # the steer shows
+
+
+def test_texts_beyond_the_window_run_as_whole_prompts(llava, images, monkeypatch):
+    """A sliding window the prefix and the questions fit in, but not with the generic prompt beside them: that pass runs as
+    whole prompts, with its layers and its steer; a question beyond the window makes the whole batch whole prompts."""
+    _, _, adapter = llava
+    shared, full = batches(adapter, images, QUESTIONS)
+    prefix, question, reference = len(shared.prefix[0]), max(map(len, shared.suffixes)), len(shared._suffixes([REF_PROMPT])[0])
+    monkeypatch.setattr(LlavaAdapter, "window", property(lambda self: prefix + question + reference - 1))
+    assert shared.fits_window([shared.suffixes]) and not shared.fits_window([shared.suffixes, shared._suffixes([REF_PROMPT])])
+    steer = Steering("amplify", frozenset({1}), torch.tensor([5.0, 9.0]), "all")
+    calls = []
+    hook = count_runs(engine.text_decoder_layers(adapter.model)[2], calls)
+    try:
+        got = shared.maps([QUESTIONS, [REF_PROMPT] * 2], frozenset({1}), steer)
+    finally:
+        hook.remove()
+    expected = full.maps([QUESTIONS, [REF_PROMPT] * 2], frozenset({1}), steer)
+    assert not calls and shared._state is None  # whole prompts, stopped after layer 1: no prefix in a cache
+    for a, b in zip(got, expected):
+        assert a.shape[1] == 2 and torch.allclose(a, b, atol=ATOL, rtol=0)
+    assert not torch.allclose(got[0], full.maps([QUESTIONS], frozenset({1}))[0], atol=1e-3)
+    assert isinstance(Passes(adapter, 0).batch(images, QUESTIONS), SharedPrefixBatch)
+    monkeypatch.setattr(LlavaAdapter, "window", property(lambda self: prefix + question))
+    assert isinstance(Passes(adapter, 0).batch(images, QUESTIONS), FullPromptBatch)
+
+
+def test_a_knockout_from_layer_0_does_not_resume(llava, images):
+    """Knocked out from the first layer: nothing below it to keep, the knocked-out pass runs whole, same answer as the full path."""
+    _, _, adapter = llava
+    shared, _ = batches(adapter, images, QUESTIONS)
+    assert shared.resume_point(0) is None and shared.resume_point(1).depth == 1
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(0, 2), top_k=3, reference_prompt=REF_PROMPT)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+    ours = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    assert torch.equal(ours.tokens, full.tokens) and torch.allclose(ours.first_logits, full.first_logits, atol=1e-4, rtol=0)
+
+
+def test_a_resumed_answer_without_any_eos_runs_its_length(llava, images):
+    """A checkpoint whose generation config names no end of sequence: the resumed answer goes on for max_new_tokens, as generate()'s."""
+    model, _, adapter = llava
+    model.generation_config.eos_token_id = None
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": adapter.tokenizer.pad_token_id}
+    calls = []
+    hook = count_runs(engine.text_decoder_layers(model)[0], calls)
+    try:
+        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    finally:
+        hook.remove()
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    assert len(calls) == 1 + 3 and resumed.tokens.shape == (2, 4) and torch.equal(resumed.tokens, full.tokens)

@@ -75,7 +75,7 @@ class ReferenceCache:
         return self._items[key]
 
     def put(self, key: tuple | None, maps: torch.Tensor) -> None:
-        if key is None or self.size <= 0:
+        if key is None:
             return
         self._items[key] = maps
         self._items.move_to_end(key)
