@@ -67,7 +67,7 @@ MODULES = {
 }
 # lines not mutated: an error's or a log line's wording is not behaviour (the bad-input tests check that a message names
 # its input; a mutated word in it would survive every test that reads the condition, not the prose)
-NOT_MUTATED = [r"^\s*raise \w+(Error|Exception|Unsupported)\(", r"^\s*(logger|log)\.(warning|info|error|debug)\("]
+NOT_MUTATED = [r"^\s*raise [\w.]+(Error|Exception|Unsupported)\(", r"^\s*(logger|log)\.(warning|info|error|debug)\("]
 
 
 def source_files() -> list[str]:

@@ -262,13 +262,14 @@ def test_a_resumed_answer_stops_at_the_callers_eos(llava, images):
     assert len(calls) == 1 + 3  # the prefix with both texts once, then the 3 later tokens: the first new one resumed at layer 2
 
 
-def test_a_resumed_pass_that_fails_falls_back_to_the_exact_pass(llava, images, monkeypatch):
+@pytest.mark.parametrize("keyword", ["no_such_keyword", "attention_mask"])  # nothing under it; a tensor, not a cache
+def test_a_resumed_pass_that_fails_falls_back_to_the_exact_pass(llava, images, monkeypatch, keyword):
     """A decoder layer that hands the resumed layer no cache: the path is turned off for the model, the answer is the full pass's."""
     model, _, adapter = llava
     config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
     full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
-    monkeypatch.setattr(model, "_lmms_vg_internals", dataclasses.replace(internals.of(model), layer_cache_kwarg="no_such_keyword"))
+    monkeypatch.setattr(model, "_lmms_vg_internals", dataclasses.replace(internals.of(model), layer_cache_kwarg=keyword))
     resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
     assert internals.of(model).layer_cache_kwarg is None
@@ -384,3 +385,71 @@ def test_a_resumed_answer_without_any_eos_runs_its_length(llava, images):
         hook.remove()
     full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
     assert len(calls) == 1 + 3 and resumed.tokens.shape == (2, 4) and torch.equal(resumed.tokens, full.tokens)
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+@pytest.mark.parametrize("kind", ["shared", "full"])
+def test_question_maps_under_a_knockout_equal_hand_masked_eager_attention(llava, images, mode, kind):
+    """Grounding under VGRefine measures the questions' maps with the knockout in place: every layer as eager attention over
+    the whole prompts gives them with the patches not kept blocked (mask) or zeroed (zero) for the text after the image."""
+    from reference_attention import REFERENCE
+    from test_engine import llava_batch
+
+    model, processor, adapter = llava
+    shared, full = batches(adapter, images, QUESTIONS)
+    batch = shared if kind == "shared" else full
+    inputs = llava_batch(processor, images, QUESTIONS)
+    cols = engine.image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    keep = torch.rand(cols.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    ours = batch.question_maps(batch.knockout(keep, (1,), mode))
+    T = inputs["input_ids"].shape[1]
+    rows, blocked = torch.zeros(2, T, dtype=torch.bool), torch.zeros(2, T, dtype=torch.bool)
+    for b in range(2):
+        rows[b, int(cols[b, -1]) + 1 :] = True
+        blocked[b, cols[b][~keep[b]]] = True
+    REFERENCE["knockout"] = {"layers": {1}, "rows": rows, "cols": blocked, "mode": mode}
+    model.set_attn_implementation({"text_config": "reference_eager"})
+    try:
+        with torch.no_grad():
+            weights = model(**inputs, output_attentions=True).attentions
+    finally:
+        REFERENCE["knockout"] = None
+        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    expected = torch.stack([torch.stack([w[b, :, -1, cols[b]] for w in weights]) for b in range(2)])
+    assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=ATOL, rtol=0)
+    assert (ours[:, 1].permute(1, 0, 2)[:, ~keep] == 0).all() and (ours[:, 1].sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("new", [1, 2])
+def test_short_resumed_answers_equal_the_full_pass(llava, images, new):
+    """One new token: the resumed pass alone; two: it and one step of generate(). Same tokens and first logits as the full pass."""
+    _, _, adapter = llava
+    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    kwargs = {"max_new_tokens": new, "do_sample": False, "output_logits": True}
+    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    assert resumed.tokens.shape == (2, new) and torch.equal(resumed.tokens, full.tokens)
+    assert torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
+
+
+def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, images, monkeypatch):
+    """The row cut refused in the prefix's pass: what the failed pass kept for the resume is dropped, the rerun's rows are
+    kept, and the resumed answer equals the full pass's."""
+    from lmms_vg import passes
+
+    model, _, adapter = llava
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+
+    def refusing(width):
+        def refuse(module, args, kwargs):
+            raise internals.Unsupported("row cut", "a test input")
+
+        return refuse
+
+    monkeypatch.setattr(passes.prefix, "prefix_rows_only", refusing)
+    # maps up to layer 1 (the cut applies above it), knockout at 2: the resumed pass starts at layer 2
+    config = VGRefineConfig(heads=((1, 0), (1, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)  # first: the refusal meets the resume point
+    assert internals.of(model).row_cut is False
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
