@@ -240,23 +240,29 @@ def test_one_cached_reference_is_reused_and_the_other_computed(llava, images):
 # --- the resumed knocked-out pass ------------------------------------------------------------------------------------
 
 
-def test_a_resumed_answer_stops_at_the_callers_eos(llava, images):
-    """``eos_token_id`` given by the caller (not the model's): a sample whose first new token is it is padded after it, as
-    ``generate()`` pads a finished sample; the other goes on. Resumed and full passes give the same tokens."""
+@pytest.mark.parametrize("where", ["call", "generation_config"])
+def test_a_resumed_answer_stops_at_its_eos(llava, images, where):
+    """The end of sequence given by the caller or by the model's generation config: a sample whose first new token is it is
+    padded after it with the caller's pad token, as ``generate()`` pads a finished sample; the other goes on. Resumed and
+    full passes give the same tokens."""
     model, _, adapter = llava
     config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
-    pad = adapter.tokenizer.pad_token_id
+    pad = 0 if adapter.tokenizer.pad_token_id != 0 else 1  # not the tokenizer's: the caller's pad token is the one used
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": pad}
     probe = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs).tokens
     eos = int(probe[0, 0])
-    assert eos != model.generation_config.eos_token_id and eos not in probe[1]
+    assert eos != model.generation_config.eos_token_id and eos not in probe[1] and pad not in probe
+    if where == "call":
+        kwargs["eos_token_id"] = eos
+    else:
+        model.generation_config.eos_token_id = eos
     calls = []
     hook = count_runs(engine.text_decoder_layers(model)[0], calls)
     try:
-        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, eos_token_id=eos, **kwargs)
+        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
     finally:
         hook.remove()
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, eos_token_id=eos, **kwargs)
+    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and resumed.first_logits is None
     assert resumed.tokens[0, 0] == eos and (resumed.tokens[0, 1:] == pad).all() and torch.equal(resumed.tokens[1], probe[1])
     assert len(calls) == 1 + 3  # the prefix with both texts once, then the 3 later tokens: the first new one resumed at layer 2
@@ -453,3 +459,15 @@ def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, image
     assert internals.of(model).row_cut is False
     full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
+
+
+def test_an_earlier_batchs_m_rope_shift_does_not_leak(qwen2_vl_dir, images, request):
+    """Qwen2-VL keeps the last prompt's position shift on the model: a later batch (another size, another grid) gets its own."""
+    _, _, adapter = load("qwen2_vl_dir", request)
+    earlier, _ = batches(adapter, [images[0]] * 2, QUESTIONS)
+    earlier.generate(max_new_tokens=2, do_sample=False)
+    shared, full = batches(adapter, [images[1]], QUESTIONS[1:])
+    assert torch.allclose(shared.question_and_reference(None)[0], full.question_and_reference(None)[0], atol=ATOL, rtol=0)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+    (tokens_s, logits_s), (tokens_f, logits_f) = shared.generate(**kwargs), full.generate(**kwargs)
+    assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)

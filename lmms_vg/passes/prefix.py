@@ -43,12 +43,9 @@ def run_prefix(model, prefix: list[list[int]], pixel_inputs: dict, image_token_i
     token gets the position it has in the whole prompt.
     """
     ids = prefix_tensor(model, prefix)
-    inner = getattr(model, "model", None)
-    if getattr(inner, "rope_deltas", None) is not None:
-        inner.rope_deltas = None  # recomputed for this prefix
-    with torch.no_grad():
+    with torch.no_grad():  # a pass from position 0: M-RoPE models compute this prefix's deltas afresh
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **pixel_inputs, **(extra or {}))
-    offset = getattr(inner, "rope_deltas", None)
+    offset = getattr(getattr(model, "model", None), "rope_deltas", None)
     return PrefixState(internals.output_cache(out), ids, engine.image_token_positions(ids, image_token_id), offset)
 
 
