@@ -53,6 +53,18 @@ def eager_attentions(model, inputs):
         model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
 
 
+def masked_eager_attentions(model, inputs, knockout: dict):
+    """Eager attention weights of every layer with ``knockout`` (layers, rows, cols, mode) applied by the reference's own masks."""
+    REFERENCE["knockout"] = knockout
+    model.set_attn_implementation({"text_config": "reference_eager"})
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        REFERENCE["knockout"] = None
+        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+
+
 def capture_last_row(model, inputs, image_token_id):
     cols = engine.image_token_positions(inputs["input_ids"], image_token_id)
     last = inputs["input_ids"].shape[1] - 1  # left padding: every prompt ends at the last column
@@ -268,14 +280,7 @@ def test_capture_under_knockout_equals_hand_masked_weights(llava_dir, images, mo
     cap = engine.Capture(rows=torch.full((2, 1), last), cols=cols)
     with torch.no_grad(), engine.arm(model, capture=cap, knockout=ko):
         model(**inputs)
-    REFERENCE["knockout"] = {"layers": ko.layers, "rows": ko.rows, "cols": ko.cols, "mode": mode}
-    model.set_attn_implementation({"text_config": "reference_eager"})
-    try:
-        with torch.no_grad():
-            weights = model(**inputs, output_attentions=True).attentions
-    finally:
-        REFERENCE["knockout"] = None
-        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    weights = masked_eager_attentions(model, inputs, {"layers": ko.layers, "rows": ko.rows, "cols": ko.cols, "mode": mode})
     ours = cap.last_row_maps()
     for layer, w in enumerate(weights):
         expected = torch.stack([w[b, :, -1, cols[b]] for b in range(2)])

@@ -27,6 +27,7 @@ from lmms_vg.passes import (
 from lmms_vg.passes.prefix import with_text_after
 
 ATOL = 1e-5
+CONFIG = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
 
 
 @pytest.fixture
@@ -186,6 +187,17 @@ def test_a_checkpoint_saved_without_cache_still_shares_its_prefix(checkpoint, re
 # --- the questions and the generic prompt, with and without the cache -------------------------------------------------
 
 
+def resumed_and_full(adapter, images, config=CONFIG, **kwargs):
+    """VGRefine's answers with the knocked-out pass resumed and run whole, and the rows layer 0 ran on in the resumed one."""
+    calls = []
+    hook = count_runs(engine.text_decoder_layers(adapter.model)[0], calls)
+    try:
+        resumed = VGRefiner(adapter, CONFIG).generate(images, QUESTIONS, **kwargs)
+    finally:
+        hook.remove()
+    return resumed, VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs), calls
+
+
 def spy_sets(batch) -> list[int]:
     """How many sets of texts each of ``batch``'s map passes carries."""
     calls, maps = [], batch.maps
@@ -246,23 +258,16 @@ def test_a_resumed_answer_stops_at_its_eos(llava, images, where):
     padded after it with the caller's pad token, as ``generate()`` pads a finished sample; the other goes on. Resumed and
     full passes give the same tokens."""
     model, _, adapter = llava
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     pad = 0 if adapter.tokenizer.pad_token_id != 0 else 1  # not the tokenizer's: the caller's pad token is the one used
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": pad}
-    probe = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs).tokens
+    probe = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs).tokens
     eos = int(probe[0, 0])
     assert eos != model.generation_config.eos_token_id and eos not in probe[1] and pad not in probe
     if where == "call":
         kwargs["eos_token_id"] = eos
     else:
         model.generation_config.eos_token_id = eos
-    calls = []
-    hook = count_runs(engine.text_decoder_layers(model)[0], calls)
-    try:
-        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
-    finally:
-        hook.remove()
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    resumed, full, calls = resumed_and_full(adapter, images, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and resumed.first_logits is None
     assert resumed.tokens[0, 0] == eos and (resumed.tokens[0, 1:] == pad).all() and torch.equal(resumed.tokens[1], probe[1])
     assert len(calls) == 1 + 3  # the prefix with both texts once, then the 3 later tokens: the first new one resumed at layer 2
@@ -272,11 +277,10 @@ def test_a_resumed_answer_stops_at_its_eos(llava, images, where):
 def test_a_resumed_pass_that_fails_falls_back_to_the_exact_pass(llava, images, monkeypatch, keyword):
     """A decoder layer that hands the resumed layer no cache: the path is turned off for the model, the answer is the full pass's."""
     model, _, adapter = llava
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    full = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs)
     monkeypatch.setattr(model, "_lmms_vg_internals", dataclasses.replace(internals.of(model), layer_cache_kwarg=keyword))
-    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    resumed = VGRefiner(adapter, CONFIG).generate(images, QUESTIONS, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
     assert internals.of(model).layer_cache_kwarg is None
 
@@ -289,9 +293,8 @@ def test_settings_that_change_the_first_token_take_the_full_pass(llava, images, 
     """A minimum length, suppressed tokens or banned words change which token comes first: whether the caller or the
     checkpoint's generation config sets them, the answer is generate()'s own (a resumed pass would take the plain argmax)."""
     model, _, adapter = llava
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "pad_token_id": adapter.tokenizer.pad_token_id}
-    plain = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    plain = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs)
     first = int(plain.tokens[0, 0])
     value = {"min_new_tokens": 2, "suppress_tokens": [first], "bad_words_ids": [[first]]}[setting]
     if setting == "min_new_tokens":  # it shows where the plain first token ends the sequence (generate() spares an EOS from bans)
@@ -300,8 +303,8 @@ def test_settings_that_change_the_first_token_take_the_full_pass(llava, images, 
         kwargs[setting] = value
     else:
         setattr(model.generation_config, setting, value)
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
-    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
+    full = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    resumed = VGRefiner(adapter, CONFIG).generate(images, QUESTIONS, **kwargs)
     assert full.tokens[0, 0] != first  # the setting changes the first token here
     assert torch.equal(resumed.tokens, full.tokens)
 
@@ -370,7 +373,7 @@ def test_a_knockout_from_layer_0_does_not_resume(llava, images):
     _, _, adapter = llava
     shared, _ = batches(adapter, images, QUESTIONS)
     assert shared.resume_point(0) is None and shared.resume_point(1).depth == 1
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(0, 2), top_k=3, reference_prompt=REF_PROMPT)
+    config = dataclasses.replace(CONFIG, knockout_layers=(0, 2))
     kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
     ours = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
     full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
@@ -381,15 +384,8 @@ def test_a_resumed_answer_without_any_eos_runs_its_length(llava, images):
     """A checkpoint whose generation config names no end of sequence: the resumed answer goes on for max_new_tokens, as generate()'s."""
     model, _, adapter = llava
     model.generation_config.eos_token_id = None
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": adapter.tokenizer.pad_token_id}
-    calls = []
-    hook = count_runs(engine.text_decoder_layers(model)[0], calls)
-    try:
-        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
-    finally:
-        hook.remove()
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    resumed, full, calls = resumed_and_full(adapter, images, **kwargs)
     assert len(calls) == 1 + 3 and resumed.tokens.shape == (2, 4) and torch.equal(resumed.tokens, full.tokens)
 
 
@@ -398,8 +394,7 @@ def test_a_resumed_answer_without_any_eos_runs_its_length(llava, images):
 def test_question_maps_under_a_knockout_equal_hand_masked_eager_attention(llava, images, mode, kind):
     """Grounding under VGRefine measures the questions' maps with the knockout in place: every layer as eager attention over
     the whole prompts gives them with the patches not kept blocked (mask) or zeroed (zero) for the text after the image."""
-    from reference_attention import REFERENCE
-    from test_engine import llava_batch
+    from test_engine import llava_batch, masked_eager_attentions
 
     model, processor, adapter = llava
     shared, full = batches(adapter, images, QUESTIONS)
@@ -413,14 +408,7 @@ def test_question_maps_under_a_knockout_equal_hand_masked_eager_attention(llava,
     for b in range(2):
         rows[b, int(cols[b, -1]) + 1 :] = True
         blocked[b, cols[b][~keep[b]]] = True
-    REFERENCE["knockout"] = {"layers": {1}, "rows": rows, "cols": blocked, "mode": mode}
-    model.set_attn_implementation({"text_config": "reference_eager"})
-    try:
-        with torch.no_grad():
-            weights = model(**inputs, output_attentions=True).attentions
-    finally:
-        REFERENCE["knockout"] = None
-        model.set_attn_implementation({"text_config": engine.ATTN_IMPLEMENTATION})
+    weights = masked_eager_attentions(model, inputs, {"layers": {1}, "rows": rows, "cols": blocked, "mode": mode})
     expected = torch.stack([torch.stack([w[b, :, -1, cols[b]] for w in weights]) for b in range(2)])
     assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=ATOL, rtol=0)
     assert (ours[:, 1].permute(1, 0, 2)[:, ~keep] == 0).all() and (ours[:, 1].sum(-1) > 0).all()
@@ -430,10 +418,9 @@ def test_question_maps_under_a_knockout_equal_hand_masked_eager_attention(llava,
 def test_short_resumed_answers_equal_the_full_pass(llava, images, new):
     """One new token: the resumed pass alone; two: it and one step of generate(). Same tokens and first logits as the full pass."""
     _, _, adapter = llava
-    config = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
     kwargs = {"max_new_tokens": new, "do_sample": False, "output_logits": True}
-    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    resumed = VGRefiner(adapter, CONFIG).generate(images, QUESTIONS, **kwargs)
+    full = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs)
     assert resumed.tokens.shape == (2, new) and torch.equal(resumed.tokens, full.tokens)
     assert torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
 
@@ -454,7 +441,7 @@ def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, image
 
     monkeypatch.setattr(passes.prefix, "prefix_rows_only", refusing)
     # maps up to layer 1 (the cut applies above it), knockout at 2: the resumed pass starts at layer 2
-    config = VGRefineConfig(heads=((1, 0), (1, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
+    config = dataclasses.replace(CONFIG, heads=((1, 0), (1, 1), (1, 3)))
     resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)  # first: the refusal meets the resume point
     assert internals.of(model).row_cut is False
     full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
