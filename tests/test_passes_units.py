@@ -458,3 +458,23 @@ def test_an_earlier_batchs_m_rope_shift_does_not_leak(qwen2_vl_dir, images, requ
     kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
     (tokens_s, logits_s), (tokens_f, logits_f) = shared.generate(**kwargs), full.generate(**kwargs)
     assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)
+
+
+def test_a_prompt_without_image_tokens_is_named_with_its_model(llava, images, monkeypatch):
+    """A family whose prompt lost its image placeholder: the maps pass and the knockout both stop with the model's name."""
+    from lmms_vg.engine import EngineError
+
+    _, _, adapter = llava
+    encode = adapter.encode
+
+    def without_image(imgs, texts):
+        batch = encode(imgs, texts)
+        return {**batch, "input_ids": batch["input_ids"].masked_fill(batch["input_ids"] == adapter.image_token_id, 0)}
+
+    monkeypatch.setattr(adapter, "encode", without_image)
+    monkeypatch.setattr(adapter, "name", "my-family")
+    _, full = batches(adapter, images, QUESTIONS)
+    with pytest.raises(EngineError, match="my-family: no image tokens"):
+        full.maps([QUESTIONS])
+    with pytest.raises(EngineError, match="my-family: no image tokens"):
+        full.knockout(torch.ones(2, 64, dtype=torch.bool), (1,), "mask")
