@@ -192,10 +192,10 @@ def resumed_and_full(adapter, images, config=CONFIG, **kwargs):
     calls = []
     hook = count_runs(engine.text_decoder_layers(adapter.model)[0], calls)
     try:
-        resumed = VGRefiner(adapter, CONFIG).generate(images, QUESTIONS, **kwargs)
+        resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)
     finally:
         hook.remove()
-    return resumed, VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs), calls
+    return resumed, VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs), calls
 
 
 def spy_sets(batch) -> list[int]:
@@ -425,13 +425,9 @@ def test_short_resumed_answers_equal_the_full_pass(llava, images, new):
     assert torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
 
 
-def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, images, monkeypatch):
-    """The row cut refused in the prefix's pass: what the failed pass kept for the resume is dropped, the rerun's rows are
-    kept, and the resumed answer equals the full pass's."""
+def refusing_row_cut(monkeypatch):
+    """The row cut refuses the pass (as it does for a per-token input it does not know): the prefix pass reruns uncut."""
     from lmms_vg import passes
-
-    model, _, adapter = llava
-    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
 
     def refusing(width):
         def refuse(module, args, kwargs):
@@ -440,12 +436,46 @@ def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, image
         return refuse
 
     monkeypatch.setattr(passes.prefix, "prefix_rows_only", refusing)
+
+
+def test_a_row_cut_refused_with_a_resume_point_keeps_the_rerun_rows(llava, images, monkeypatch):
+    """The row cut refused in the prefix's pass: what the failed pass kept for the resume is dropped, the rerun's rows are
+    kept, and the answer resumes from them, equal to the full pass's."""
+    model, _, adapter = llava
+    refusing_row_cut(monkeypatch)
     # maps up to layer 1 (the cut applies above it), knockout at 2: the resumed pass starts at layer 2
     config = dataclasses.replace(CONFIG, heads=((1, 0), (1, 1), (1, 3)))
-    resumed = VGRefiner(adapter, config).generate(images, QUESTIONS, **kwargs)  # first: the refusal meets the resume point
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+    resumed, full, calls = resumed_and_full(adapter, images, config, **kwargs)  # resumed first: the refusal meets the resume point
     assert internals.of(model).row_cut is False
-    full = VGRefiner(adapter, config, share_layers=False).generate(images, QUESTIONS, **kwargs)
     assert torch.equal(resumed.tokens, full.tokens) and torch.allclose(resumed.first_logits, full.first_logits, atol=1e-4, rtol=0)
+    assert len(calls) == 2 + 2  # the refused prefix pass and its rerun; the first token resumed; two more tokens
+
+
+def test_a_row_cut_refused_reruns_with_the_prefixs_token_types(tmp_path, images, monkeypatch):
+    """Gemma 3 hands its prefix pass the image tokens' types (bidirectional attention among them): the rerun after a refused
+    row cut gets them too, and its maps equal whole prompts'."""
+    from lmms_vg import conformance
+    from lmms_vg.families import gemma3
+
+    adapter = conformance.load_adapter("medgemma", str(gemma3.tiny(tmp_path / "gemma3")))
+    refusing_row_cut(monkeypatch)
+    shared, full = batches(adapter, images, QUESTIONS)
+    got, expected = shared.question_and_reference(REF_PROMPT, frozenset({1})), full.question_and_reference(REF_PROMPT, frozenset({1}))
+    assert internals.of(adapter.model).row_cut is False
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_generation_after_the_prefix_masks_the_suffixes_padding(llava, images):
+    """Questions of two lengths, padded inside their region, and a pad token of the caller's that is not the tokenizer's:
+    generation after the cached prefix masks the padding itself (generate() cannot infer it), same logits as whole prompts."""
+    _, _, adapter = llava
+    shared, full = batches(adapter, images, QUESTIONS)
+    assert len(set(map(len, shared.suffixes))) == 2
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "output_logits": True, "pad_token_id": 0}
+    (tokens_s, logits_s), (tokens_f, logits_f) = shared.generate(**kwargs), full.generate(**kwargs)
+    assert torch.equal(tokens_s, tokens_f) and torch.allclose(logits_s, logits_f, atol=1e-4, rtol=0)
 
 
 def test_an_earlier_batchs_m_rope_shift_does_not_leak(qwen2_vl_dir, images, request):
