@@ -508,3 +508,12 @@ def test_a_prompt_without_image_tokens_is_named_with_its_model(llava, images, mo
         full.maps([QUESTIONS])
     with pytest.raises(EngineError, match="my-family: no image tokens"):
         full.knockout(torch.ones(2, 64, dtype=torch.bool), (1,), "mask")
+
+
+def test_three_sets_of_texts_ride_on_the_prefix_alone(llava, images):
+    """The prefix's own pass carries one or two sets; a third goes to a pass of its own on the cached prefix: same maps."""
+    _, _, adapter = llava
+    shared, full = batches(adapter, images, QUESTIONS)
+    sets = [QUESTIONS, [REF_PROMPT] * 2, QUESTIONS[::-1]]
+    for a, b in zip(shared.maps(sets), full.maps(sets)):
+        assert torch.allclose(a, b, atol=ATOL, rtol=0)
