@@ -24,7 +24,7 @@ from lmms_vg.passes import (
     can_resume,
     same_grid,
 )
-from lmms_vg.passes.prefix import with_text_after
+from lmms_vg.passes.prefix import truncate, with_text_after
 
 ATOL = 1e-5
 CONFIG = VGRefineConfig(heads=((1, 0), (2, 1), (1, 3)), knockout_layers=(2,), top_k=3, reference_prompt=REF_PROMPT)
@@ -517,3 +517,51 @@ def test_three_sets_of_texts_ride_on_the_prefix_alone(llava, images):
     sets = [QUESTIONS, [REF_PROMPT] * 2, QUESTIONS[::-1]]
     for a, b in zip(shared.maps(sets), full.maps(sets)):
         assert torch.allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_truncate_cuts_each_layer_back_to_the_prefix_by_hand():
+    """After a pass that stopped early the cache's layers differ in length: each is cut by its own excess (one position, two,
+    none), an empty layer is left alone."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, length in enumerate((7, 6, 5)):
+        kv = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(1, 2, length, 4).contiguous()
+        cache.update(kv, kv + 100, layer)
+    cache.layers.append(type(cache.layers[0])())  # a fourth layer the pass never reached
+    truncate(cache, 5)
+    assert [layer.get_seq_length() for layer in cache.layers[:3]] == [5, 5, 5] and not cache.layers[3].is_initialized
+    for layer in cache.layers[:3]:
+        assert torch.equal(layer.keys[0, 0, :, 0], torch.arange(5.0)) and torch.equal(layer.values[0, 1, :, 3], torch.arange(5.0) + 100)
+
+
+def test_unkeyed_images_never_share_a_cached_reference(llava, images):
+    """Images without a key are not cached: a second batch of other images gets its own generic-prompt maps."""
+    model, processor, adapter = llava
+    passes = Passes(adapter, 8)
+    passes.batch(images[:1], QUESTIONS[:1]).question_and_reference(REF_PROMPT)
+    _, reference = passes.batch(images[1:], QUESTIONS[:1]).question_and_reference(REF_PROMPT)
+    assert torch.allclose(reference, last_row_maps(model, processor, images[1:], [REF_PROMPT])[2], atol=ATOL, rtol=0)
+
+
+def test_cached_references_keep_the_layers_and_the_resume_point(llava, images):
+    """The second time an image is seen its reference comes from the cache: the questions' maps still stop at the chosen
+    layers, and VGRefine's answer still resumes below the knockout layer (same as the full pass)."""
+    model, processor, adapter = llava
+    keys = ["img0", "img1"]
+    passes = Passes(adapter, 8)
+    passes.batch(images, QUESTIONS, keys).question_and_reference(REF_PROMPT, frozenset({1}))
+    question, _ = passes.batch(images, QUESTIONS, keys).question_and_reference(REF_PROMPT, frozenset({1}))
+    eager = last_row_maps(model, processor, images, QUESTIONS)[2]
+    assert question.shape[1] == 2 and torch.allclose(question[:, 1], eager[:, 1], atol=ATOL, rtol=0)
+    refiner = VGRefiner(adapter, CONFIG)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True}
+    refiner.generate(images, QUESTIONS, keys, **kwargs)
+    calls = []
+    hook = count_runs(engine.text_decoder_layers(model)[0], calls)
+    try:
+        again = refiner.generate(images, QUESTIONS, keys, **kwargs)
+    finally:
+        hook.remove()
+    full = VGRefiner(adapter, CONFIG, share_layers=False).generate(images, QUESTIONS, **kwargs)
+    assert len(calls) == 1 + 2 and torch.equal(again.tokens, full.tokens)  # the questions' pass; the first token resumed
