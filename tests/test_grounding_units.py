@@ -71,3 +71,32 @@ def test_grounding_under_a_knockout_saves_what_it_kept_and_measures_the_knocked_
     assert knocked_runner.kept.shape == (1, n)
     assert np.load(tmp_path / "maps" / "k.npz")["knockout_layers"].tolist() == [1]
     assert plain.kl[0] == pytest.approx(knocked.kl[0]) and plain.kl[-1] != pytest.approx(knocked.kl[-1])  # from layer 1 on
+
+
+def test_grounding_without_a_reference_measures_the_raw_maps(adapter, images):
+    """Normalisation off (no generic prompt): every layer and head is measured on the question's own maps, none is
+    undefined, and the values are not the normalised ones."""
+    sample = GroundingSample(images[0], "Where?", [[10, 10, 60, 50]], "xyxy", sample_id="raw")
+    (raw,) = GroundingRunner(adapter, reference_prompt=None, head_level=True).score([sample])
+    (normalised,) = GroundingRunner(adapter, head_level=True).score([sample])
+    config = adapter.model.config.text_config
+    assert raw.skipped is None and raw.zero_reference_layers == 0
+    assert np.isfinite(raw.kl).all() and np.isfinite(raw.ar).all() and len(raw.kl) == config.num_hidden_layers
+    head_kl = np.asarray(raw.head_kl)
+    assert head_kl.shape == (config.num_hidden_layers, config.num_attention_heads) and np.isfinite(head_kl).all()
+    assert not np.allclose(raw.kl, normalised.kl)
+
+
+def test_map_files_in_a_new_nested_folder_hold_float16_maps_and_every_box(adapter, images, tmp_path):
+    """``save_maps`` names a folder two levels down that does not exist yet; a sample id with no usable character is saved
+    as ``sample``; maps and question maps are float16, each layer scaled to a maximum of 1; boxes are an (n, 4) array."""
+    folder = tmp_path / "a" / "b"
+    runner = GroundingRunner(adapter, save_maps=folder)
+    runner.score([GroundingSample(images[0], "Where?", [[10, 10, 60, 50], [0, 0, 30, 20]], "xyxy", sample_id="")])
+    saved = np.load(folder / "sample.npz")
+    assert saved["maps"].dtype == np.float16 and saved["question_maps"].dtype == np.float16
+    for name in ("maps", "question_maps"):
+        layers = saved[name].astype(np.float32)
+        assert layers.shape[0] == adapter.model.config.text_config.num_hidden_layers
+        assert np.allclose(layers.max(-1), 1.0, atol=1e-3) and not np.allclose(layers.max(0), 1.0, atol=1e-3)
+    assert saved["boxes"].dtype == np.float64 and saved["boxes"].tolist() == [[10, 10, 60, 50], [0, 0, 30, 20]]
